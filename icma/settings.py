@@ -1,0 +1,34 @@
+"""One settings object for the whole system, read from ICMA_* environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ICMA_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("var"),
+        description="Where indexes, converted models and job databases are kept.",
+    )
+    encoder: str = Field(
+        default="gcn_supervised_contextpred",
+        description="GNN encoder for graph retrieval: a shipped name or a path to a .pth checkpoint.",
+    )
+    encoder_arch: str | None = Field(
+        default=None,
+        description="gin|gcn|gat|graphsage; needed only when the checkpoint name does not say it.",
+    )
+    embed_batch_size: int = Field(default=256, ge=1, description="Molecules per GNN forward pass.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+    progress: bool = Field(default=True, description="Show progress bars on long work.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
