@@ -1,0 +1,61 @@
+"""From retrieval hits to prompt examples: search, exclusions, re-ranking.
+
+One path serves inference (a user's query) and tuning (every record of the training corpus as a
+query, its own CID excluded), so a training prompt is built exactly as a served one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from icma.prompts import Example
+from icma.rerank import RerankConfig
+from icma.retrieval.base import Exclusion, ExclusionRule, Hit, Index
+
+
+def to_example(index: Index, hit: Hit) -> Example:
+    c = index.corpus
+    return Example(smiles=c.smiles[hit.row], caption=c.descriptions[hit.row], cid=hit.cid,
+                   score=hit.score)
+
+
+def retrieve_examples(
+    index: Index,
+    queries: Sequence[str],
+    n_shot: int,
+    *,
+    rerank: RerankConfig = RerankConfig(),
+    exclusions: Sequence[Exclusion | None] | None = None,
+    keys: Sequence[str] | None = None,
+) -> list[list[Example]]:
+    """n_shot examples per query, best first. ``keys`` seed the random walk per query
+    (default: the query text)."""
+    if n_shot == 0:
+        rerank.select([], 0)  # validates the configuration all the same
+        return [[] for _ in queries]
+    pool = rerank.pool_size(n_shot)
+    hits = index.search(list(queries), pool, exclusions)
+    keys = list(keys) if keys is not None else list(queries)
+    return [
+        [to_example(index, h) for h in rerank.select(q_hits, n_shot, key)]
+        for q_hits, key in zip(hits, keys)
+    ]
+
+
+def training_contexts(
+    index: Index,
+    n_shot: int,
+    *,
+    rerank: RerankConfig = RerankConfig(),
+    rule: ExclusionRule = ExclusionRule(),
+) -> list[list[Example]]:
+    """Examples for every record of the index's own corpus, never containing the record itself.
+
+    ICMA excluded the query by position and so leaked the answer wherever a CID repeats; here
+    the exclusion is by CID (and optionally by structure or caption), checked after retrieval.
+    """
+    records = index.corpus.records
+    queries = [index.query_text(r) for r in records]
+    exclusions = [rule.for_record(r) for r in records]
+    return retrieve_examples(index, queries, n_shot, rerank=rerank, exclusions=exclusions,
+                             keys=[r.cid for r in records])
