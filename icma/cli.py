@@ -141,7 +141,11 @@ def _report(report) -> None:
 def cmd_index_build(args) -> int:
     from icma.retrieval import build_index, index_class
 
-    cls = index_class(args.kind)  # unknown kinds fail before any work
+    cls = index_class(args.kind)  # unknown kinds and misplaced flags fail before any work
+    for flag, value in (("--encoder", args.encoder), ("--arch", args.arch),
+                        ("--ivf-nlist", args.ivf_nlist)):
+        if value is not None and args.kind != "graph":
+            raise InputError(f"{flag} applies to graph indexes only")
     on_invalid = "keep" if cls.modality == "caption" else "skip"
     corpus, report = _load_corpus(args.corpus, on_invalid=on_invalid, strict=args.strict)
     _report(report)
@@ -151,10 +155,6 @@ def cmd_index_build(args) -> int:
                                     ("ivf_nlist", args.ivf_nlist)) if v is not None}
     elif args.kind == "random" and args.seed is not None:
         params = {"seed": args.seed}
-    for flag, value in (("--encoder", args.encoder), ("--arch", args.arch),
-                        ("--ivf-nlist", args.ivf_nlist)):
-        if value is not None and args.kind != "graph":
-            raise InputError(f"{flag} applies to graph indexes only", field=flag)
     t0 = time.perf_counter()
     index = build_index(args.kind, corpus, **params)
     index.save(args.out)

@@ -1,0 +1,112 @@
+"""The icma command line, in-process and as the installed console script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from icma.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def tsv(tmp_path, chebi_val):
+    from icma.corpus import write_corpus
+
+    path = tmp_path / "db.tsv"
+    write_corpus(chebi_val.subset(range(200)), path)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_build_retrieve_neighbours_format(tmp_path, tsv, capsys, chebi_val):
+    code, _, err = run(capsys, "index", "build", "--corpus", tsv, "--kind", "morgan",
+                       "--out", tmp_path / "ix")
+    assert code == 0 and "built morgan index over 200 records" in err
+    code, out, _ = run(capsys, "retrieve", "--index", tmp_path / "ix", "--queries", tsv, "--k", 3,
+                       "--exclude-self")
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert len(lines) == 600
+    first_cid = chebi_val.cids[0]
+    mine = [line for line in lines if line[0] == first_cid]
+    assert len(mine) == 3 and first_cid not in [m[1] for m in mine]
+    scores = [float(m[2]) for m in mine]
+    assert scores == sorted(scores, reverse=True)
+    code, out, _ = run(capsys, "retrieve", "--index", tmp_path / "ix", "--queries", tsv, "--k", 1,
+                       "--format", "json")
+    first = json.loads(out.splitlines()[0])
+    assert first["neighbours"][0]["cid"] == first_cid and first["neighbours"][0]["score"] == 1.0
+    code, out, _ = run(capsys, "index", "info", tmp_path / "ix")
+    assert json.loads(out)["kind"] == "morgan"
+
+
+def test_bm25_index_and_prompt(tmp_path, tsv, capsys):
+    assert run(capsys, "index", "build", "--corpus", tsv, "--kind", "bm25",
+               "--out", tmp_path / "bm")[0] == 0
+    code, out, _ = run(capsys, "prompt", "--task", "cap2mol", "--index", tmp_path / "bm",
+                       "--caption", "The molecule is a steroid ester.", "--n-shot", 2, "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["examples"]) == 2
+    assert data["prompt"].startswith("Generate a molecule for the caption:")
+    assert data["prompt"].endswith("generate a molecule for the caption: "
+                                   "The molecule is a steroid ester.")
+    # a molecule index cannot serve cap2mol
+    run(capsys, "index", "build", "--corpus", tsv, "--kind", "random", "--out", tmp_path / "r")
+    code, _, err = run(capsys, "prompt", "--task", "cap2mol", "--index", tmp_path / "r",
+                       "--caption", "x")
+    assert code == 2 and "retrieves by caption" in err
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path, tsv, capsys):
+    cases = [
+        (["index", "build", "--corpus", tsv, "--kind", "tfidf", "--out", tmp_path / "x"],
+         "unknown index kind 'tfidf'"),
+        (["index", "build", "--corpus", tmp_path / "nope.tsv", "--kind", "bm25", "--out",
+          tmp_path / "x"], "no such file"),
+        (["retrieve", "--index", tmp_path / "none", "--queries", tsv], "no index directory"),
+        (["index", "build", "--corpus", tsv, "--kind", "bm25", "--encoder", "x", "--out",
+          tmp_path / "x"], "--encoder applies to graph indexes only"),
+    ]
+    (tmp_path / "bad.tsv").write_text("id\tsmiles\n1\tCCO\n")
+    cases.append((["index", "build", "--corpus", tmp_path / "bad.tsv", "--kind", "morgan",
+                   "--out", tmp_path / "x"], "lacks column"))
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_prompt_with_bad_smiles(tmp_path, tsv, capsys):
+    run(capsys, "index", "build", "--corpus", tsv, "--kind", "morgan", "--out", tmp_path / "m")
+    code, _, err = run(capsys, "prompt", "--task", "mol2cap", "--index", tmp_path / "m",
+                       "--smiles", "C1CC")
+    assert code == 2 and "not a valid SMILES" in err
+
+
+def test_corpus_validate(tmp_path, capsys):
+    p = tmp_path / "c.tsv"
+    p.write_text("CID\tSMILES\tdescription\n1\tCCO\tok\n1\tXx\tdup and bad\n2\tCC\n")
+    code, out, _ = run(capsys, "corpus", "validate", p, "--strict")
+    assert code == 1
+    assert "1 malformed" in out and "1 invalid SMILES" in out and "line 4" in out
+
+
+def test_console_script_runs(tmp_path, tsv):
+    exe = Path(sys.executable).with_name("icma")
+    assert exe.exists(), "set-up must install the icma console script"
+    done = subprocess.run([str(exe), "index", "build", "--corpus", str(tsv), "--kind", "random",
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([str(exe), "retrieve", "--index", str(tmp_path / "r"), "--queries",
+                           str(tsv), "--k", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 400
