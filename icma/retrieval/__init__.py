@@ -1,7 +1,8 @@
 """Retrieval indexes behind one interface: build from a corpus, save, load, search.
 
 Kinds: ``graph`` (GNN embeddings, FAISS cosine), ``morgan`` and ``rdkit`` (fingerprint Tanimoto),
-``bm25`` (captions, exactly rank_bm25's BM25Okapi), ``random`` (seeded).
+``bm25`` (captions, exactly rank_bm25's BM25Okapi), ``sentence`` (caption embeddings, cosine),
+``random`` (seeded).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ KINDS = {
     "rdkit": ("icma.retrieval.fingerprint", "RDKitPathIndex"),
     "bm25": ("icma.retrieval.bm25", "BM25Index"),
     "random": ("icma.retrieval.randomized", "RandomIndex"),
+    "sentence": ("icma.retrieval.sentence", "SentenceIndex"),
 }
 
 
