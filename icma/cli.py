@@ -47,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = isub.add_parser("build", help="build an index over a corpus and save it")
     b.add_argument("--corpus", required=True,
                    help=f"TSV/JSONL corpus file, or '{EMBEDDED}' for the shipped ChEBI-20")
-    b.add_argument("--kind", required=True, help="graph | morgan | rdkit | bm25 | random")
+    b.add_argument("--kind", required=True,
+                   help="graph | morgan | rdkit | bm25 | sentence | random")
     b.add_argument("--out", required=True, type=Path, help="directory to save the index in")
     b.add_argument("--encoder", help="graph: shipped encoder name or .pth path")
     b.add_argument("--arch", help="graph: gin | gcn | gat | graphsage, if the file name does not say")
     b.add_argument("--ivf-nlist", type=int, help="graph: IVF clusters (approximate; large corpora)")
+    b.add_argument("--model", help="sentence: local model folder (default all-MiniLM-L6-v2)")
     b.add_argument("--seed", type=int, help="random: seed")
     b.add_argument("--strict", action="store_true", help="fail on any malformed row or bad SMILES")
     b.set_defaults(func=cmd_index_build)
@@ -142,19 +144,16 @@ def cmd_index_build(args) -> int:
     from icma.retrieval import build_index, index_class
 
     cls = index_class(args.kind)  # unknown kinds and misplaced flags fail before any work
-    for flag, value in (("--encoder", args.encoder), ("--arch", args.arch),
-                        ("--ivf-nlist", args.ivf_nlist)):
-        if value is not None and args.kind != "graph":
-            raise InputError(f"{flag} applies to graph indexes only")
+    flags = {"--encoder": ("graph", args.encoder), "--arch": ("graph", args.arch),
+             "--ivf-nlist": ("graph", args.ivf_nlist), "--model": ("sentence", args.model),
+             "--seed": ("random", args.seed)}
+    for flag, (kind, value) in flags.items():
+        if value is not None and args.kind != kind:
+            raise InputError(f"{flag} applies to {kind} indexes only")
     on_invalid = "keep" if cls.modality == "caption" else "skip"
     corpus, report = _load_corpus(args.corpus, on_invalid=on_invalid, strict=args.strict)
     _report(report)
-    params = {}
-    if args.kind == "graph":
-        params = {k: v for k, v in (("encoder", args.encoder), ("arch", args.arch),
-                                    ("ivf_nlist", args.ivf_nlist)) if v is not None}
-    elif args.kind == "random" and args.seed is not None:
-        params = {"seed": args.seed}
+    params = {f[2:].replace("-", "_"): v for f, (_, v) in flags.items() if v is not None}
     t0 = time.perf_counter()
     index = build_index(args.kind, corpus, **params)
     index.save(args.out)

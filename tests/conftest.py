@@ -21,3 +21,24 @@ def chebi_val(shared):
 
     corpus, _ = read_corpus(shared / "data/chebi20/validation.txt")
     return corpus
+
+
+@pytest.fixture(scope="session")
+def pretrain_gnns(shared) -> Path:
+    """The pretrain-gnns checkpoints (GCN, GAT, GraphSAGE; 5 layers, 300 dimensions)."""
+    folder = shared / "models/pretrain-gnns"
+    if not any(folder.glob("*.pth")):
+        pytest.fail(f"no checkpoints in {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def chebi_train_300(shared):
+    """The first 300 molecules of ChEBI-20 train (CID, SMILES; no captions)."""
+    from icma.corpus import parse_corpus_text
+
+    path = shared / "data/chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv"
+    with open(path, encoding="utf-8") as f:
+        text = "".join(line for _, line in zip(range(301), f))
+    corpus, _ = parse_corpus_text(text, name="chebi20-train-300")
+    return corpus
