@@ -25,7 +25,11 @@ class Settings(BaseSettings):
         description="gin|gcn|gat|graphsage; needed only when the checkpoint name does not say it.",
     )
     embed_batch_size: int = Field(default=256, ge=1, description="Molecules per GNN forward pass.")
-    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads.")
+    torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch intra-op threads (1 gives the lowest single-query latency on 2 cores).")
+    faiss_gpu: bool = Field(default=False,
+                            description="Search graph indexes on the GPUs when faiss-gpu sees any.")
     progress: bool = Field(default=True, description="Show progress bars on long work.")
 
 

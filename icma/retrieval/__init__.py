@@ -63,12 +63,13 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def load_index(directory: str | Path, *, kind: str | None = None,
-               corpus: Corpus | None = None) -> Index:
+               corpus: Corpus | None = None, **options) -> Index:
     """Load a saved index, checking its manifest.
 
     ``kind``: fail unless the index is of this kind. ``corpus``: fail unless the index was built
     over exactly this corpus (same records, same order). The stored corpus is always checked
-    against the checksum in the manifest, so an edited directory is caught too.
+    against the checksum in the manifest, so an edited directory is caught too. ``options`` go to
+    the kind's loader (a graph index takes ``encoder``, which must be the one it was built with).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -91,4 +92,4 @@ def load_index(directory: str | Path, *, kind: str | None = None,
             f"({manifest['corpus']['size']} records, sha256 {want[:12]}), not over "
             f"{corpus.name!r} ({len(corpus)} records, sha256 {corpus.checksum[:12]})",
             field="index")
-    return index_class(found)._load_data(directory, stored, manifest)
+    return index_class(found)._load_data(directory, stored, manifest, **options)
