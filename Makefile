@@ -29,8 +29,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Speed and quality benchmarks; each writes markdown (and plots) into benchmarks/results/.
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_bm25.py
+	$(BIN)/python benchmarks/bench_graph.py --threads 1,2
+	$(BIN)/python benchmarks/bench_retrieval_quality.py
 
 clean:
 	rm -rf $(VENV) var
