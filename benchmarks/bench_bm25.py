@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, SHARED  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, cpu_model  # noqa: E402
 from icma.corpus import read_corpus  # noqa: E402
 from icma.retrieval.bm25 import BM25Index, icma_tokenize  # noqa: E402
 
@@ -41,21 +41,14 @@ TARGET_SPEEDUP = 50.0
 def machine_info() -> dict:
     import scipy
 
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = "%.2f / %.2f / %.2f" % os.getloadavg()
     except OSError:
         load = "n/a"
     return {
         "processor": platform.processor() or platform.machine(),
-        "cpu model": cpu_model or "n/a",
+        "cpu model": cpu or "n/a",
         "cpu count": str(os.cpu_count()),
         "platform": platform.platform(),
         "python": platform.python_version(),

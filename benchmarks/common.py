@@ -14,15 +14,18 @@ SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def machine() -> str:
+    cpu = cpu_model() or platform.processor() or platform.machine()
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"numpy {np.__version__}, {time.strftime('%Y-%m-%d')}")
 

@@ -290,20 +290,22 @@ def cmd_demo(args) -> int:
         print(f"{kind} index ready in {time.perf_counter() - t0:.1f} s")
     rec = corpus[corpus.position("5354212")] if "5354212" in corpus.cids else corpus[0]
     own = [Exclusion(cids=frozenset([rec.cid]))]
+
+    def show(kind: str, query: str, n: int, line) -> list:
+        t0 = time.perf_counter()
+        examples = retrieve_examples(indexes[kind], [query], n, exclusions=own)[0]
+        ms = (time.perf_counter() - t0) * 1000
+        for e in examples:
+            print("  " + line(e))
+        print(f"  ({kind} retrieval: {ms:.1f} ms)")
+        return examples
+
     print(f"\nmol2cap query (CID {rec.cid}, its own record excluded): {rec.smiles}")
-    t0 = time.perf_counter()
-    ex = retrieve_examples(indexes["graph"], [rec.smiles], 2, exclusions=own)[0]
-    ms = (time.perf_counter() - t0) * 1000
-    for e in ex:
-        print(f"  CID {e.cid}  cosine {e.score:.3f}  {e.caption[:100]}")
-    print(f"  ({ms:.1f} ms)\n\n--- ICMA prompt ---\n{build_prompt('mol2cap', rec.smiles, ex).text}")
+    ex = show("graph", rec.smiles, 2,
+              lambda e: f"CID {e.cid}  cosine {e.score:.3f}  {e.caption[:100]}")
+    print(f"\n--- ICMA prompt ---\n{build_prompt('mol2cap', rec.smiles, ex).text}")
     print(f"\ncap2mol query: {rec.description[:100]}...")
-    t0 = time.perf_counter()
-    ex = retrieve_examples(indexes["bm25"], [rec.description], 4, exclusions=own)[0]
-    ms = (time.perf_counter() - t0) * 1000
-    for e in ex:
-        print(f"  CID {e.cid}  BM25 {e.score:.2f}  {e.smiles}")
-    print(f"  ({ms:.1f} ms)")
+    show("bm25", rec.description, 4, lambda e: f"CID {e.cid}  BM25 {e.score:.2f}  {e.smiles}")
     return 0
 
 

@@ -110,3 +110,14 @@ def test_console_script_runs(tmp_path, tsv):
     done = subprocess.run([str(exe), "retrieve", "--index", str(tmp_path / "r"), "--queries",
                            str(tsv), "--k", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and len(done.stdout.splitlines()) == 400
+
+
+def test_demo_builds_then_reuses_its_cache(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--data-dir", tmp_path)
+    assert code == 0 and "--- ICMA prompt ---" in out
+    assert "finally generate a caption for the molecule:" in out
+    built = sorted(p.name for p in (tmp_path / "indexes").iterdir())
+    assert built == ["chebi20-embedded-bm25", "chebi20-embedded-graph"]
+    stamp = (tmp_path / "indexes/chebi20-embedded-graph/manifest.json").stat().st_mtime_ns
+    assert run(capsys, "demo", "--data-dir", tmp_path)[0] == 0
+    assert (tmp_path / "indexes/chebi20-embedded-graph/manifest.json").stat().st_mtime_ns == stamp
