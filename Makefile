@@ -36,4 +36,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_retrieval_quality.py
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV)

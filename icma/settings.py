@@ -1,5 +1,6 @@
 """One settings object for the whole system, read from ICMA_* environment variables."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,7 +14,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ICMA_", extra="ignore")
 
     data_dir: Path = Field(
-        default=Path("var"),
+        default_factory=lambda: Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share")
+        .expanduser() / "icma",
         description="Where indexes, converted models and job databases are kept.",
     )
     encoder: str = Field(

@@ -121,3 +121,25 @@ def test_demo_builds_then_reuses_its_cache(tmp_path, capsys):
     stamp = (tmp_path / "indexes/chebi20-embedded-graph/manifest.json").stat().st_mtime_ns
     assert run(capsys, "demo", "--data-dir", tmp_path)[0] == 0
     assert (tmp_path / "indexes/chebi20-embedded-graph/manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_reproduces_icma_bm25_neighbour_file(tmp_path, shared, capsys):
+    """`icma retrieve --format neighbours` writes ICMA's released file, line for line."""
+    data = shared / "data/pubchem324k-iupac"
+    assert run(capsys, "index", "build", "--corpus", data / "train.txt", "--kind", "bm25",
+               "--out", tmp_path / "bm25")[0] == 0
+    out = tmp_path / "neighbours.txt"
+    assert run(capsys, "retrieve", "--index", tmp_path / "bm25", "--queries", data / "test.txt",
+               "--k", 10, "--exclude-self", "--output", out)[0] == 0
+    ours: dict[str, list[str]] = {}
+    for line in out.read_text().splitlines():
+        ours.setdefault(line.split("\t")[0], []).append(line)
+    theirs: dict[str, list[str]] = {}
+    for line in (data / "icma-neighbours/test_10_shot_cap2mol_bm25.txt").read_text().splitlines():
+        theirs.setdefault(line.split("\t")[0], []).append(line)
+    assert ours.keys() == theirs.keys() and len(ours) == 1985
+    short = {q for q, lines in theirs.items() if len(lines) == 9}
+    assert short == {"8722", "158536"}  # ICMA cut at 10, then dropped the query's own CID
+    for q, lines in theirs.items():
+        assert len(ours[q]) == 10
+        assert ours[q][: len(lines)] == lines, q  # byte-identical lines, scores included
