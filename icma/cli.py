@@ -115,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--base-url", help="mirror to fetch from instead of the public host")
     d.set_defaults(func=cmd_download)
 
+    # serve
+    sv = sub.add_parser("serve", help="run a service")
+    svsub = sv.add_subparsers(dest="service", metavar="SERVICE")
+    rs = svsub.add_parser("retrieval", help="the retrieval microservice (FastAPI + uvicorn)")
+    rs.add_argument("--host", default="127.0.0.1")
+    rs.add_argument("--port", type=int, default=8001)
+    rs.add_argument("--log-level", default="info")
+    rs.set_defaults(func=cmd_serve_retrieval)
+
+    # openapi
+    oa = sub.add_parser("openapi", help="write the services' OpenAPI document")
+    oa.add_argument("--out", type=Path, default=Path("openapi.yaml"))
+    oa.set_defaults(func=cmd_openapi)
+
     # demo
     dm = sub.add_parser("demo", help="index the embedded corpus (cached) and show retrieval")
     dm.add_argument("--data-dir", type=Path, help="where to cache indexes (default ICMA_DATA_DIR)")
@@ -270,6 +284,25 @@ def cmd_download(args) -> int:
     download(args.dataset, args.to, base_url=args.base_url,
              log=lambda m: print(m, file=sys.stderr))
     print(f"{args.dataset} -> {args.to}")
+    return 0
+
+
+def cmd_serve_retrieval(args) -> int:
+    import uvicorn
+
+    from services.retrieval.app import create_app
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"port must be 1-65535, got {args.port}", field="--port")
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_openapi(args) -> int:
+    from services.openapi import write_openapi
+
+    write_openapi(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

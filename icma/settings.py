@@ -4,7 +4,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DATA = Path(__file__).parent / "data"
@@ -33,6 +33,23 @@ class Settings(BaseSettings):
     faiss_gpu: bool = Field(default=False,
                             description="Search graph indexes on the GPUs when faiss-gpu sees any.")
     progress: bool = Field(default=True, description="Show progress bars on long work.")
+
+    # --- services ----------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="When set, every endpoint but health and metrics needs 'Authorization: "
+                    "Bearer <key>'; corpus uploads are only possible with a key set.")
+    retrieval_kinds: list[str] = Field(
+        default=["graph", "morgan", "rdkit", "bm25"],
+        description="Indexes built for every corpus the retrieval service holds ('random' is "
+                    "always available; add 'sentence' for sentence-embedding caption retrieval).")
+    max_batch: int = Field(default=256, ge=1, description="Most queries in one request.")
+    max_k: int = Field(default=50, ge=1, le=1000, description="Most examples one query may ask for.")
+    max_body_bytes: int = Field(default=2 * 2**20, ge=1024,
+                                description="Largest JSON request body.")
+    max_upload_bytes: int = Field(default=64 * 2**20, ge=1024,
+                                  description="Largest corpus upload.")
+    max_corpora: int = Field(default=16, ge=1, description="Most uploaded corpora kept.")
 
 
 @lru_cache(maxsize=1)

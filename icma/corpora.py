@@ -1,0 +1,202 @@
+"""The named corpora a retrieval service holds, with their indexes, built in the background.
+
+The embedded ChEBI-20 corpus is always there; uploaded corpora are kept as TSV files in
+``<data_dir>/corpora/`` and come back after a restart. Indexes are cached in
+``<data_dir>/indexes/`` (see ``icma.retrieval.cache``), so only the first start builds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icma.corpus import Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
+from icma.errors import IcmaError, InputError
+from icma.retrieval import build_index, index_class
+from icma.retrieval.base import Index
+from icma.retrieval.cache import cached_index
+
+log = logging.getLogger(__name__)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class UnknownCorpusError(IcmaError):
+    """No corpus of that name (404)."""
+
+
+class CorpusNotReadyError(IcmaError):
+    """The corpus exists but its indexes are still building, or failed (409)."""
+
+
+class CorpusConflictError(IcmaError):
+    """A corpus of that name exists already, or the store is full (409)."""
+
+
+@dataclass
+class Entry:
+    name: str
+    corpus: Corpus
+    kinds: list[str]
+    origin: str  # "embedded" or "upload"
+    indexes: dict[str, Index] = field(default_factory=dict)
+    state: str = "queued"  # queued -> building -> ready | failed
+    building: str | None = None
+    error: str | None = None
+    started: float | None = None
+    finished: float | None = None
+
+    def describe(self) -> dict:
+        info = {
+            "name": self.name, "origin": self.origin, "size": len(self.corpus),
+            "has_captions": self.corpus.has_captions, "sha256": self.corpus.checksum,
+            "state": self.state,
+            "progress": {"indexes_done": len(self.indexes), "indexes_total": len(self.kinds),
+                         "building": self.building},
+            "indexes": [{"kind": k, **_public_params(ix)} for k, ix in self.indexes.items()],
+        }
+        if self.error:
+            info["error"] = self.error
+        if self.finished and self.started:
+            info["build_seconds"] = round(self.finished - self.started, 3)
+        return info
+
+
+def _public_params(index: Index) -> dict:
+    p = index.params
+    keep = ("encoder", "arch", "encoder_sha256", "faiss", "k1", "b", "epsilon", "model", "seed")
+    return {k: p[k] for k in keep if p.get(k) is not None}
+
+
+class CorpusStore:
+    def __init__(self, data_dir: Path, kinds: list[str], default: str = "chebi20-embedded",
+                 max_uploads: int = 16):
+        for k in kinds:
+            index_class(k)  # unknown kinds fail at start-up, not on the first request
+        self.data_dir = Path(data_dir)
+        self.kinds = [k for k in kinds if k != "random"]
+        self.default = default
+        self.max_uploads = max_uploads
+        self._entries: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self._queue: list[str] = []
+        self._wake = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
+
+    # --- start-up ----------------------------------------------------------------------------
+    def start(self, background: bool = True) -> None:
+        """Register the embedded corpus and every stored upload; build (or load) their indexes."""
+        emb = embedded_corpus()
+        self._register(Entry(emb.name, emb, self._kinds_for(emb), "embedded"))
+        for path in sorted((self.data_dir / "corpora").glob("*.tsv")):
+            try:
+                corpus, _ = read_corpus(path, name=path.stem)
+            except IcmaError as exc:
+                log.error("skipping stored corpus %s: %s", path, exc)
+                continue
+            self._register(Entry(path.stem, corpus, self._kinds_for(corpus), "upload"))
+        if background:
+            self._worker = threading.Thread(target=self._run, name="icma-index-builder",
+                                            daemon=True)
+            self._worker.start()
+        else:
+            while self._queue:
+                self._build(self._queue.pop(0))
+
+    def _kinds_for(self, corpus: Corpus) -> list[str]:
+        caption_kinds = {"bm25", "sentence"}
+        return [k for k in self.kinds if corpus.has_captions or k not in caption_kinds]
+
+    def _register(self, entry: Entry) -> None:
+        with self._lock:
+            self._entries[entry.name] = entry
+            self._queue.append(entry.name)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    self._wake.wait()
+                name = self._queue.pop(0)
+            self._build(name)
+
+    def _build(self, name: str) -> None:
+        entry = self._entries[name]
+        entry.state, entry.started = "building", time.time()
+        try:
+            for kind in entry.kinds:
+                entry.building = kind
+                log.info("corpus %s: %s index (%d records)", name, kind, len(entry.corpus))
+                entry.indexes[kind] = cached_index(kind, entry.corpus, self.data_dir)
+            entry.state = "ready"
+        except Exception as exc:  # a failed build must show in /v1/corpora, not kill the thread
+            log.exception("corpus %s: index build failed", name)
+            entry.state, entry.error = "failed", str(exc)
+        finally:
+            entry.building, entry.finished = None, time.time()
+
+    # --- queries -----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        e = self._entries.get(self.default)
+        return e is not None and e.state == "ready"
+
+    def describe(self) -> list[dict]:
+        return [e.describe() for e in list(self._entries.values())]
+
+    def index(self, corpus: str | None, kind: str) -> Index:
+        name = corpus or self.default
+        entry = self._entries.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise UnknownCorpusError(f"unknown corpus {name!r} (loaded: {known})", field="corpus")
+        if kind == "random":
+            return self._random(entry)
+        if kind not in entry.kinds:
+            offered = ", ".join(entry.kinds + ["random"])
+            raise InputError(f"corpus {name!r} has no {kind!r} index (it offers {offered})",
+                             field="method")
+        index = entry.indexes.get(kind)
+        if index is None:
+            why = f"failed: {entry.error}" if entry.state == "failed" else \
+                f"still building ({entry.state})"
+            raise CorpusNotReadyError(f"corpus {name!r}: the {kind} index is {why}",
+                                      field="corpus")
+        return index
+
+    def _random(self, entry: Entry) -> Index:
+        key = "random"
+        if key not in entry.indexes:
+            entry.indexes[key] = build_index("random", entry.corpus, seed=0)
+        return entry.indexes[key]
+
+    # --- uploads -----------------------------------------------------------------------------
+    def add(self, name: str, text: str, fmt: str = "tsv") -> Entry:
+        """Validate an uploaded corpus, store it, and queue its indexes. Nothing is kept when the
+        text is not a usable corpus."""
+        if not NAME_RE.match(name or ""):
+            raise InputError("corpus name must be 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit", field="name")
+        corpus, report = parse_corpus_text(text, fmt=fmt, name=name)
+        with self._lock:
+            if name in self._entries:
+                raise CorpusConflictError(f"corpus {name!r} exists already", field="name")
+            uploads = sum(e.origin == "upload" for e in self._entries.values())
+            if uploads >= self.max_uploads:
+                raise CorpusConflictError(f"the service holds {uploads} uploaded corpora, its "
+                                          "limit; raise ICMA_MAX_CORPORA", field="name")
+            folder = self.data_dir / "corpora"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_corpus(corpus, folder / f"{name}.tsv")
+            entry = Entry(name, corpus, self._kinds_for(corpus), "upload")
+            entry.report = report.summary()  # type: ignore[attr-defined]
+            self._entries[name] = entry
+            self._queue.append(name)
+            self._wake.notify()
+        if self._worker is None:  # synchronous mode (no background thread)
+            self._build(self._queue.pop(0))
+        return entry

@@ -1,0 +1,209 @@
+"""HTTP plumbing shared by the services: one error shape, API keys, body limits, metrics.
+
+Every 4xx has the body ``{"error": {"code": ..., "message": ..., "field": ...}}``; a 5xx says only
+"internal error" (details go to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from icma.errors import IcmaError, IndexMismatchError, InputError, PromptTooLongError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+#: Error responses to document on every endpoint that takes input.
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [(401, "missing or wrong API key"), (404, "unknown corpus"),
+                         (409, "corpus not ready, or a name conflict"),
+                         (413, "request body too large"), (422, "invalid input")]
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def icma_error_status(exc: IcmaError) -> tuple[int, str]:
+    """Map library errors to HTTP: user input 422, unknown things 404, not-ready/conflict 409."""
+    from icma.corpora import CorpusConflictError, CorpusNotReadyError, UnknownCorpusError
+
+    if isinstance(exc, UnknownCorpusError):
+        return 404, "not_found"
+    if isinstance(exc, (CorpusNotReadyError, CorpusConflictError)):
+        return 409, "conflict"
+    if isinstance(exc, PromptTooLongError):
+        return 422, "too_long"
+    if isinstance(exc, (InputError, IndexMismatchError)) or isinstance(exc, IcmaError):
+        return 422, "invalid_input"
+    return 500, "internal"
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*|"
+                       r"function-\w+\[.*\])$")
+
+
+def _loc_to_field(loc) -> str:
+    # Union members add their type to the location ('smiles', 'str'): keep only field names.
+    parts = [p for p in loc if p not in ("body", "query", "path")
+             and not (isinstance(p, str) and _TYPE_TAG.match(p))]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(IcmaError)
+    async def _icma(request: Request, exc: IcmaError):
+        status, code = icma_error_status(exc)
+        return error_response(status, code, Exception.__str__(exc), exc.field)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _loc_to_field(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            return error_response(400, "bad_json", f"request body is not valid JSON: "
+                                  f"{first.get('ctx', {}).get('error', first['msg'])}", "body")
+        # A union gives one error per member for the same field: say them together.
+        same = list(dict.fromkeys(e["msg"] for e in errors
+                                  if _loc_to_field(e.get("loc", ())) == field))
+        others = sum(_loc_to_field(e.get("loc", ())) != field for e in errors)
+        more = f" (and {others} more problem(s))" if others else ""
+        return error_response(422, "invalid_input", " or ".join(same) + more, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+                              str(exc.detail), None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error", None)
+
+
+def api_key_dependency(get_key: Callable[[], str | None]):
+    """A FastAPI dependency that checks ``Authorization: Bearer <key>`` when a key is set."""
+
+    def check(request: Request) -> None:
+        key = get_key()
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <API key>' header",
+                           "authorization", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "unauthorized", "wrong API key", "authorization",
+                           {"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse bodies over a limit (413) before the app reads them.
+
+    ``limits`` maps a path prefix to its own limit (uploads take more than JSON queries)."""
+
+    def __init__(self, app, default: int, limits: dict[str, int] | None = None):
+        self.app, self.default, self.limits = app, default, limits or {}
+
+    def _limit(self, path: str) -> int:
+        for prefix, n in self.limits.items():
+            if path.startswith(prefix):
+                return n
+        return self.default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self._limit(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            resp = error_response(413, "too_large", f"request body over {limit} bytes", "body")
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "too_large", f"request body over {limit} bytes", "body")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+class Metrics:
+    """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
+
+    def __init__(self, prefix: str):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{prefix}_http_requests_total", "HTTP requests",
+                                ["path", "status"], registry=self.registry)
+        self.queries = Counter(f"{prefix}_queries_total", "Queries answered",
+                               ["endpoint", "method"], registry=self.registry)
+        self.latency = Histogram(
+            f"{prefix}_request_seconds", "Request latency by endpoint and retrieval method",
+            ["endpoint", "method"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+
+    def install(self, app: FastAPI) -> None:
+        @app.middleware("http")
+        async def count(request: Request, call_next):
+            response = await call_next(request)
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.requests.labels(path, str(response.status_code)).inc()
+            return response
+
+    def observe(self, endpoint: str, method: str, started: float, n_queries: int) -> None:
+        self.latency.labels(endpoint, method).observe(time.perf_counter() - started)
+        self.queries.labels(endpoint, method).inc(n_queries)
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

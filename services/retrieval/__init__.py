@@ -1,0 +1,1 @@
+"""The retrieval microservice: FastAPI over icma.retrieval, icma.rerank and icma.corpora."""

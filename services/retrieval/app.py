@@ -1,0 +1,200 @@
+"""Retrieval service: a thin HTTP shell over icma.retrieval, icma.rerank and icma.corpora.
+
+    icma serve retrieval --host 127.0.0.1 --port 8001
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Sequence
+
+from fastapi import Depends, FastAPI, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+
+from icma import __version__, chem
+from icma.corpora import CorpusStore
+from icma.errors import InputError
+from icma.examples import retrieve_examples
+from icma.prompts import Example
+from icma.rerank import RerankConfig, prompt_order
+from icma.retrieval import Exclusion
+from icma.settings import Settings, get_settings
+from icma.web import ERROR_RESPONSES, ApiError, BodyLimit, Metrics, api_key_dependency, \
+    install_error_handlers
+from services.retrieval.protocol import (
+    MAX_LENGTHS,
+    CaptionRequest,
+    CaptionResponse,
+    CaptionResult,
+    CorporaResponse,
+    CorpusInfo,
+    ExampleOut,
+    Health,
+    MoleculeRequest,
+    MoleculeResponse,
+    MoleculeResult,
+    Timings,
+)
+
+UPLOAD_PATH = "/v1/corpora"
+
+
+def create_app(settings: Settings | None = None, store: CorpusStore | None = None,
+               background: bool = True) -> FastAPI:
+    """The app. ``background=False`` builds missing indexes before serving (tests, scripts)."""
+    settings = settings or get_settings()
+    store = store or CorpusStore(settings.data_dir, settings.retrieval_kinds,
+                                 max_uploads=settings.max_corpora)
+    metrics = Metrics("icma_retrieval")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store.start(background=background)
+        yield
+
+    app = FastAPI(title="icma retrieval", version=__version__, lifespan=lifespan,
+                  description="Similar molecule-caption examples for ICMA prompts: graph, "
+                              "fingerprint and random retrieval for molecules, BM25 (and "
+                              "sentence-embedding) retrieval for captions.")
+    app.state.store, app.state.settings = store, settings
+    install_error_handlers(app)
+    metrics.install(app)
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes,
+                       limits={UPLOAD_PATH: settings.max_upload_bytes})
+    key = api_key_dependency(
+        lambda: settings.api_key.get_secret_value() if settings.api_key else None)
+    guarded = [Depends(key)]
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz():
+        """Alive (the process answers)."""
+        return Health(status="ok")
+
+    @app.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "indexes still loading"}})
+    def readyz():
+        """Ready when the default corpus's indexes are loaded."""
+        if store.ready:
+            return Health(status="ready")
+        return JSONResponse(Health(status="loading").model_dump(), status_code=503)
+
+    @app.get("/metrics", tags=["health"], response_class=JSONResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
+    def prometheus():
+        """Request counts and latency histograms per endpoint and retrieval method."""
+        return metrics.response()
+
+    @app.get("/v1/corpora", response_model=CorporaResponse, dependencies=guarded,
+             tags=["corpora"], responses=ERROR_RESPONSES)
+    def corpora():
+        """Loaded corpora: sizes, checksums, index kinds and encoders, build state and progress."""
+        return CorporaResponse(default=store.default,
+                               corpora=[CorpusInfo(**c) for c in store.describe()])
+
+    @app.post(UPLOAD_PATH, response_model=CorpusInfo, status_code=202, dependencies=guarded,
+              tags=["corpora"], responses={**ERROR_RESPONSES,
+                                           403: {"description": "uploads need an API key"}})
+    def upload(name: str = Form(..., description="corpus name (letters, digits, . _ -)"),
+               file: UploadFile = File(..., description="TSV (CID, SMILES, description) or JSONL")):
+        """Add a corpus; its indexes are built in the background (watch GET /v1/corpora)."""
+        if settings.api_key is None:
+            raise ApiError(403, "forbidden", "corpus uploads are disabled: set ICMA_API_KEY to "
+                           "enable them", "file")
+        raw = file.file.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"upload is not UTF-8 text (byte {exc.start})", field="file") from None
+        fmt = "jsonl" if (file.filename or "").lower().endswith((".jsonl", ".ndjson")) else "tsv"
+        entry = store.add(name, text, fmt)
+        return CorpusInfo(**entry.describe())
+
+    @app.post("/v1/retrieve/molecules", response_model=MoleculeResponse, dependencies=guarded,
+              tags=["retrieval"], responses=ERROR_RESPONSES)
+    def retrieve_molecules(req: MoleculeRequest):
+        """Examples for molecules (mol2cap): graph (GNN cosine), Morgan or RDKit-path Tanimoto,
+        or random; in prompt order (best last) unless ``order`` is ``ranked``."""
+        t0 = time.perf_counter()
+        queries = _queries(req.smiles, "smiles", settings)
+        _check_k(req.k, settings)
+        canonical = [chem.canonical_smiles(q, field=f"smiles[{i}]" if isinstance(req.smiles, list)
+                                           else "smiles") for i, q in enumerate(queries)]
+        index = store.index(req.corpus, req.method)
+        cids = frozenset(req.exclude_cids)
+        exclusions = [Exclusion(cids=cids, canonical_smiles=c if req.exclude_same_structure
+                                else None) for c in canonical]
+        t1 = time.perf_counter()
+        found = retrieve_examples(index, canonical, req.k, rerank=_rerank(req),
+                                  exclusions=exclusions, keys=canonical)
+        t2 = time.perf_counter()
+        results = [MoleculeResult(query=q, canonical_smiles=c, examples=_out(ex, req.order))
+                   for q, c, ex in zip(queries, canonical, found)]
+        metrics.observe("molecules", req.method, t0, len(queries))
+        return MoleculeResponse(corpus=index.corpus.name, method=req.method, k=req.k,
+                                order=req.order, results=results, timings=_timings(t0, t1, t2))
+
+    @app.post("/v1/retrieve/captions", response_model=CaptionResponse, dependencies=guarded,
+              tags=["retrieval"], responses=ERROR_RESPONSES)
+    def retrieve_captions(req: CaptionRequest):
+        """Examples for captions (cap2mol): BM25 (rank_bm25-exact), sentence embeddings when
+        built, or random; in prompt order (best last) unless ``order`` is ``ranked``."""
+        t0 = time.perf_counter()
+        queries = _queries(req.caption, "caption", settings)
+        _check_k(req.k, settings)
+        index = store.index(req.corpus, req.method)
+        cids = frozenset(req.exclude_cids)
+        exclusions = [Exclusion(cids=cids, caption=q if req.exclude_same_caption else None)
+                      for q in queries]
+        t1 = time.perf_counter()
+        found = retrieve_examples(index, queries, req.k, rerank=_rerank(req),
+                                  exclusions=exclusions)
+        t2 = time.perf_counter()
+        results = [CaptionResult(query=q, examples=_out(ex, req.order))
+                   for q, ex in zip(queries, found)]
+        metrics.observe("captions", req.method, t0, len(queries))
+        return CaptionResponse(corpus=index.corpus.name, method=req.method, k=req.k,
+                               order=req.order, results=results, timings=_timings(t0, t1, t2))
+
+    return app
+
+
+def _queries(value: str | list[str], name: str, settings: Settings) -> list[str]:
+    queries = [value] if isinstance(value, str) else list(value)
+    if not queries:
+        raise InputError("empty list: give at least one query", field=name)
+    if len(queries) > settings.max_batch:
+        raise InputError(f"{len(queries)} queries in one request; at most {settings.max_batch}",
+                         field=name)
+    limit = MAX_LENGTHS[name]
+    for i, q in enumerate(queries):
+        where = f"{name}[{i}]" if isinstance(value, list) else name
+        if not q.strip():
+            raise InputError(f"empty {name}", field=where)
+        if len(q) > limit:
+            raise InputError(f"{name} longer than {limit} characters ({len(q)})", field=where)
+    return queries
+
+
+def _check_k(k: int, settings: Settings) -> None:
+    if k > settings.max_k:
+        raise InputError(f"k must be at most {settings.max_k}, got {k}", field="k")
+
+
+def _rerank(req) -> RerankConfig:
+    if req.random_walk is None:
+        return RerankConfig()
+    return RerankConfig(method="random_walk", skip_prob=req.random_walk.skip_probability,
+                        seed=req.random_walk.seed)
+
+
+def _out(best_first: Sequence[Example], order: str) -> list[ExampleOut]:
+    ranked = [ExampleOut(cid=e.cid or "", smiles=e.smiles, description=e.caption,
+                         score=float(e.score if e.score is not None else 0.0), rank=i + 1)
+              for i, e in enumerate(best_first)]
+    return prompt_order(ranked, order)  # type: ignore[arg-type]
+
+
+def _timings(t0: float, t1: float, t2: float) -> Timings:
+    return Timings(retrieval_ms=round((t2 - t1) * 1000, 3),
+                   total_ms=round((time.perf_counter() - t0) * 1000, 3))

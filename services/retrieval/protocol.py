@@ -1,0 +1,131 @@
+"""Request and response schemas of the retrieval service (one module, as vLLM's protocol)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from icma.chem import MAX_SMILES_CHARS
+from icma.prompts import MAX_QUERY_CHARS
+
+Smiles = str
+Order = Literal["reversed", "ranked"]
+
+
+class RandomWalk(BaseModel):
+    """Skip each ranked candidate with this probability (walking the top max(10, k))."""
+
+    model_config = ConfigDict(extra="forbid")
+    skip_probability: float = Field(ge=0.0, lt=1.0, description="chance to skip a candidate")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+
+class _RetrieveCommon(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corpus: str | None = Field(default=None, max_length=64,
+                               description="corpus name; default: the embedded ChEBI-20")
+    exclude_cids: list[str] = Field(default_factory=list, max_length=1000,
+                                    description="never return these CIDs")
+    order: Order = Field(default="reversed",
+                         description="reversed: prompt order, best example last (ICMA); "
+                                     "ranked: best first")
+    random_walk: RandomWalk | None = None
+
+
+class MoleculeRequest(_RetrieveCommon):
+    smiles: Smiles | list[Smiles] = Field(
+        description="one SMILES or a batch", examples=["CC(=O)Oc1ccccc1C(=O)O"])
+    k: int = Field(default=2, ge=1, description="examples per query")
+    method: Literal["graph", "morgan", "rdkit", "random"] = "graph"
+    exclude_same_structure: bool = Field(
+        default=False, description="also drop examples with the query's canonical structure")
+
+
+class CaptionRequest(_RetrieveCommon):
+    caption: str | list[str] = Field(
+        description="one caption or a batch",
+        examples=["The molecule is a monocarboxylic acid that is acetic acid substituted by a "
+                  "phenyl group."])
+    k: int = Field(default=4, ge=1, description="examples per query")
+    method: Literal["bm25", "sentence", "random"] = "bm25"
+    exclude_same_caption: bool = Field(
+        default=False, description="also drop examples whose caption equals the query")
+
+
+class ExampleOut(BaseModel):
+    cid: str
+    smiles: str
+    description: str
+    score: float
+    rank: int = Field(description="1 = the most similar example")
+
+
+class MoleculeResult(BaseModel):
+    query: str
+    canonical_smiles: str
+    examples: list[ExampleOut]
+
+
+class CaptionResult(BaseModel):
+    query: str
+    examples: list[ExampleOut]
+
+
+class Timings(BaseModel):
+    retrieval_ms: float
+    total_ms: float
+
+
+class MoleculeResponse(BaseModel):
+    corpus: str
+    method: str
+    k: int
+    order: Order
+    results: list[MoleculeResult]
+    timings: Timings
+
+
+class CaptionResponse(BaseModel):
+    corpus: str
+    method: str
+    k: int
+    order: Order
+    results: list[CaptionResult]
+    timings: Timings
+
+
+class IndexInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: str
+
+
+class Progress(BaseModel):
+    indexes_done: int
+    indexes_total: int
+    building: str | None
+
+
+class CorpusInfo(BaseModel):
+    name: str
+    origin: Literal["embedded", "upload"]
+    size: int
+    has_captions: bool
+    sha256: str
+    state: Literal["queued", "building", "ready", "failed"]
+    progress: Progress
+    indexes: list[IndexInfo]
+    error: str | None = None
+    build_seconds: float | None = None
+
+
+class CorporaResponse(BaseModel):
+    default: str
+    corpora: list[CorpusInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+MAX_LENGTHS = {"smiles": MAX_SMILES_CHARS, "caption": MAX_QUERY_CHARS}
