@@ -1,0 +1,611 @@
+"""Retrieval service under load: latency p50/p90/p99 and throughput at concurrency 1, 8 and 32.
+
+Protocol: the retrieval service (``services.retrieval.app.create_app``) runs in its own process
+(uvicorn, 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1, ICMA_RETRIEVAL_KINDS=graph,bm25)
+over a temporary data directory holding two stored corpora, ``<data_dir>/corpora/NAME.tsv``,
+which the service loads and indexes at start-up:
+
+- ``chebi20-train``: the 26,409 ChEBI-20 train molecules (no captions: a graph index only),
+  queried with ``POST /v1/retrieve/molecules`` (method graph, k 2, the service default) with the
+  ChEBI-20 test SMILES;
+- ``pubchem324k-iupac-train``: the 11,856 PubChem324k-IUPAC train captions, queried with
+  ``POST /v1/retrieve/captions`` (method bm25, k 4, the service default) with its test captions.
+
+The load generator (this process) is a closed loop on 127.0.0.1: N workers, each with its own
+keep-alive connection, send one query per request back to back. Per endpoint and concurrency: a
+warm-up (2 s, discarded), then a measured run that stops issuing at 10 s or 2,000 requests,
+whichever comes first; in-flight requests complete. Latency is the client's wall clock from
+writing the request to reading the whole response; throughput = 200 responses / elapsed. The
+default client is a minimal HTTP/1.1 client on asyncio streams (a few tens of microseconds of CPU
+a request, so that the measuring takes as little as possible of the 2 cores it shares with the
+server); ``--client httpx`` uses httpx.AsyncClient instead.
+
+    .venv/bin/python benchmarks/bench_retrieval_service.py [--quick] [--client raw|httpx]
+        [--workers 1] [--data-dir DIR (kept: a second run reuses its cached indexes)]
+
+Writes ``benchmarks/results/retrieval_service.md`` and ``.png`` (``-quick`` with --quick: every
+9th train molecule and every 4th train caption, 0.5 s warm-up, 2 s or 300 requests a level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, RESULTS, SHARED, machine, pct  # noqa: E402
+
+CHEBI_TRAIN = SHARED / "data/chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv"
+CHEBI_TEST = SHARED / "data/chebi20/test.txt"
+PUBCHEM_TRAIN = SHARED / "data/pubchem324k-iupac/train.txt"
+PUBCHEM_TEST = SHARED / "data/pubchem324k-iupac/test.txt"
+GRAPH_CORPUS, BM25_CORPUS = "chebi20-train", "pubchem324k-iupac-train"
+CONCURRENCY = (1, 8, 32)
+TARGETS = {"bm25": 300.0, "graph": 150.0}  # req/s at concurrency 8
+TARGET_P99_MS = 25.0  # at concurrency 8
+TARGET_AT = 8
+REQUEST_TIMEOUT = 30.0
+
+LAUNCH = """
+import sys, uvicorn
+from services.retrieval.app import create_app
+uvicorn.run(create_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+# --- the server ------------------------------------------------------------------------------
+
+def prepare(data_dir: Path, quick: bool) -> None:
+    """The two corpora as stored uploads (the service reads ``corpora/*.tsv`` at start-up)."""
+    folder = data_dir / "corpora"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, src, every in ((GRAPH_CORPUS, CHEBI_TRAIN, 9), (BM25_CORPUS, PUBCHEM_TRAIN, 4)):
+        dst = folder / f"{name}.tsv"
+        if not quick:
+            if not dst.exists() or dst.stat().st_size != src.stat().st_size:
+                shutil.copyfile(src, dst)
+            continue
+        lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+        text = "".join(lines[:1] + lines[1::every])
+        if not dst.exists() or dst.read_text(encoding="utf-8") != text:
+            dst.write_text(text, encoding="utf-8")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, port: int, workers: int, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, ICMA_DATA_DIR=str(data_dir), ICMA_TORCH_THREADS="1",
+               ICMA_RETRIEVAL_KINDS='["graph","bm25"]', ICMA_PROGRESS="false",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("ICMA_API_KEY", None)
+    if workers == 1:
+        cmd = [sys.executable, "-c", LAUNCH, str(port)]
+    else:  # each worker process loads the indexes from the cache the first start built
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "services.retrieval.app:create_app",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+               "--log-level", "warning"]
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, names: list[str],
+               timeout: float = 900, confirmations: int = 1) -> dict:
+    """Until /readyz says ready and /v1/corpora shows every named corpus ready (``confirmations``
+    times in a row: with several workers each answers for itself)."""
+    import httpx
+
+    deadline, streak, last = time.monotonic() + timeout, 0, None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{tail(log_path)}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                info = httpx.get(url + "/v1/corpora", timeout=5).json()
+                state = {c["name"]: c for c in info["corpora"]}
+                failed = [n for n in names if state.get(n, {}).get("state") == "failed"]
+                if failed:
+                    raise RuntimeError(f"index build failed: {[state[n] for n in failed]}")
+                if all(state.get(n, {}).get("state") == "ready" for n in names):
+                    streak += 1
+                    last = state
+                    if streak >= confirmations:
+                        return last
+                    continue
+            streak = 0
+        except httpx.HTTPError:
+            streak = 0
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{tail(log_path)}")
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most ``max_wait`` s) until other work uses under ``threshold`` of a core over a
+    second; returns the busy share last seen (in cores)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        busy = (system_busy_seconds() - b0) / (time.monotonic() - t0)
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
+        print(f"machine busy ({busy:.0%} of a core used by other work): waiting", flush=True)
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """user + system CPU seconds of a process and its descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, children = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2:].split()
+        pid, ppid = int(d.name), int(fields[1])
+        stats[pid] = (int(fields[11]) + int(fields[12])) / tick
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, 0.0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+# --- the load generator ----------------------------------------------------------------------
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection: write a prepared request, read status and body."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except OSError:
+                pass
+        self.reader = self.writer = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, chunked, close = 0, False, False
+        for line in lines[1:]:
+            key, _, value = line.partition(b":")
+            key = key.strip().lower()
+            if key == b"content-length":
+                length = int(value)
+            elif key == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif key == b"connection":
+                close = b"close" in value.lower()
+        if chunked:
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                parts.append(await self.reader.readexactly(size + 2))
+                if size == 0:
+                    break
+            body = b"".join(p[:-2] for p in parts)
+        else:
+            body = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, body
+
+
+def raw_requests(path: str, port: int, bodies: list[bytes]) -> list[bytes]:
+    return [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json"
+             f"\r\nContent-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+
+
+async def run_level(kind: str, client: str, port: int, path: str, bodies: list[bytes],
+                    concurrency: int, seconds: float, max_requests: int, offset: int) -> dict:
+    """One closed-loop run: ``concurrency`` workers, back to back, until ``seconds`` have passed
+    or ``max_requests`` were issued; in-flight requests finish. Queries from ``offset`` on."""
+    url = f"http://127.0.0.1:{port}"
+    n = len(bodies)
+    issued = 0
+    lat: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    if client == "raw":
+        payloads = raw_requests(path, port, bodies)
+        conns = [RawConnection("127.0.0.1", port) for _ in range(concurrency)]
+    else:
+        import httpx
+
+        payloads = bodies
+        hx = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency))
+        headers = {"content-type": "application/json"}
+
+    async def send(w: int, i: int) -> tuple[int, bytes]:
+        if client == "raw":
+            return await conns[w].request(payloads[i])
+        r = await hx.post(path, content=payloads[i], headers=headers)
+        return r.status_code, r.content
+
+    async def worker(w: int, deadline: float) -> None:
+        nonlocal issued
+        while issued < max_requests and time.perf_counter() < deadline:
+            i = (offset + issued) % n
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    status, body = await send(w, i)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                if client == "raw":
+                    await conns[w].close()
+                continue
+            except Exception as exc:  # httpx's own errors
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            t1 = time.perf_counter()
+            if status != 200:
+                errors.append(f"HTTP {status}: {body[:200]!r}")
+                continue
+            lat.append(t1 - t0)
+            try:
+                server_ms.append(json.loads(body)["timings"]["total_ms"])
+            except (ValueError, KeyError):
+                errors.append(f"bad body: {body[:200]!r}")
+
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(w, t0 + seconds) for w in range(concurrency)))
+    finally:
+        elapsed = time.perf_counter() - t0
+        client_cpu = time.process_time() - cpu0
+        if client == "raw":
+            await asyncio.gather(*(c.close() for c in conns))
+        else:
+            await hx.aclose()
+    ms = np.asarray(lat) * 1e3
+    out = {"kind": kind, "concurrency": concurrency, "issued": issued, "ok": len(lat),
+           "errors": len(errors), "error_examples": sorted(set(errors))[:5],
+           "elapsed": elapsed, "rps": len(lat) / elapsed, "client_cpu": client_cpu}
+    if len(ms):
+        out.update(p50=pct(ms, 50), p90=pct(ms, 90), p99=pct(ms, 99), mean=float(ms.mean()),
+                   max=float(ms.max()), server_p50=pct(server_ms, 50) if server_ms else None,
+                   server_p99=pct(server_ms, 99) if server_ms else None,
+                   lat=ms.tolist())
+    return out
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def queries() -> dict[str, list[str]]:
+    from icma.corpus import read_corpus
+
+    smiles, _ = read_corpus(CHEBI_TEST)  # invalid SMILES skipped: they would be 422s, not load
+    captions, _ = read_corpus(PUBCHEM_TEST, on_invalid="keep")
+    return {"graph": list(smiles.smiles), "bm25": list(captions.descriptions)}
+
+
+def bodies_for(kind: str, texts: list[str]) -> tuple[str, list[bytes], int]:
+    if kind == "graph":
+        k = 2
+        return "/v1/retrieve/molecules", [json.dumps(
+            {"smiles": s, "corpus": GRAPH_CORPUS, "method": "graph", "k": k}).encode()
+            for s in texts], k
+    k = 4
+    return "/v1/retrieve/captions", [json.dumps(
+        {"caption": c, "corpus": BM25_CORPUS, "method": "bm25", "k": k}).encode()
+        for c in texts], k
+
+
+def check_answers(url: str, kind: str, path: str, body: bytes, k: int) -> None:
+    import httpx
+
+    r = httpx.post(url + path, content=body, headers={"content-type": "application/json"},
+                   timeout=30)
+    r.raise_for_status()
+    res = r.json()["results"]
+    if len(res) != 1 or len(res[0]["examples"]) != k:
+        raise RuntimeError(f"{kind}: unexpected answer {r.text[:300]}")
+
+
+def run(args) -> dict:
+    quick = args.quick
+    warm, seconds, max_req = (0.5, 2.0, 300) if quick else (2.0, 10.0, 2000)
+    own_dir = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="icma-bench-svc-")) if own_dir else Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "server.log"
+    prepare(data_dir, quick)
+    texts = queries()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    proc = start_server(data_dir, port, 1, log_path)
+    try:
+        corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS])
+        startup = time.perf_counter() - t_start
+        if args.workers > 1:  # the caches exist now: restart with several workers
+            stop_server(proc)
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = start_server(data_dir, port, args.workers, log_path)
+            corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS],
+                                 confirmations=4 * args.workers)
+        print(f"server ready in {startup:.1f} s (pid {proc.pid}); "
+              + ", ".join(f"{n}: {corpora[n]['size']:,} records, "
+                          f"{[i['kind'] for i in corpora[n]['indexes']]}"
+                          for n in (GRAPH_CORPUS, BM25_CORPUS)), flush=True)
+        quiet = wait_quiet(args.idle_wait)
+        levels = []
+        for kind in ("graph", "bm25"):
+            path, bodies, k = bodies_for(kind, texts[kind])
+            check_answers(url, kind, path, bodies[0], k)
+            for c in CONCURRENCY:
+                asyncio.run(run_level(kind, args.client, port, path, bodies, c, warm, 10**9,
+                                      offset=len(bodies) // 2))
+                cpu0, busy0 = tree_cpu_seconds(proc.pid), system_busy_seconds()
+                x = asyncio.run(run_level(kind, args.client, port, path, bodies, c, seconds,
+                                          max_req, offset=0))
+                x["server_cpu"] = tree_cpu_seconds(proc.pid) - cpu0
+                x["other_cpu"] = max(0.0, system_busy_seconds() - busy0 - x["server_cpu"]
+                                     - x["client_cpu"])
+                x["k"], x["path"] = k, path
+                levels.append(x)
+                print(f"{kind:5s} c={c:2d}: {x['ok']:5d} ok, {x['errors']} errors, "
+                      f"{x['rps']:7.1f} req/s, p50 {x.get('p50', float('nan')):6.2f} ms, "
+                      f"p99 {x.get('p99', float('nan')):6.2f} ms, server handler p50 "
+                      f"{x.get('server_p50') or float('nan'):.2f} ms; CPU server "
+                      f"{x['server_cpu'] / x['elapsed']:.0%}, client "
+                      f"{x['client_cpu'] / x['elapsed']:.0%}, other "
+                      f"{x['other_cpu'] / x['elapsed']:.0%}", flush=True)
+                if x["error_examples"]:
+                    print("   errors:", x["error_examples"], flush=True)
+    finally:
+        stop_server(proc)
+        if own_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    import torch
+
+    return {"quick": quick, "client": args.client, "workers": args.workers,
+            "machine": machine(), "torch": torch.__version__, "cores": os.cpu_count(),
+            "load_start": load0, "busy_before": quiet, "load_end": os.getloadavg(),
+            "startup": startup,
+            "sizes": {n: corpora[n]["size"] for n in (GRAPH_CORPUS, BM25_CORPUS)},
+            "n_queries": {k: len(v) for k, v in texts.items()},
+            "warm": warm, "seconds": seconds, "max_requests": max_req, "levels": levels,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def verdicts(r: dict) -> list[tuple[str, bool, str]]:
+    at = {(x["kind"], x["concurrency"]): x for x in r["levels"]}
+    out = []
+    for kind in ("bm25", "graph"):
+        x = at[(kind, TARGET_AT)]
+        out.append((f"{kind}: >= {TARGETS[kind]:.0f} req/s at concurrency {TARGET_AT}",
+                    x["rps"] >= TARGETS[kind], f"{x['rps']:.0f} req/s"))
+    for kind in ("bm25", "graph"):
+        x = at[(kind, TARGET_AT)]
+        p99 = x.get("p99", float("inf"))
+        out.append((f"{kind}: p99 <= {TARGET_P99_MS:.0f} ms at concurrency {TARGET_AT}",
+                    p99 <= TARGET_P99_MS, f"{p99:.1f} ms"))
+    errs = sum(x["errors"] for x in r["levels"])
+    out.append(("0 errors (every level)", errs == 0, f"{errs} errors"))
+    return out
+
+
+def report(r: dict, stem: str) -> str:
+    v = verdicts(r)
+    lines = [
+        "# Retrieval service under load: latency and throughput at concurrency 1, 8, 32",
+        "",
+        "Service and load generator on the same 2-core machine (see the protocol)."
+        + (" **Quick run: every 9th train molecule, every 4th train caption, short levels.**"
+           if r["quick"] else ""),
+        "",
+        "| target | result | met |",
+        "| --- | ---: | --- |",
+    ]
+    lines += [f"| {name} | {val} | {'met' if ok else '**NOT met**'} |" for name, ok, val in v]
+    lines += ["", "## Results", ""]
+    titles = {"graph": f"Graph retrieval: `POST /v1/retrieve/molecules`, method graph, k 2, over "
+                       f"{r['sizes'][GRAPH_CORPUS]:,} ChEBI-20 train molecules",
+              "bm25": f"BM25: `POST /v1/retrieve/captions`, method bm25, k 4, over "
+                      f"{r['sizes'][BM25_CORPUS]:,} PubChem324k-IUPAC train captions"}
+    for kind in ("graph", "bm25"):
+        lines += [f"### {titles[kind]}", "",
+                  "| concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms "
+                  "| handler p50 ms | server CPU | client CPU | other CPU |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+                  "| ---: |"]
+        for x in r["levels"]:
+            if x["kind"] != kind:
+                continue
+            e = x["elapsed"]
+            lines.append(
+                f"| {x['concurrency']} | {x['ok'] + x['errors']:,} | {x['errors']} | "
+                f"**{x['rps']:.1f}** | {x.get('p50', float('nan')):.2f} | "
+                f"{x.get('p90', float('nan')):.2f} | **{x.get('p99', float('nan')):.2f}** | "
+                f"{x.get('max', float('nan')):.1f} | {x.get('server_p50') or float('nan'):.2f} | "
+                f"{x['server_cpu'] / e:.0%} | {x['client_cpu'] / e:.0%} | "
+                f"{x['other_cpu'] / e:.0%} |")
+        lines.append("")
+    ex = [(x["kind"], x["concurrency"], x["error_examples"]) for x in r["levels"]
+          if x["error_examples"]]
+    if ex:
+        lines += ["Errors seen:", ""] + [f"- {k} c={c}: {e}" for k, c, e in ex] + [""]
+    lines += [
+        "Columns: requests = completed (200 + errors); req/s = 200 responses / elapsed; latency =",
+        "client wall clock per request; handler p50 = the service's own `timings.total_ms` (the",
+        "endpoint function, from validation to response model, without HTTP, JSON encoding,",
+        "middleware or thread-pool hand-off); CPU = CPU seconds / elapsed seconds of the server",
+        "process and of the load generator (200% = both cores); other CPU = the rest of the",
+        "machine's busy time over the level (kernel networking and interrupts, and any other",
+        "work on this shared machine).",
+        "",
+        "## Protocol",
+        f"- Server: `create_app()` under uvicorn ({r['workers']} worker process"
+        f"{'es' if r['workers'] > 1 else ''}, default loop and HTTP implementation, log level",
+        "  warning) in a separate process on 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1,",
+        "  ICMA_RETRIEVAL_KINDS=[graph, bm25], no API key. Its data directory holds the two corpora",
+        "  as stored uploads (`<data_dir>/corpora/chebi20-train.tsv`, a copy of",
+        "  `chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv`, no captions, so a graph",
+        "  index only; `pubchem324k-iupac-train.tsv`, a copy of `pubchem324k-iupac/train.txt`, graph",
+        "  and BM25 indexes); the service builds their indexes at start-up (plus the embedded",
+        f"  ChEBI-20 corpus's): {r['startup']:.0f} s from launch until `/readyz` and `/v1/corpora`",
+        "  showed every corpus ready. Load starts after that: no index build runs during it.",
+        f"- Queries: graph, the {r['n_queries']['graph']:,} ChEBI-20 test SMILES (`chebi20/test.txt`,"
+        " valid ones);",
+        f"  BM25, the {r['n_queries']['bm25']:,} PubChem324k-IUPAC test captions. One query per "
+        "request, taken in",
+        "  file order from the start at each level (the warm-up starts half-way through the file).",
+        "  k: graph 2 (the service default; the ICMA 2-shot setting), BM25 4 (the service default).",
+        f"- Load: closed loop, N workers (N = concurrency), each with its own keep-alive connection,",
+        "  requests back to back. Per endpoint and N: a warm-up of "
+        f"{r['warm']:g} s (discarded), then a run that stops",
+        f"  issuing at {r['seconds']:g} s or {r['max_requests']:,} requests, whichever first; "
+        "in-flight requests finish",
+        f"  and count. Request timeout {REQUEST_TIMEOUT:g} s. Client: "
+        + ("a minimal HTTP/1.1 client on asyncio streams (prepared request bytes; reads the status "
+           "line, headers and Content-Length body; parses the JSON for the handler timing)."
+           if r["client"] == "raw" else "httpx.AsyncClient with a pool of N connections."),
+        "- **The load generator runs on the same 2-core machine as the server** (one Python",
+        "  process, one core at most): every CPU second it spends is taken from the server, so",
+        "  these numbers are a lower bound for a server with its cores to itself.",
+        "",
+        "## Machine",
+        f"{r['machine']}; torch {r['torch']}; {r['when']}.",
+        f"Load average (1/5/15 min) at start {' / '.join(f'{x:.2f}' for x in r['load_start'])}, "
+        f"at end {' / '.join(f'{x:.2f}' for x in r['load_end'])}; other work used "
+        f"{r['busy_before']:.0%} of a core in the second before the first level (the 'other CPU'",
+        "column shows it per level).",
+        "",
+        f"![throughput and p99 vs concurrency]({stem}.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for i, kind in enumerate(("graph", "bm25")):
+        xs = [x for x in r["levels"] if x["kind"] == kind]
+        c = [x["concurrency"] for x in xs]
+        label = {"graph": "graph (molecules, k 2)", "bm25": "BM25 (captions, k 4)"}[kind]
+        ax1.plot(c, [x["rps"] for x in xs], "o-", color=f"C{i}", label=label)
+        ax1.axhline(TARGETS[kind], color=f"C{i}", ls=":", lw=1)
+        ax1.text(c[-1], TARGETS[kind], f"{kind} target at c={TARGET_AT}", fontsize=7,
+                 ha="right", va="bottom", color=f"C{i}")
+        ax2.plot(c, [x.get("p99", np.nan) for x in xs], "o-", color=f"C{i}", label=f"{label} p99")
+        ax2.plot(c, [x.get("p50", np.nan) for x in xs], "s--", color=f"C{i}", alpha=0.6,
+                 label=f"{label} p50")
+    ax2.axhline(TARGET_P99_MS, color="k", ls=":", lw=1)
+    ax2.text(1, TARGET_P99_MS, f"p99 target (c={TARGET_AT})", fontsize=7, va="bottom")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(CONCURRENCY)
+        ax.set_xticklabels([str(c) for c in CONCURRENCY])
+        ax.set_xlabel("concurrency (closed-loop workers)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel("requests / s")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title("throughput", fontsize=9)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("latency (ms, log scale)")
+    ax2.set_title("latency", fontsize=9)
+    fig.suptitle(f"retrieval service, server + load generator on {r['cores']} cores"
+                 + (" (quick)" if r["quick"] else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller corpora, 0.5 s warm-up, 2 s or 300 requests a level")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="load generator HTTP client (default: a minimal asyncio one)")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--data-dir", default=None,
+                    help="keep corpora and index caches here (default: a temporary directory, "
+                         "removed afterwards)")
+    ap.add_argument("--idle-wait", type=float, default=120.0,
+                    help="before measuring, wait up to this many seconds for other work on the "
+                         "machine to stop")
+    ap.add_argument("--out", default=None, help="results stem (default: retrieval_service)")
+    args = ap.parse_args(argv)
+    r = run(args)
+    stem = args.out or ("retrieval_service" + ("-quick" if args.quick else ""))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text(report(r, stem))
+    plot(r, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / stem}.md and .png")
+    missed = [name for name, ok, _ in verdicts(r) if not ok]
+    for name in missed:
+        print(f"WARNING: target not met: {name}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
