@@ -210,3 +210,40 @@ def test_openapi_yaml_is_current():
     path = Path(__file__).resolve().parents[1] / "openapi.yaml"
     assert path.read_text(encoding="utf-8") == render(), \
         "openapi.yaml is out of date: run `icma openapi --out openapi.yaml`"
+
+
+def test_icma_serve_retrieval_command(svc_dir):
+    """The console script starts the service; SIGTERM stops it cleanly."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("icma")
+    env = {**os.environ, "ICMA_DATA_DIR": str(svc_dir), "ICMA_RETRIEVAL_KINDS": '["graph","bm25"]'}
+    proc = subprocess.Popen([str(exe), "serve", "retrieval", "--port", str(port),
+                             "--log-level", "warning"], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/retrieve/molecules", json={"smiles": ASPIRIN}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"][0]["examples"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    bad = subprocess.run([str(exe), "serve", "retrieval", "--port", "70000"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "port" in bad.stderr

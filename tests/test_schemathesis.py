@@ -29,7 +29,7 @@ def test_schemathesis_finds_no_server_errors(svc_dir, tmp_path):  # noqa: F811
         done = subprocess.run(
             [str(st), "run", str(REPO / "openapi.yaml"), "--url", server.url,
              "--checks", "not_a_server_error", "--max-examples", "100", "--seed", "1",
-             "--max-time", "240", "--request-timeout", "30", "--workers", "1",
+             "--max-time", "150", "--request-timeout", "30", "--workers", "1",
              "-H", "Authorization: Bearer fuzz", "--phases", "examples,coverage,fuzzing",
              "--no-color"],
             capture_output=True, text=True, timeout=420, cwd=tmp_path)
