@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from icma.batching import SearchBatcher
 from icma.corpus import Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
 from icma.errors import IcmaError, InputError
 from icma.retrieval import build_index, index_class
@@ -43,6 +44,7 @@ class Entry:
     kinds: list[str]
     origin: str  # "embedded" or "upload"
     indexes: dict[str, Index] = field(default_factory=dict)
+    batchers: dict[str, SearchBatcher] = field(default_factory=dict)
     state: str = "queued"  # queued -> building -> ready | failed
     building: str | None = None
     error: str | None = None
@@ -167,6 +169,17 @@ class CorpusStore:
             raise CorpusNotReadyError(f"corpus {name!r}: the {kind} index is {why}",
                                       field="corpus")
         return index
+
+    def searcher(self, corpus: str | None, kind: str) -> SearchBatcher:
+        """The index of ``kind`` over ``corpus`` behind a batcher that coalesces concurrent
+        searches (see icma.batching)."""
+        index = self.index(corpus, kind)
+        entry = self._entries[corpus or self.default]
+        with self._lock:
+            b = entry.batchers.get(kind)
+            if b is None or b.index is not index:
+                b = entry.batchers[kind] = SearchBatcher(index)
+        return b
 
     def _random(self, entry: Entry) -> Index:
         key = "random"

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from icma.batching import SearchBatcher
 from icma.prompts import Example
 from icma.rerank import RerankConfig
 from icma.retrieval.base import Exclusion, ExclusionRule, Hit, Index
 
 
-def to_example(index: Index, hit: Hit) -> Example:
+def to_example(index: Index | SearchBatcher, hit: Hit) -> Example:
     c = index.corpus
     return Example(smiles=c.smiles[hit.row], caption=c.descriptions[hit.row], cid=hit.cid,
                    score=hit.score)
 
 
 def retrieve_examples(
-    index: Index,
+    index: Index | SearchBatcher,
     queries: Sequence[str],
     n_shot: int,
     *,

@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
         _check_k(req.k, settings)
         canonical = [chem.canonical_smiles(q, field=f"smiles[{i}]" if isinstance(req.smiles, list)
                                            else "smiles") for i, q in enumerate(queries)]
-        index = store.index(req.corpus, req.method)
+        index = store.searcher(req.corpus, req.method)
         cids = frozenset(req.exclude_cids)
         exclusions = [Exclusion(cids=cids, canonical_smiles=c if req.exclude_same_structure
                                 else None) for c in canonical]
@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
         t0 = time.perf_counter()
         queries = _queries(req.caption, "caption", settings)
         _check_k(req.k, settings)
-        index = store.index(req.corpus, req.method)
+        index = store.searcher(req.corpus, req.method)
         cids = frozenset(req.exclude_cids)
         exclusions = [Exclusion(cids=cids, caption=q if req.exclude_same_caption else None)
                       for q in queries]

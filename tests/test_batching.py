@@ -1,0 +1,67 @@
+"""Concurrent searches coalesce into one index call and get exactly their own answers."""
+
+import threading
+
+import pytest
+
+from icma.batching import SearchBatcher
+from icma.errors import InputError
+from icma.retrieval import Exclusion, build_index
+from icma.retrieval.fingerprint import MorganIndex
+
+
+class GatedMorgan(MorganIndex):
+    """A real Morgan index whose first search waits at a gate, so others queue behind it."""
+
+    gate = threading.Event()
+    first = True
+
+    def _topk(self, queries, k):
+        if GatedMorgan.first:
+            GatedMorgan.first = False
+            GatedMorgan.gate.wait(10)
+        return super()._topk(queries, k)
+
+
+@pytest.fixture(scope="module")
+def corpus(chebi_val):
+    return chebi_val.subset(range(300))
+
+
+def test_concurrent_searches_coalesce_and_match_direct_results(corpus):
+    plain = build_index("morgan", corpus)
+    gated = GatedMorgan.build(corpus)
+    batcher = SearchBatcher(gated)
+    jobs = [([corpus.smiles[i]], 1 + i % 4, [Exclusion(cids=frozenset([corpus.cids[i]]))])
+            for i in range(12)]
+    results = [None] * len(jobs)
+
+    def work(j):
+        q, k, ex = jobs[j]
+        results[j] = batcher.search(q, k, ex)
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(len(jobs))]
+    threads[0].start()
+    while GatedMorgan.first:  # the first search is inside the index, holding the lead
+        pass
+    for t in threads[1:]:
+        t.start()
+    while len(batcher._pending) < len(jobs) - 1:
+        pass
+    GatedMorgan.gate.set()
+    for t in threads:
+        t.join(10)
+    assert batcher.batches == 2  # the first alone, then the 11 that queued, together
+    for (q, k, ex), got in zip(jobs, results):
+        assert got == plain.search(q, k, ex)
+
+
+def test_a_bad_query_fails_only_its_own_request(corpus):
+    from icma.batching import _Request
+
+    batcher = SearchBatcher(build_index("morgan", corpus))
+    good = _Request(["CCO"], 2, [None])
+    bad = _Request(["C1CC"], 2, [None])
+    batcher._run([good, bad])
+    assert len(good.result[0]) == 2 and good.error is None
+    assert isinstance(bad.error, InputError)
