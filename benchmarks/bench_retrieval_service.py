@@ -90,11 +90,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, workers: int, log_path: Path) -> subprocess.Popen:
+def start_server(data_dir: Path, port: int, workers: int, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, ICMA_DATA_DIR=str(data_dir), ICMA_TORCH_THREADS="1",
                ICMA_RETRIEVAL_KINDS='["graph","bm25"]', ICMA_PROGRESS="false",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ICMA_API_KEY", None)
+    env.update(extra_env or {})
     if workers == 1:
         cmd = [sys.executable, "-c", LAUNCH, str(port)]
     else:  # each worker process loads the indexes from the cache the first start built
@@ -373,7 +375,8 @@ def run(args) -> dict:
     url = f"http://127.0.0.1:{port}"
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    proc = start_server(data_dir, port, 1, log_path)
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    proc = start_server(data_dir, port, 1, log_path, extra_env)
     try:
         corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS])
         startup = time.perf_counter() - t_start
@@ -381,7 +384,7 @@ def run(args) -> dict:
             stop_server(proc)
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = start_server(data_dir, port, args.workers, log_path)
+            proc = start_server(data_dir, port, args.workers, log_path, extra_env)
             corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS],
                                  confirmations=4 * args.workers)
         print(f"server ready in {startup:.1f} s (pid {proc.pid}); "
@@ -419,7 +422,7 @@ def run(args) -> dict:
             shutil.rmtree(data_dir, ignore_errors=True)
     import torch
 
-    return {"quick": quick, "client": args.client, "workers": args.workers,
+    return {"quick": quick, "commit": git_commit(), "client": args.client, "workers": args.workers, "env": extra_env,
             "machine": machine(), "torch": torch.__version__, "cores": os.cpu_count(),
             "load_start": load0, "busy_before": quiet, "load_end": os.getloadavg(),
             "startup": startup,
@@ -427,6 +430,18 @@ def run(args) -> dict:
             "n_queries": {k: len(v) for k, v in texts.items()},
             "warm": warm, "seconds": seconds, "max_requests": max_req, "levels": levels,
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def git_commit() -> str:
+    """The commit measured, with '+changes' when icma/ or services/ differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "icma", "services"], cwd=REPO,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" +uncommitted changes in icma/ or services/" if dirty else "")
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -497,11 +512,16 @@ def report(r: dict, stem: str) -> str:
         "machine's busy time over the level (kernel networking and interrupts, and any other",
         "work on this shared machine).",
         "",
+        "## Reading the numbers",
+        *reading(r),
+        "",
         "## Protocol",
         f"- Server: `create_app()` under uvicorn ({r['workers']} worker process"
         f"{'es' if r['workers'] > 1 else ''}, default loop and HTTP implementation, log level",
         "  warning) in a separate process on 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1,",
-        "  ICMA_RETRIEVAL_KINDS=[graph, bm25], no API key. Its data directory holds the two corpora",
+        "  ICMA_RETRIEVAL_KINDS=[graph, bm25], no API key"
+        + (", and " + ", ".join(f"{k}={v}" for k, v in r["env"].items()) if r["env"] else "")
+        + ". Its data directory holds the two corpora",
         "  as stored uploads (`<data_dir>/corpora/chebi20-train.tsv`, a copy of",
         "  `chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv`, no captions, so a graph",
         "  index only; `pubchem324k-iupac-train.tsv`, a copy of `pubchem324k-iupac/train.txt`, graph",
@@ -528,7 +548,7 @@ def report(r: dict, stem: str) -> str:
         "  these numbers are a lower bound for a server with its cores to itself.",
         "",
         "## Machine",
-        f"{r['machine']}; torch {r['torch']}; {r['when']}.",
+        f"{r['machine']}; torch {r['torch']}; {r['when']}; commit {r['commit']}.",
         f"Load average (1/5/15 min) at start {' / '.join(f'{x:.2f}' for x in r['load_start'])}, "
         f"at end {' / '.join(f'{x:.2f}' for x in r['load_end'])}; other work used "
         f"{r['busy_before']:.0%} of a core in the second before the first level (the 'other CPU'",
@@ -538,6 +558,46 @@ def report(r: dict, stem: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def reading(r: dict) -> list[str]:
+    """Observations that follow from this run's own numbers."""
+    at = {(x["kind"], x["concurrency"]): x for x in r["levels"]}
+    out = []
+    n = TARGET_AT
+    parts = []
+    for kind in ("graph", "bm25"):
+        x = at.get((kind, n))
+        if x and x["rps"] > 0:
+            parts.append(f"{kind} {x['rps']:.0f} req/s -> {n / x['rps'] * 1e3:.1f} ms "
+                         f"(measured mean {x.get('mean', float('nan')):.1f} ms)")
+    out.append(f"- Closed loop: mean latency = concurrency / throughput (Little's law), so at "
+               f"concurrency {n} a p99 of {TARGET_P99_MS:.0f} ms needs more than "
+               f"{n / TARGET_P99_MS * 1e3:.0f} req/s even if every request took the same time. "
+               "Here: " + "; ".join(parts) + ".")
+    parts = []
+    for kind in ("graph", "bm25"):
+        x = at.get((kind, 1))
+        if x and x.get("server_p50") is not None:
+            parts.append(f"{kind} {x['p50']:.2f} ms at the client, {x['server_p50']:.2f} ms in "
+                         "the handler")
+    out.append("- Cost of the HTTP layer, one request at a time (p50): " + "; ".join(parts) +
+               ". The difference is uvicorn, the middleware, validation and JSON encoding, the "
+               "thread-pool hand-offs of a sync endpoint and the client.")
+    parts = []
+    for kind in ("graph", "bm25"):
+        x = at.get((kind, n))
+        if x:
+            parts.append(f"{kind} {x['server_cpu'] / x['elapsed']:.0%} "
+                         f"({x['server_cpu'] / max(x['ok'], 1) * 1e3:.2f} CPU ms a request)")
+    out.append(f"- Server CPU at concurrency {n} (200% = both cores): " + "; ".join(parts) +
+               ". One Python process runs Python code on one core at a time (the GIL); what it "
+               "uses beyond 100% is native code that releases the GIL (BLAS, torch kernels) "
+               "and OpenBLAS's helper thread.")
+    out.append("- The 'other CPU' column sees only this machine's processes; contention on the "
+               "host under this virtual machine is invisible and moves the numbers between runs: "
+               "compare configurations in interleaved runs, not across days.")
+    return out
 
 
 def plot(r: dict, path: Path) -> None:
@@ -587,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="load generator HTTP client (default: a minimal asyncio one)")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the server (repeatable), e.g. "
+                         "OPENBLAS_NUM_THREADS=1")
     ap.add_argument("--data-dir", default=None,
                     help="keep corpora and index caches here (default: a temporary directory, "
                          "removed afterwards)")
