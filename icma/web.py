@@ -126,7 +126,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def api_key_dependency(get_key: Callable[[], str | None]):
     """A FastAPI dependency that checks ``Authorization: Bearer <key>`` when a key is set."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: a sync one costs a thread-pool hop
         key = get_key()
         if key is None:
             return
@@ -178,6 +178,30 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class CountRequests:
+    """Pure ASGI middleware: count HTTP requests by route template and response status."""
+
+    def __init__(self, app, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception escaping the app becomes ServerErrorMiddleware's 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = scope.get("route")  # set by the router on this same scope
+            self.counter.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
 class Metrics:
     """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
 
@@ -193,13 +217,10 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 
     def install(self, app: FastAPI) -> None:
-        @app.middleware("http")
-        async def count(request: Request, call_next):
-            response = await call_next(request)
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            self.requests.labels(path, str(response.status_code)).inc()
-            return response
+        """Count requests by route and status with a pure ASGI middleware: Starlette's
+        BaseHTTPMiddleware (``@app.middleware("http")``) runs every request in an extra task
+        behind memory streams, which cost more CPU than a BM25 query."""
+        app.add_middleware(CountRequests, counter=self.requests)
 
     def observe(self, endpoint: str, method: str, started: float, n_queries: int) -> None:
         self.latency.labels(endpoint, method).observe(time.perf_counter() - started)

@@ -12,7 +12,10 @@ import uvicorn
 
 class LiveServer:
     def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for accepted sockets
+        # whose proto says TCP (they inherit it from this one); otherwise every keep-alive
+        # response waits ~40 ms on Nagle + delayed ACK (uvicorn issue #3149).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]

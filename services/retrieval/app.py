@@ -11,6 +11,7 @@ from typing import Sequence
 
 from fastapi import Depends, FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from icma import __version__, chem
 from icma.corpora import CorpusStore
@@ -38,6 +39,8 @@ from services.retrieval.protocol import (
 )
 
 UPLOAD_PATH = "/v1/corpora"
+#: Caption requests of at most this many BM25 or random queries run on the event loop.
+INLINE_CAPTION_QUERIES = 8
 
 
 def create_app(settings: Settings | None = None, store: CorpusStore | None = None,
@@ -136,13 +139,23 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
 
     @app.post("/v1/retrieve/captions", response_model=CaptionResponse, dependencies=guarded,
               tags=["retrieval"], responses=ERROR_RESPONSES)
-    def retrieve_captions(req: CaptionRequest):
+    async def retrieve_captions(req: CaptionRequest):
         """Examples for captions (cap2mol): BM25 (rank_bm25-exact), sentence embeddings when
         built, or random; in prompt order (best last) unless ``order`` is ``ranked``."""
+        # A BM25 (or random) query takes ~0.3 ms of Python and NumPy that hold the GIL: a
+        # thread-pool hand-off costs more than that, so small requests are answered on the event
+        # loop, unbatched (a batcher would block the loop while another thread's batch runs).
+        # Large batches and sentence embeddings (a transformer forward) go to the thread pool.
+        n = 1 if isinstance(req.caption, str) else len(req.caption)
+        if req.method != "sentence" and n <= INLINE_CAPTION_QUERIES:
+            return captions(req, inline=True)
+        return await run_in_threadpool(captions, req, inline=False)
+
+    def captions(req: CaptionRequest, inline: bool) -> CaptionResponse:
         t0 = time.perf_counter()
         queries = _queries(req.caption, "caption", settings)
         _check_k(req.k, settings)
-        index = store.searcher(req.corpus, req.method)
+        index = (store.index if inline else store.searcher)(req.corpus, req.method)
         cids = frozenset(req.exclude_cids)
         exclusions = [Exclusion(cids=cids, caption=q if req.exclude_same_caption else None)
                       for q in queries]
