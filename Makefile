@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_bm25.py
 	$(BIN)/python benchmarks/bench_graph.py --threads 1,2
 	$(BIN)/python benchmarks/bench_retrieval_quality.py
+	$(BIN)/python benchmarks/bench_retrieval_service.py
 
 clean:
 	rm -rf $(VENV)
