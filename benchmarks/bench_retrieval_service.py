@@ -1,7 +1,8 @@
 """Retrieval service under load: latency p50/p90/p99 and throughput at concurrency 1, 8 and 32.
 
-Protocol: the retrieval service (``services.retrieval.app.create_app``) runs in its own process
-(uvicorn, 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1, ICMA_RETRIEVAL_KINDS=graph,bm25)
+Protocol: the retrieval service runs in its own process group (``python -m icma serve retrieval
+--workers N``, 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1, ICMA_RETRIEVAL_KINDS=graph,bm25),
+once per worker count (default 1, then 2), 
 over a temporary data directory holding two stored corpora, ``<data_dir>/corpora/NAME.tsv``,
 which the service loads and indexes at start-up:
 
@@ -11,7 +12,7 @@ which the service loads and indexes at start-up:
 - ``pubchem324k-iupac-train``: the 11,856 PubChem324k-IUPAC train captions, queried with
   ``POST /v1/retrieve/captions`` (method bm25, k 4, the service default) with its test captions.
 
-The load generator (this process) is a closed loop on 127.0.0.1: N workers, each with its own
+The load generator (this process) is a closed loop on 127.0.0.1: N clients, each with its own
 keep-alive connection, send one query per request back to back. Per endpoint and concurrency: a
 warm-up (2 s, discarded), then a measured run that stops issuing at 10 s or 2,000 requests,
 whichever comes first; in-flight requests complete. Latency is the client's wall clock from
@@ -21,7 +22,7 @@ a request, so that the measuring takes as little as possible of the 2 cores it s
 server); ``--client httpx`` uses httpx.AsyncClient instead.
 
     .venv/bin/python benchmarks/bench_retrieval_service.py [--quick] [--client raw|httpx]
-        [--workers 1] [--data-dir DIR (kept: a second run reuses its cached indexes)]
+        [--workers 1,2] [--data-dir DIR (kept: a second run reuses its cached indexes)]
 
 Writes ``benchmarks/results/retrieval_service.md`` and ``.png`` (``-quick`` with --quick: every
 9th train molecule and every 4th train caption, 0.5 s warm-up, 2 s or 300 requests a level).
@@ -59,12 +60,6 @@ TARGET_P99_MS = 25.0  # at concurrency 8
 TARGET_AT = 8
 REQUEST_TIMEOUT = 30.0
 
-LAUNCH = """
-import sys, uvicorn
-from services.retrieval.app import create_app
-uvicorn.run(create_app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
-"""
-
 
 # --- the server ------------------------------------------------------------------------------
 
@@ -97,12 +92,9 @@ def start_server(data_dir: Path, port: int, workers: int, log_path: Path,
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ICMA_API_KEY", None)
     env.update(extra_env or {})
-    if workers == 1:
-        cmd = [sys.executable, "-c", LAUNCH, str(port)]
-    else:  # each worker process loads the indexes from the cache the first start built
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "services.retrieval.app:create_app",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-               "--log-level", "warning"]
+    # The product's own command: `icma serve retrieval` (icma.serving).
+    cmd = [sys.executable, "-m", "icma", "serve", "retrieval", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     log = open(log_path, "ab")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -254,7 +246,7 @@ def raw_requests(path: str, port: int, bodies: list[bytes]) -> list[bytes]:
 
 async def run_level(kind: str, client: str, port: int, path: str, bodies: list[bytes],
                     concurrency: int, seconds: float, max_requests: int, offset: int) -> dict:
-    """One closed-loop run: ``concurrency`` workers, back to back, until ``seconds`` have passed
+    """One closed-loop run: ``concurrency`` clients, back to back, until ``seconds`` have passed
     or ``max_requests`` were issued; in-flight requests finish. Queries from ``offset`` on."""
     url = f"http://127.0.0.1:{port}"
     n = len(bodies)
@@ -363,6 +355,8 @@ def check_answers(url: str, kind: str, path: str, body: bytes, k: int) -> None:
 
 
 def run(args) -> dict:
+    """Every worker count in turn, each on a fresh server over the same data directory (the
+    first start builds the index caches; its build time is reported as the start-up)."""
     quick = args.quick
     warm, seconds, max_req = (0.5, 2.0, 300) if quick else (2.0, 10.0, 2000)
     own_dir = args.data_dir is None
@@ -371,65 +365,71 @@ def run(args) -> dict:
     log_path = data_dir / "server.log"
     prepare(data_dir, quick)
     texts = queries()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     load0 = os.getloadavg()
-    t_start = time.perf_counter()
     extra_env = dict(kv.split("=", 1) for kv in args.env)
-    proc = start_server(data_dir, port, 1, log_path, extra_env)
+    configs, quiet, first_start = [], None, None
     try:
-        corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS])
-        startup = time.perf_counter() - t_start
-        if args.workers > 1:  # the caches exist now: restart with several workers
-            stop_server(proc)
+        for workers in args.workers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = start_server(data_dir, port, args.workers, log_path, extra_env)
-            corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS],
-                                 confirmations=4 * args.workers)
-        print(f"server ready in {startup:.1f} s (pid {proc.pid}); "
-              + ", ".join(f"{n}: {corpora[n]['size']:,} records, "
-                          f"{[i['kind'] for i in corpora[n]['indexes']]}"
-                          for n in (GRAPH_CORPUS, BM25_CORPUS)), flush=True)
-        quiet = wait_quiet(args.idle_wait)
-        levels = []
-        for kind in ("graph", "bm25"):
-            path, bodies, k = bodies_for(kind, texts[kind])
-            check_answers(url, kind, path, bodies[0], k)
-            for c in CONCURRENCY:
-                asyncio.run(run_level(kind, args.client, port, path, bodies, c, warm, 10**9,
-                                      offset=len(bodies) // 2))
-                cpu0, busy0 = tree_cpu_seconds(proc.pid), system_busy_seconds()
-                x = asyncio.run(run_level(kind, args.client, port, path, bodies, c, seconds,
-                                          max_req, offset=0))
-                x["server_cpu"] = tree_cpu_seconds(proc.pid) - cpu0
-                x["other_cpu"] = max(0.0, system_busy_seconds() - busy0 - x["server_cpu"]
-                                     - x["client_cpu"])
-                x["k"], x["path"] = k, path
-                levels.append(x)
-                print(f"{kind:5s} c={c:2d}: {x['ok']:5d} ok, {x['errors']} errors, "
-                      f"{x['rps']:7.1f} req/s, p50 {x.get('p50', float('nan')):6.2f} ms, "
-                      f"p99 {x.get('p99', float('nan')):6.2f} ms, server handler p50 "
-                      f"{x.get('server_p50') or float('nan'):.2f} ms; CPU server "
-                      f"{x['server_cpu'] / x['elapsed']:.0%}, client "
-                      f"{x['client_cpu'] / x['elapsed']:.0%}, other "
-                      f"{x['other_cpu'] / x['elapsed']:.0%}", flush=True)
-                if x["error_examples"]:
-                    print("   errors:", x["error_examples"], flush=True)
+            t_start = time.perf_counter()
+            proc = start_server(data_dir, port, workers, log_path, extra_env)
+            try:
+                corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS],
+                                     confirmations=4 * workers)
+                startup = time.perf_counter() - t_start
+                first_start = first_start or startup
+                print(f"{workers} worker(s) ready in {startup:.1f} s (pid {proc.pid}); "
+                      + ", ".join(f"{n}: {corpora[n]['size']:,} records, "
+                                  f"{[i['kind'] for i in corpora[n]['indexes']]}"
+                                  for n in (GRAPH_CORPUS, BM25_CORPUS)), flush=True)
+                quiet = wait_quiet(args.idle_wait) if quiet is None else quiet
+                levels = measure(texts, port, url, proc, args.client, warm, seconds, max_req,
+                                 workers)
+            finally:
+                stop_server(proc)
+            configs.append({"workers": workers, "startup": startup, "levels": levels})
     finally:
-        stop_server(proc)
         if own_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
     import torch
 
-    return {"quick": quick, "commit": git_commit(), "client": args.client, "workers": args.workers, "env": extra_env,
+    return {"quick": quick, "commit": git_commit(), "client": args.client, "env": extra_env,
             "machine": machine(), "torch": torch.__version__, "cores": os.cpu_count(),
             "load_start": load0, "busy_before": quiet, "load_end": os.getloadavg(),
-            "startup": startup,
+            "first_start": first_start, "configs": configs,
             "sizes": {n: corpora[n]["size"] for n in (GRAPH_CORPUS, BM25_CORPUS)},
             "n_queries": {k: len(v) for k, v in texts.items()},
-            "warm": warm, "seconds": seconds, "max_requests": max_req, "levels": levels,
+            "warm": warm, "seconds": seconds, "max_requests": max_req,
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def measure(texts, port, url, proc, client, warm, seconds, max_req, workers) -> list[dict]:
+    levels = []
+    for kind in ("graph", "bm25"):
+        path, bodies, k = bodies_for(kind, texts[kind])
+        check_answers(url, kind, path, bodies[0], k)
+        for c in CONCURRENCY:
+            asyncio.run(run_level(kind, client, port, path, bodies, c, warm, 10**9,
+                                  offset=len(bodies) // 2))
+            cpu0, busy0 = tree_cpu_seconds(proc.pid), system_busy_seconds()
+            x = asyncio.run(run_level(kind, client, port, path, bodies, c, seconds, max_req,
+                                      offset=0))
+            x["server_cpu"] = tree_cpu_seconds(proc.pid) - cpu0
+            x["other_cpu"] = max(0.0, system_busy_seconds() - busy0 - x["server_cpu"]
+                                 - x["client_cpu"])
+            x["k"], x["path"] = k, path
+            levels.append(x)
+            print(f"w={workers} {kind:5s} c={c:2d}: {x['ok']:5d} ok, {x['errors']} errors, "
+                  f"{x['rps']:7.1f} req/s, p50 {x.get('p50', float('nan')):6.2f} ms, "
+                  f"p99 {x.get('p99', float('nan')):6.2f} ms, server handler p50 "
+                  f"{x.get('server_p50') or float('nan'):.2f} ms; CPU server "
+                  f"{x['server_cpu'] / x['elapsed']:.0%}, client "
+                  f"{x['client_cpu'] / x['elapsed']:.0%}, other "
+                  f"{x['other_cpu'] / x['elapsed']:.0%}", flush=True)
+            if x["error_examples"]:
+                print("   errors:", x["error_examples"], flush=True)
+    return levels
 
 
 def git_commit() -> str:
@@ -446,8 +446,8 @@ def git_commit() -> str:
 
 # --- the report ------------------------------------------------------------------------------
 
-def verdicts(r: dict) -> list[tuple[str, bool, str]]:
-    at = {(x["kind"], x["concurrency"]): x for x in r["levels"]}
+def verdicts(levels: list[dict]) -> list[tuple[str, bool, str]]:
+    at = {(x["kind"], x["concurrency"]): x for x in levels}
     out = []
     for kind in ("bm25", "graph"):
         x = at[(kind, TARGET_AT)]
@@ -458,24 +458,32 @@ def verdicts(r: dict) -> list[tuple[str, bool, str]]:
         p99 = x.get("p99", float("inf"))
         out.append((f"{kind}: p99 <= {TARGET_P99_MS:.0f} ms at concurrency {TARGET_AT}",
                     p99 <= TARGET_P99_MS, f"{p99:.1f} ms"))
-    errs = sum(x["errors"] for x in r["levels"])
+    errs = sum(x["errors"] for x in levels)
     out.append(("0 errors (every level)", errs == 0, f"{errs} errors"))
     return out
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker" + ("s" if n > 1 else "")
+
+
 def report(r: dict, stem: str) -> str:
-    v = verdicts(r)
+    cfgs = r["configs"]
+    table = [verdicts(c["levels"]) for c in cfgs]
     lines = [
         "# Retrieval service under load: latency and throughput at concurrency 1, 8, 32",
         "",
-        "Service and load generator on the same 2-core machine (see the protocol)."
+        "Service (`icma serve retrieval --workers N`) and load generator on the same 2-core "
+        "machine, one configuration after the other in one run (see the protocol)."
         + (" **Quick run: every 9th train molecule, every 4th train caption, short levels.**"
            if r["quick"] else ""),
         "",
-        "| target | result | met |",
-        "| --- | ---: | --- |",
+        "| target | " + " | ".join(_workers(c["workers"]) for c in cfgs) + " |",
+        "| --- |" + " ---: |" * len(cfgs),
     ]
-    lines += [f"| {name} | {val} | {'met' if ok else '**NOT met**'} |" for name, ok, val in v]
+    for i, (name, _, _) in enumerate(table[0]):
+        cells = [f"{t[i][2]} ({'met' if t[i][1] else '**NOT met**'})" for t in table]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Results", ""]
     titles = {"graph": f"Graph retrieval: `POST /v1/retrieve/molecules`, method graph, k 2, over "
                        f"{r['sizes'][GRAPH_CORPUS]:,} ChEBI-20 train molecules",
@@ -483,32 +491,35 @@ def report(r: dict, stem: str) -> str:
                       f"{r['sizes'][BM25_CORPUS]:,} PubChem324k-IUPAC train captions"}
     for kind in ("graph", "bm25"):
         lines += [f"### {titles[kind]}", "",
-                  "| concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms "
-                  "| handler p50 ms | server CPU | client CPU | other CPU |",
+                  "| workers | concurrency | requests | errors | req/s | p50 ms | p90 ms | p99 ms "
+                  "| max ms | handler p50 ms | server CPU | client CPU | other CPU |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                  "| ---: |"]
-        for x in r["levels"]:
-            if x["kind"] != kind:
-                continue
-            e = x["elapsed"]
-            lines.append(
-                f"| {x['concurrency']} | {x['ok'] + x['errors']:,} | {x['errors']} | "
-                f"**{x['rps']:.1f}** | {x.get('p50', float('nan')):.2f} | "
-                f"{x.get('p90', float('nan')):.2f} | **{x.get('p99', float('nan')):.2f}** | "
-                f"{x.get('max', float('nan')):.1f} | {x.get('server_p50') or float('nan'):.2f} | "
-                f"{x['server_cpu'] / e:.0%} | {x['client_cpu'] / e:.0%} | "
-                f"{x['other_cpu'] / e:.0%} |")
+                  "| ---: | ---: |"]
+        for c in cfgs:
+            for x in c["levels"]:
+                if x["kind"] != kind:
+                    continue
+                e = x["elapsed"]
+                lines.append(
+                    f"| {c['workers']} | {x['concurrency']} | {x['ok'] + x['errors']:,} | "
+                    f"{x['errors']} | **{x['rps']:.1f}** | {x.get('p50', float('nan')):.2f} | "
+                    f"{x.get('p90', float('nan')):.2f} | **{x.get('p99', float('nan')):.2f}** | "
+                    f"{x.get('max', float('nan')):.1f} | "
+                    f"{x.get('server_p50') or float('nan'):.2f} | "
+                    f"{x['server_cpu'] / e:.0%} | {x['client_cpu'] / e:.0%} | "
+                    f"{x['other_cpu'] / e:.0%} |")
         lines.append("")
-    ex = [(x["kind"], x["concurrency"], x["error_examples"]) for x in r["levels"]
-          if x["error_examples"]]
+    ex = [(c["workers"], x["kind"], x["concurrency"], x["error_examples"]) for c in cfgs
+          for x in c["levels"] if x["error_examples"]]
     if ex:
-        lines += ["Errors seen:", ""] + [f"- {k} c={c}: {e}" for k, c, e in ex] + [""]
+        lines += ["Errors seen:", ""] + [f"- {w} workers, {k} c={n}: {e}"
+                                         for w, k, n, e in ex] + [""]
     lines += [
         "Columns: requests = completed (200 + errors); req/s = 200 responses / elapsed; latency =",
         "client wall clock per request; handler p50 = the service's own `timings.total_ms` (the",
         "endpoint function, from validation to response model, without HTTP, JSON encoding,",
         "middleware or thread-pool hand-off); CPU = CPU seconds / elapsed seconds of the server",
-        "process and of the load generator (200% = both cores); other CPU = the rest of the",
+        "processes and of the load generator (200% = both cores); other CPU = the rest of the",
         "machine's busy time over the level (kernel networking and interrupts, and any other",
         "work on this shared machine).",
         "",
@@ -516,27 +527,33 @@ def report(r: dict, stem: str) -> str:
         *reading(r),
         "",
         "## Protocol",
-        f"- Server: `create_app()` under uvicorn ({r['workers']} worker process"
-        f"{'es' if r['workers'] > 1 else ''}, default loop and HTTP implementation, log level",
-        "  warning) in a separate process on 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1,",
+        "- Server: `python -m icma serve retrieval --workers N --log-level warning` (the product's "
+        "command: uvicorn,",
+        "  uvloop and httptools; with N > 1 a supervisor and N worker processes sharing one "
+        "socket, see `icma/serving.py`)",
+        "  in a separate process group on 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1,",
         "  ICMA_RETRIEVAL_KINDS=[graph, bm25], no API key"
         + (", and " + ", ".join(f"{k}={v}" for k, v in r["env"].items()) if r["env"] else "")
         + ". Its data directory holds the two corpora",
         "  as stored uploads (`<data_dir>/corpora/chebi20-train.tsv`, a copy of",
         "  `chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv`, no captions, so a graph",
         "  index only; `pubchem324k-iupac-train.tsv`, a copy of `pubchem324k-iupac/train.txt`, graph",
-        "  and BM25 indexes); the service builds their indexes at start-up (plus the embedded",
-        f"  ChEBI-20 corpus's): {r['startup']:.0f} s from launch until `/readyz` and `/v1/corpora`",
-        "  showed every corpus ready. Load starts after that: no index build runs during it.",
+        "  and BM25 indexes). The first configuration's start "
+        f"({r['first_start']:.0f} s until `/readyz` and `/v1/corpora` showed every",
+        "  corpus ready) found an empty index cache and built them (plus the embedded ChEBI-20 "
+        "corpus's) unless",
+        "  `--data-dir` kept them from an earlier run; later ones load the cache. Load starts "
+        "once every worker",
+        "  reports every corpus ready: no index build runs during it.",
         f"- Queries: graph, the {r['n_queries']['graph']:,} ChEBI-20 test SMILES (`chebi20/test.txt`,"
         " valid ones);",
         f"  BM25, the {r['n_queries']['bm25']:,} PubChem324k-IUPAC test captions. One query per "
         "request, taken in",
         "  file order from the start at each level (the warm-up starts half-way through the file).",
         "  k: graph 2 (the service default; the ICMA 2-shot setting), BM25 4 (the service default).",
-        f"- Load: closed loop, N workers (N = concurrency), each with its own keep-alive connection,",
+        "- Load: closed loop, N clients (N = concurrency), each with its own keep-alive connection,",
         "  requests back to back. Per endpoint and N: a warm-up of "
-        f"{r['warm']:g} s (discarded), then a run that stops",
+        f"{r['warm']:g} s (discarded, its own connections), then a run that stops",
         f"  issuing at {r['seconds']:g} s or {r['max_requests']:,} requests, whichever first; "
         "in-flight requests finish",
         f"  and count. Request timeout {REQUEST_TIMEOUT:g} s. Client: "
@@ -562,41 +579,41 @@ def report(r: dict, stem: str) -> str:
 
 def reading(r: dict) -> list[str]:
     """Observations that follow from this run's own numbers."""
-    at = {(x["kind"], x["concurrency"]): x for x in r["levels"]}
-    out = []
     n = TARGET_AT
-    parts = []
-    for kind in ("graph", "bm25"):
-        x = at.get((kind, n))
-        if x and x["rps"] > 0:
-            parts.append(f"{kind} {x['rps']:.0f} req/s -> {n / x['rps'] * 1e3:.1f} ms "
-                         f"(measured mean {x.get('mean', float('nan')):.1f} ms)")
+    out = []
+    for c in r["configs"]:
+        at = {(x["kind"], x["concurrency"]): x for x in c["levels"]}
+        parts = []
+        for kind in ("graph", "bm25"):
+            x = at.get((kind, n))
+            if x and x["rps"] > 0:
+                parts.append(f"{kind} {x['rps']:.0f} req/s -> {n / x['rps'] * 1e3:.1f} ms "
+                             f"(measured mean {x.get('mean', float('nan')):.1f} ms), "
+                             f"{x['server_cpu'] / x['elapsed']:.0%} server CPU, "
+                             f"{x['server_cpu'] / max(x['ok'], 1) * 1e3:.2f} CPU ms a request")
+        out.append(f"- {_workers(c['workers'])} at concurrency {n}: " + "; ".join(parts) + ".")
     out.append(f"- Closed loop: mean latency = concurrency / throughput (Little's law), so at "
                f"concurrency {n} a p99 of {TARGET_P99_MS:.0f} ms needs more than "
-               f"{n / TARGET_P99_MS * 1e3:.0f} req/s even if every request took the same time. "
-               "Here: " + "; ".join(parts) + ".")
+               f"{n / TARGET_P99_MS * 1e3:.0f} req/s even if every request took the same time.")
+    at = {(x["kind"], x["concurrency"]): x for x in r["configs"][0]["levels"]}
     parts = []
     for kind in ("graph", "bm25"):
         x = at.get((kind, 1))
         if x and x.get("server_p50") is not None:
             parts.append(f"{kind} {x['p50']:.2f} ms at the client, {x['server_p50']:.2f} ms in "
                          "the handler")
-    out.append("- Cost of the HTTP layer, one request at a time (p50): " + "; ".join(parts) +
+    out.append(f"- Cost of the HTTP layer, one request at a time (p50, "
+               f"{_workers(r['configs'][0]['workers'])}): " + "; ".join(parts) +
                ". The difference is uvicorn, the middleware, validation and JSON encoding, the "
                "thread-pool hand-offs of a sync endpoint and the client.")
-    parts = []
-    for kind in ("graph", "bm25"):
-        x = at.get((kind, n))
-        if x:
-            parts.append(f"{kind} {x['server_cpu'] / x['elapsed']:.0%} "
-                         f"({x['server_cpu'] / max(x['ok'], 1) * 1e3:.2f} CPU ms a request)")
-    out.append(f"- Server CPU at concurrency {n} (200% = both cores): " + "; ".join(parts) +
-               ". One Python process runs Python code on one core at a time (the GIL); what it "
-               "uses beyond 100% is native code that releases the GIL (BLAS, torch kernels) "
-               "and OpenBLAS's helper thread.")
+    out.append("- One Python process runs Python code on one core at a time (the GIL): a single "
+               "worker uses about one core whatever the concurrency (beyond 100% is native code "
+               "that releases the GIL). Worker processes put both cores to work; connections "
+               "are spread over them when they are opened (a keep-alive connection stays with "
+               "its worker), so with few connections the split can be uneven.")
     out.append("- The 'other CPU' column sees only this machine's processes; contention on the "
                "host under this virtual machine is invisible and moves the numbers between runs: "
-               "compare configurations in interleaved runs, not across days.")
+               "compare configurations within one run, not across days.")
     return out
 
 
@@ -607,32 +624,36 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    styles = ["--", "-", ":", "-."]
+    for j, cfg in enumerate(r["configs"]):
+        ls = styles[j % len(styles)]
+        for i, kind in enumerate(("graph", "bm25")):
+            xs = [x for x in cfg["levels"] if x["kind"] == kind]
+            c = [x["concurrency"] for x in xs]
+            label = {"graph": "graph (k 2)", "bm25": "BM25 (k 4)"}[kind] + \
+                f", {_workers(cfg['workers'])}"
+            ax1.plot(c, [x["rps"] for x in xs], "o" + ls, color=f"C{i}", label=label)
+            ax2.plot(c, [x.get("p99", np.nan) for x in xs], "o" + ls, color=f"C{i}",
+                     label=f"{label} p99")
     for i, kind in enumerate(("graph", "bm25")):
-        xs = [x for x in r["levels"] if x["kind"] == kind]
-        c = [x["concurrency"] for x in xs]
-        label = {"graph": "graph (molecules, k 2)", "bm25": "BM25 (captions, k 4)"}[kind]
-        ax1.plot(c, [x["rps"] for x in xs], "o-", color=f"C{i}", label=label)
         ax1.axhline(TARGETS[kind], color=f"C{i}", ls=":", lw=1)
-        ax1.text(c[-1], TARGETS[kind], f"{kind} target at c={TARGET_AT}", fontsize=7,
+        ax1.text(CONCURRENCY[-1], TARGETS[kind], f"{kind} target at c={TARGET_AT}", fontsize=7,
                  ha="right", va="bottom", color=f"C{i}")
-        ax2.plot(c, [x.get("p99", np.nan) for x in xs], "o-", color=f"C{i}", label=f"{label} p99")
-        ax2.plot(c, [x.get("p50", np.nan) for x in xs], "s--", color=f"C{i}", alpha=0.6,
-                 label=f"{label} p50")
     ax2.axhline(TARGET_P99_MS, color="k", ls=":", lw=1)
     ax2.text(1, TARGET_P99_MS, f"p99 target (c={TARGET_AT})", fontsize=7, va="bottom")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(CONCURRENCY)
         ax.set_xticklabels([str(c) for c in CONCURRENCY])
-        ax.set_xlabel("concurrency (closed-loop workers)")
+        ax.set_xlabel("concurrency (closed-loop clients)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     ax1.set_ylabel("requests / s")
     ax1.set_ylim(bottom=0)
     ax1.set_title("throughput", fontsize=9)
     ax2.set_yscale("log")
-    ax2.set_ylabel("latency (ms, log scale)")
-    ax2.set_title("latency", fontsize=9)
+    ax2.set_ylabel("p99 latency (ms, log scale)")
+    ax2.set_title("p99 latency", fontsize=9)
     fig.suptitle(f"retrieval service, server + load generator on {r['cores']} cores"
                  + (" (quick)" if r["quick"] else ""), fontsize=10)
     fig.tight_layout()
@@ -646,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="smaller corpora, 0.5 s warm-up, 2 s or 300 requests a level")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="load generator HTTP client (default: a minimal asyncio one)")
-    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    ap.add_argument("--workers", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                    help="worker process counts to measure, one after the other (default 1,2)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the server (repeatable), e.g. "
                          "OPENBLAS_NUM_THREADS=1")
@@ -664,9 +686,11 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"{stem}.md").write_text(report(r, stem))
     plot(r, RESULTS / f"{stem}.png")
     print(f"wrote {RESULTS / stem}.md and .png")
-    missed = [name for name, ok, _ in verdicts(r) if not ok]
-    for name in missed:
-        print(f"WARNING: target not met: {name}", file=sys.stderr)
+    for cfg in r["configs"]:
+        for name, ok, _ in verdicts(cfg["levels"]):
+            if not ok:
+                print(f"WARNING: {_workers(cfg['workers'])}: target not met: {name}",
+                      file=sys.stderr)
     return 0
 
 

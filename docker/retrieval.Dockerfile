@@ -8,7 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     ICMA_DATA_DIR=/data \
     ICMA_TORCH_THREADS=1 \
-    ICMA_PROGRESS=false
+    ICMA_PROGRESS=false \
+    ICMA_WORKERS=1
+# ICMA_WORKERS: worker processes behind the port; one per core the container may use (each
+# holds its own copy of the indexes). With more than one, each gets cores / workers threads.
 
 WORKDIR /app
 

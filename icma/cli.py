@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs = svsub.add_parser("retrieval", help="the retrieval microservice (FastAPI + uvicorn)")
     rs.add_argument("--host", default="127.0.0.1")
     rs.add_argument("--port", type=int, default=8001)
+    rs.add_argument("--workers", type=int, default=None,
+                    help="worker processes sharing the port (default ICMA_WORKERS, 1); one per "
+                         "core uses every core")
     rs.add_argument("--log-level", default="info")
     rs.set_defaults(func=cmd_serve_retrieval)
 
@@ -288,14 +291,12 @@ def cmd_download(args) -> int:
 
 
 def cmd_serve_retrieval(args) -> int:
-    import uvicorn
+    from icma.serving import serve
+    from icma.settings import get_settings
 
-    from services.retrieval.app import create_app
-
-    if not 0 < args.port < 65536:
-        raise InputError(f"port must be 1-65535, got {args.port}", field="--port")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    workers = args.workers if args.workers is not None else get_settings().workers
+    return serve("services.retrieval.app:create_app", host=args.host, port=args.port,
+                 workers=workers, log_level=args.log_level)
 
 
 def cmd_openapi(args) -> int:

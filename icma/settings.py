@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1024,
                                   description="Largest corpus upload.")
     max_corpora: int = Field(default=16, ge=1, description="Most uploaded corpora kept.")
+    workers: int = Field(
+        default=1, ge=1,
+        description="Worker processes of `icma serve` sharing one port (one per core uses every "
+                    "core; each holds its own copy of the indexes).")
 
 
 @lru_cache(maxsize=1)

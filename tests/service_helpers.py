@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import uvicorn
 
+from icma.serving import listening_socket
+
 
 class LiveServer:
     def __init__(self, app):
-        # IPPROTO_TCP, not the default 0: asyncio turns on TCP_NODELAY only for accepted sockets
-        # whose proto says TCP (they inherit it from this one); otherwise every keep-alive
-        # response waits ~40 ms on Nagle + delayed ACK (uvicorn issue #3149).
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        # The product's socket (TCP_NODELAY on accepted connections; see icma.serving).
+        self.sock = listening_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))

@@ -99,8 +99,10 @@ def test_structure_exclusion_and_random_walk(client):
 
 
 def test_corpora_health_ready(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    import os
+
+    assert client.get("/healthz").json() == {"status": "ok", "worker": os.getpid()}
+    assert client.get("/readyz").json() == {"status": "ready", "worker": os.getpid()}
     data = client.get("/v1/corpora").json()
     assert data["default"] == "chebi20-embedded"
     emb = data["corpora"][0]

@@ -1,7 +1,15 @@
-"""Indexes over named corpora, built once and kept in the data directory."""
+"""Indexes over named corpora, built once and kept in the data directory.
+
+Several processes may share a data directory (the workers of one service, or several
+containers on one volume): a lock file per index makes the first one build and save it while the
+others wait, then load what it saved, instead of each building its own and writing over the
+others' files.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 from pathlib import Path
 
@@ -22,13 +30,28 @@ def cached_index(kind: str, corpus: Corpus | None = None, data_dir: str | Path |
     root = Path(data_dir or get_settings().data_dir) / "indexes"
     suffix = f"-{params['encoder']}" if params.get("encoder") else ""
     directory = root / f"{corpus.name}-{kind}{Path(suffix).name}"
-    if (directory / "manifest.json").exists():
+    with _locked(directory):
+        if (directory / "manifest.json").exists():
+            try:
+                return load_index(directory, kind=kind, corpus=corpus)
+            except IndexMismatchError as exc:
+                log.warning("rebuilding %s: %s", directory, exc)
+        log.info("building the %s index over %s (%d records) in %s", kind, corpus.name,
+                 len(corpus), directory)
+        index = build_index(kind, corpus, **params)
+        index.save(directory)
+        return index
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive lock on ``.locks/<name>`` beside the index directory (released by the kernel
+    if its holder dies)."""
+    locks = directory.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / directory.name, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            return load_index(directory, kind=kind, corpus=corpus)
-        except IndexMismatchError as exc:
-            log.warning("rebuilding %s: %s", directory, exc)
-    log.info("building the %s index over %s (%d records) in %s", kind, corpus.name, len(corpus),
-             directory)
-    index = build_index(kind, corpus, **params)
-    index.save(directory)
-    return index
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Sequence
@@ -72,15 +73,15 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
     @app.get("/healthz", response_model=Health, tags=["health"])
     def healthz():
         """Alive (the process answers)."""
-        return Health(status="ok")
+        return Health(status="ok", worker=os.getpid())
 
     @app.get("/readyz", response_model=Health, tags=["health"],
              responses={503: {"model": Health, "description": "indexes still loading"}})
     def readyz():
         """Ready when the default corpus's indexes are loaded."""
         if store.ready:
-            return Health(status="ready")
-        return JSONResponse(Health(status="loading").model_dump(), status_code=503)
+            return Health(status="ready", worker=os.getpid())
+        return JSONResponse(Health(status="loading", worker=os.getpid()).model_dump(), status_code=503)
 
     @app.get("/metrics", tags=["health"], response_class=JSONResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})

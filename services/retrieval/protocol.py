@@ -126,6 +126,8 @@ class CorporaResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+    worker: int = Field(description="process id of the worker that answered (`icma serve "
+                                    "--workers N` runs several behind one port)")
 
 
 MAX_LENGTHS = {"smiles": MAX_SMILES_CHARS, "caption": MAX_QUERY_CHARS}
