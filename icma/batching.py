@@ -1,17 +1,26 @@
 """Coalescing concurrent searches on one index into one call (group commit).
 
-A service answers each request in its own thread. Searching one query at a time, every graph
-query embeds one molecule and scans all corpus embeddings (tens of MB) by itself; searched
-together, the queries share one GNN forward pass and one scan. While a search runs, requests
-that arrive queue up; when it ends, the first of them runs the whole queue as one batch. Nobody
-waits for a timer: at low load a request runs at once, alone.
+Searching one query at a time, every graph query embeds one molecule and scans all corpus
+embeddings (tens of MB) by itself; searched together, the queries share one GNN forward pass and
+one scan. While a search runs, requests that arrive queue up; when it ends, the whole queue runs
+as one batch. Nobody waits for a timer: at low load a request runs at once, alone.
+
+Two forms, one batch rule (``_search_together``):
+- ``SearchBatcher`` for requests answered in threads: the first waiting thread leads the next
+  batch.
+- ``LoopBatcher`` for small requests answered on a service's event loop: the searches submitted
+  during one turn of the loop run together at the end of the turn, on the loop itself. While
+  that batch runs the loop does nothing else, so the requests that arrive meanwhile are read in
+  the next turn and form the next batch. No thread hand-offs at all: in a worker process, which
+  runs Python on one core at a time anyway, they cost more than they overlap.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from icma.retrieval.base import Exclusion, Hit, Index
 
@@ -84,25 +93,89 @@ class SearchBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         self.batches += 1
-        if len(batch) == 1:
-            r = batch[0]
-            try:
-                r.result = self.index.search(r.queries, r.k, r.exclusions)
-            except BaseException as exc:  # handed to the request's own thread
-                r.error = exc
-            return
-        # The hits for a smaller k are a prefix of those for a larger one (exclusions apply
-        # before the cut, ties by row), so one search at the largest k serves every request.
-        queries = [q for r in batch for q in r.queries]
-        exclusions = [e for r in batch for e in r.exclusions]
+        _search_together(self.index, batch)
+
+
+def _search_together(index: Index, batch: list) -> None:
+    """Answer every request of ``batch`` (objects with queries, k, exclusions, result, error)
+    with one index search where possible."""
+    if len(batch) == 1:
+        r = batch[0]
         try:
-            hits = self.index.search(queries, max(r.k for r in batch), exclusions)
-        except BaseException:
-            # One bad query must fail its own request only: run them apart to say whose.
-            for r in batch:
-                self._run([r])
-            return
-        i = 0
+            r.result = index.search(r.queries, r.k, r.exclusions)
+        except BaseException as exc:  # handed to the request's own thread or task
+            r.error = exc
+        return
+    # The hits for a smaller k are a prefix of those for a larger one (exclusions apply before
+    # the cut, ties by row), so one search at the largest k serves every request.
+    queries = [q for r in batch for q in r.queries]
+    exclusions = [e for r in batch for e in r.exclusions]
+    try:
+        hits = index.search(queries, max(r.k for r in batch), exclusions)
+    except BaseException:
+        # One bad query must fail its own request only: run them apart to say whose.
         for r in batch:
-            r.result = [h[: r.k] for h in hits[i:i + len(r.queries)]]
-            i += len(r.queries)
+            _search_together(index, [r])
+        return
+    i = 0
+    for r in batch:
+        r.result = [h[: r.k] for h in hits[i:i + len(r.queries)]]
+        i += len(r.queries)
+
+
+@dataclass
+class _LoopRequest:
+    queries: list[str]
+    k: int
+    exclusions: list[Exclusion | None]
+    future: Any  # asyncio.Future
+    result: list[list[Hit]] | None = None
+    error: BaseException | None = None
+
+
+class LoopBatcher:
+    """``await search(...)``, batched per turn of the running event loop (see above). Only for
+    requests small enough to run on the loop: a batch blocks it while it runs."""
+
+    def __init__(self, index: Index, max_queries: int = 64):
+        self.index = index
+        self.max_queries = max_queries
+        self._pending: list[_LoopRequest] = []
+        self._scheduled = False
+        self.batches = 0
+
+    @property
+    def corpus(self):
+        return self.index.corpus
+
+    async def search(self, queries: Sequence[str], k: int,
+                     exclusions: Sequence[Exclusion | None] | None = None) -> list[list[Hit]]:
+        loop = asyncio.get_running_loop()
+        req = _LoopRequest(list(queries), k,
+                           list(exclusions) if exclusions is not None else [None] * len(queries),
+                           loop.create_future())
+        self._pending.append(req)
+        if not self._scheduled:
+            self._scheduled = True
+            # Two hops: the tasks of requests read in this turn were scheduled after this one
+            # and reach search() later in the same turn; the batch waits for them.
+            loop.call_soon(loop.call_soon, self._flush)
+        await req.future
+        if req.error is not None:
+            raise req.error
+        return req.result  # type: ignore[return-value]
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        while pending:
+            batch, n = [], 0
+            while pending and (not batch or n + len(pending[0].queries) <= self.max_queries):
+                r = pending.pop(0)
+                batch.append(r)
+                n += len(r.queries)
+            self.batches += 1
+            _search_together(self.index, batch)
+            for r in batch:
+                if not r.future.done():  # a cancelled request (client gone) needs no answer
+                    r.future.set_result(None)

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icma.batching import SearchBatcher
+from icma.batching import LoopBatcher, SearchBatcher
 from icma.corpus import Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
 from icma.errors import IcmaError, InputError
 from icma.retrieval import build_index, index_class
@@ -55,7 +55,7 @@ class Entry:
     kinds: list[str]
     origin: str  # "embedded" or "upload"
     indexes: dict[str, Index] = field(default_factory=dict)
-    batchers: dict[str, SearchBatcher] = field(default_factory=dict)
+    batchers: dict[tuple[str, str], SearchBatcher | LoopBatcher] = field(default_factory=dict)
     state: str = "queued"  # queued -> building -> ready | failed
     building: str | None = None
     error: str | None = None
@@ -218,13 +218,20 @@ class CorpusStore:
 
     def searcher(self, corpus: str | None, kind: str) -> SearchBatcher:
         """The index of ``kind`` over ``corpus`` behind a batcher that coalesces concurrent
-        searches (see icma.batching)."""
+        searches from threads (see icma.batching)."""
+        return self._batcher(corpus, kind, SearchBatcher)  # type: ignore[return-value]
+
+    def loop_searcher(self, corpus: str | None, kind: str) -> LoopBatcher:
+        """The same for small requests answered on the event loop."""
+        return self._batcher(corpus, kind, LoopBatcher)  # type: ignore[return-value]
+
+    def _batcher(self, corpus: str | None, kind: str, cls):
         index = self.index(corpus, kind)
         entry = self._entries[corpus or self.default]
         with self._lock:
-            b = entry.batchers.get(kind)
+            b = entry.batchers.get((cls.__name__, kind))
             if b is None or b.index is not index:
-                b = entry.batchers[kind] = SearchBatcher(index)
+                b = entry.batchers[(cls.__name__, kind)] = cls(index)
         return b
 
     def _random(self, entry: Entry) -> Index:

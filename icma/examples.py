@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from icma.batching import SearchBatcher
+from icma.batching import LoopBatcher, SearchBatcher
 from icma.prompts import Example
 from icma.rerank import RerankConfig
 from icma.retrieval.base import Exclusion, ExclusionRule, Hit, Index
 
 
-def to_example(index: Index | SearchBatcher, hit: Hit) -> Example:
+def to_example(index: Index | SearchBatcher | LoopBatcher, hit: Hit) -> Example:
     c = index.corpus
     return Example(smiles=c.smiles[hit.row], caption=c.descriptions[hit.row], cid=hit.cid,
                    score=hit.score)
@@ -34,9 +34,14 @@ def retrieve_examples(
     if n_shot == 0:
         rerank.select([], 0)  # validates the configuration all the same
         return [[] for _ in queries]
-    pool = rerank.pool_size(n_shot)
-    hits = index.search(list(queries), pool, exclusions)
-    keys = list(keys) if keys is not None else list(queries)
+    hits = index.search(list(queries), rerank.pool_size(n_shot), exclusions)
+    return select_examples(index, hits, n_shot, rerank, keys if keys is not None else queries)
+
+
+def select_examples(index: Index | SearchBatcher | LoopBatcher, hits: Sequence[Sequence[Hit]],
+                    n_shot: int, rerank: RerankConfig, keys: Sequence[str]) -> list[list[Example]]:
+    """The re-ranked examples from each query's ``rerank.pool_size(n_shot)`` hits (for callers
+    that search by themselves, such as a service awaiting a LoopBatcher)."""
     return [
         [to_example(index, h) for h in rerank.select(q_hits, n_shot, key)]
         for q_hits, key in zip(hits, keys)

@@ -65,3 +65,45 @@ def test_a_bad_query_fails_only_its_own_request(corpus):
     batcher._run([good, bad])
     assert len(good.result[0]) == 2 and good.error is None
     assert isinstance(bad.error, InputError)
+
+
+def test_loop_batcher_runs_one_turns_searches_together(corpus):
+    import asyncio
+
+    from icma.batching import LoopBatcher
+
+    plain = build_index("morgan", corpus)
+    batcher = LoopBatcher(plain)
+    jobs = [([corpus.smiles[i]], 1 + i % 4, [Exclusion(cids=frozenset([corpus.cids[i]]))])
+            for i in range(6)]
+
+    async def main():
+        together = await asyncio.gather(*(batcher.search(*j) for j in jobs))
+        # a bad query fails its own request only, inside a shared batch
+        mixed = await asyncio.gather(batcher.search(["CCO"], 2), batcher.search(["C1CC"], 2),
+                                     return_exceptions=True)
+        later = await batcher.search(*jobs[0])  # alone, in a turn of its own
+        return together, mixed, later
+
+    together, mixed, later = asyncio.run(main())
+    assert batcher.batches == 3
+    for (q, k, ex), got in zip(jobs, together):
+        assert got == plain.search(q, k, ex)
+    assert len(mixed[0][0]) == 2 and isinstance(mixed[1], InputError)
+    assert later == together[0]
+
+
+def test_loop_batcher_splits_at_its_query_limit(corpus):
+    import asyncio
+
+    from icma.batching import LoopBatcher
+
+    batcher = LoopBatcher(build_index("morgan", corpus), max_queries=4)
+
+    async def main():
+        return await asyncio.gather(*(batcher.search(corpus.smiles[i:i + 3], 1)
+                                      for i in range(0, 9, 3)))
+
+    out = asyncio.run(main())
+    assert batcher.batches == 3  # 3 + 3 > 4: each request is a batch of its own
+    assert [h[0].cid for r in out for h in r] == list(corpus.cids[:9])
