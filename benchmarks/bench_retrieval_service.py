@@ -604,13 +604,13 @@ def reading(r: dict) -> list[str]:
                          "the handler")
     out.append(f"- Cost of the HTTP layer, one request at a time (p50, "
                f"{_workers(r['configs'][0]['workers'])}): " + "; ".join(parts) +
-               ". The difference is uvicorn, the middleware, validation and JSON encoding, the "
-               "thread-pool hand-offs of a sync endpoint and the client.")
+               ". The difference is uvicorn, the middleware, request validation, JSON encoding "
+               "and the client.")
     out.append("- One Python process runs Python code on one core at a time (the GIL): a single "
                "worker uses about one core whatever the concurrency (beyond 100% is native code "
-               "that releases the GIL). Worker processes put both cores to work; connections "
-               "are spread over them when they are opened (a keep-alive connection stays with "
-               "its worker), so with few connections the split can be uneven.")
+               "that releases the GIL). Worker processes put both cores to work: the supervisor "
+               "deals connections out to them in turn as they are opened (here 4 and 4 at "
+               "concurrency 8), and a keep-alive connection stays with its worker.")
     out.append("- The 'other CPU' column sees only this machine's processes; contention on the "
                "host under this virtual machine is invisible and moves the numbers between runs: "
                "compare configurations within one run, not across days.")
