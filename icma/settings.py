@@ -34,6 +34,21 @@ class Settings(BaseSettings):
                             description="Search graph indexes on the GPUs when faiss-gpu sees any.")
     progress: bool = Field(default=True, description="Show progress bars on long work.")
 
+    # --- language models ---------------------------------------------------------------------
+    llm_model: str = Field(
+        default="smollm2-135m-instruct",
+        description="LLM for translation: the shipped default (converted into the data directory "
+                    "on first use), a local transformers folder, or a hub id.")
+    engine: str = Field(default="transformers",
+                        description="transformers | vllm | nearest-neighbour.")
+    llm_device: str = Field(default="auto",
+                            description="auto (cuda when available, else cpu) | cpu | cuda[:n].")
+    llm_dtype: str = Field(default="auto",
+                           description="auto (float32 on CPU, bfloat16 on GPU) | float32 | "
+                                       "bfloat16 | float16.")
+    generation_batch_size: int = Field(default=8, ge=1,
+                                       description="Prompts per transformers generate() call.")
+
     # --- services ----------------------------------------------------------------------------
     api_key: SecretStr | None = Field(
         default=None,

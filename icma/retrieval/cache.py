@@ -8,13 +8,12 @@ others' files.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 from pathlib import Path
 
 from icma.corpus import Corpus, embedded_corpus
 from icma.errors import IndexMismatchError
+from icma.filelock import locked
 from icma.retrieval import build_index, load_index
 from icma.retrieval.base import Index
 from icma.settings import get_settings
@@ -30,7 +29,7 @@ def cached_index(kind: str, corpus: Corpus | None = None, data_dir: str | Path |
     root = Path(data_dir or get_settings().data_dir) / "indexes"
     suffix = f"-{params['encoder']}" if params.get("encoder") else ""
     directory = root / f"{corpus.name}-{kind}{Path(suffix).name}"
-    with _locked(directory):
+    with locked(directory.parent / ".locks" / directory.name):
         if (directory / "manifest.json").exists():
             try:
                 return load_index(directory, kind=kind, corpus=corpus)
@@ -41,17 +40,3 @@ def cached_index(kind: str, corpus: Corpus | None = None, data_dir: str | Path |
         index = build_index(kind, corpus, **params)
         index.save(directory)
         return index
-
-
-@contextlib.contextmanager
-def _locked(directory: Path):
-    """An exclusive lock on ``.locks/<name>`` beside the index directory (released by the kernel
-    if its holder dies)."""
-    locks = directory.parent / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / directory.name, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

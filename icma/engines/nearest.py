@@ -1,0 +1,26 @@
+"""The nearest-neighbour engine: the best retrieved example's answer, no model at all.
+
+It is the baseline every model must beat, and a way to serve with no LLM.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from icma.engines.base import Generation, GenerationInput, GenerationParams, Generator
+
+
+class NearestNeighbourGenerator(Generator):
+    name = "nearest-neighbour"
+    model = "retrieval top-1"
+
+    def generate(self, inputs: Sequence[GenerationInput],
+                 params: GenerationParams) -> list[Generation]:
+        out = []
+        for item in inputs:
+            if not item.examples:  # zero-shot: there is nothing to copy
+                out.append(Generation(""))
+                continue
+            best = item.examples[0]
+            out.append(Generation(best.caption if item.task == "mol2cap" else best.smiles))
+        return out

@@ -1,0 +1,140 @@
+"""Engines behind one interface, and the translation path every caller shares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icma.engines import GenerationInput, GenerationParams, cut_at_stop, load_engine
+from icma.errors import InputError
+from icma.prompts import Example
+from icma.translate import PromptOptions, translate
+
+ETHANOL = Example("CCO", "The molecule is ethanol.", cid="702", score=0.9)
+ACETIC = Example("CC(=O)O", "The molecule is acetic acid.", cid="176", score=0.8)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, shared):
+    """A 2-layer Llama with random weights and the SciBERT word-piece tokenizer: real
+    transformers generate(), built from a config in a second."""
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = BertTokenizerFast.from_pretrained(str(shared / "models/scibert_scivocab_uncased"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tok.cls_token_id,
+                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_nearest_neighbour_returns_the_best_examples_answer():
+    nn = load_engine("nearest-neighbour")
+    out = translate("mol2cap", ["CCCO", "CCN"], [[ETHANOL, ACETIC], []], nn)
+    assert [t.answer for t in out] == ["The molecule is ethanol.", ""]
+    assert out[0].examples == [ETHANOL, ACETIC] and out[0].n_requested == 2
+    mols = translate("cap2mol", ["an acid", "an alcohol"], [[ACETIC], [Example("C1CC", "x")]], nn)
+    assert [(t.answer, t.valid, t.canonical) for t in mols] == [
+        ("CC(=O)O", True, "CC(=O)O"), ("C1CC", False, None)]
+
+
+def test_translate_rejects_bad_input():
+    nn = load_engine("nearest-neighbour")
+    with pytest.raises(InputError) as e:
+        translate("mol2cap", ["CCO"], [], nn)
+    assert e.value.field == "examples"
+    with pytest.raises(InputError) as e:
+        translate("mol2cap", ["CCO", " "], [[], []], nn)
+    assert e.value.field == "smiles[1]"
+    with pytest.raises(InputError) as e:
+        translate("caption2smiles", ["x"], [[]], nn)
+    assert e.value.field == "task"
+    with pytest.raises(InputError) as e:
+        load_engine("llama.cpp")
+    assert e.value.field == "engine"
+
+
+def test_generation_params_are_checked():
+    assert GenerationParams.for_task("cap2mol").repetition_penalty == 0.8
+    assert GenerationParams.for_task("mol2cap").repetition_penalty == 1.0
+    for bad in ({"temperature": 0}, {"top_p": 1.5}, {"max_new_tokens": 0},
+                {"decoding": "nucleus"}, {"num_beams": 0}):
+        with pytest.raises(InputError) as e:
+            GenerationParams(**bad).checked()
+        assert e.value.field == next(iter(bad))
+
+
+def test_cut_at_stop_takes_the_earliest():
+    assert cut_at_stop("a b</s>c\n\nd", ("\n\n", "</s>")) == ("a b", True)
+    assert cut_at_stop("abc", ("</s>",)) == ("abc", False)
+
+
+def test_transformers_engine_batches_like_it_runs_alone(tiny_model):
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu", batch_size=4)
+    prompts = ["the molecule is", "a much longer prompt about the conjugate base of an acid",
+               "ethanol", "the"]
+    items = [GenerationInput("mol2cap", p) for p in prompts]
+    greedy = GenerationParams(decoding="greedy", max_new_tokens=6, stop=())
+    batched = eng.generate(items, greedy)
+    eng.batch_size = 1
+    alone = eng.generate(items, greedy)
+    # left padding: each prompt's continuation does not depend on its batch mates
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert all(g.completion_tokens <= 6 for g in batched)
+    assert [g.prompt_tokens for g in batched] == [eng.count_tokens(p) for p in prompts]
+    sampled = GenerationParams(max_new_tokens=6, stop=(), seed=7)
+    assert [g.text for g in eng.generate(items, sampled)] == \
+        [g.text for g in eng.generate(items, sampled)]  # one seed, same draws
+
+
+def test_transformers_engine_stops_at_stop_text(tiny_model):
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+    free = eng.generate([GenerationInput("mol2cap", "the molecule")],
+                        GenerationParams(decoding="greedy", max_new_tokens=12, stop=()))[0]
+    assert free.finish_reason in ("length", "stop") and free.text.strip()
+    words = free.text.split()
+    stop = words[min(2, len(words) - 1)]
+    cut = eng.generate([GenerationInput("mol2cap", "the molecule")],
+                       GenerationParams(decoding="greedy", max_new_tokens=12, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert free.text.startswith(cut.text)
+
+
+def test_model_folder_errors(tmp_path):
+    with pytest.raises(InputError, match="config.json") as e:
+        load_engine("transformers", model=str(tmp_path), device="cpu")
+    assert e.value.field == "model"
+    with pytest.raises(InputError, match="does not exist"):
+        load_engine("transformers", model=str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(InputError, match="adapter_config") as e:
+        from icma.engines.hf import _with_adapter
+
+        _with_adapter(None, tmp_path)
+    assert e.value.field == "adapter"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The shipped default LLM, converted once into a session data directory."""
+    from icma.models import converted_default
+
+    return converted_default(tmp_path_factory.mktemp("llm-data"))
+
+
+def test_shipped_smollm2_converts_and_answers_with_priming(smollm2, chebi_val):
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    eng = load_engine("transformers", model=str(smollm2), device="cpu")
+    recs = chebi_val.records[:3]
+    examples = [[Example(r.smiles, r.description) for r in chebi_val.records[10:12]]] * 3
+    params = GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=48)
+    primed = translate("mol2cap", [r.smiles for r in recs], examples, eng, params=params,
+                       prompt=PromptOptions(prime_answer=True))
+    assert all(t.answer for t in primed), [t.raw for t in primed]
+    assert all(t.prompt_tokens > 100 for t in primed)

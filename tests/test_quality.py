@@ -1,0 +1,53 @@
+"""`icma bench quality`: the whole pipeline on a few queries, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icma.cli import main
+from tests.test_engines import tiny_model  # noqa: F401  (a fixture)
+
+
+def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
+    from icma.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        code = main(["bench", "quality", "--protocol", "chebi20-val-test", "--queries", "12",
+                     "--limit", "4", "--model", str(tiny_model), "--max-new-tokens", "8",
+                     "--out", str(tmp_path / "out")])
+    finally:
+        get_settings.cache_clear()
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((tmp_path / "out/quality-chebi20-val-test.json").read_text())
+    systems = [(r["task"], r["system"], r["n"]) for r in data["rows"]]
+    assert ("mol2cap", "nearest neighbour (graph)", 12) in systems
+    assert ("mol2cap", "nearest neighbour (random)", 12) in systems
+    assert ("cap2mol", "nearest neighbour (bm25)", 12) in systems
+    assert ("mol2cap", "nearest neighbour (graph), first 4", 4) in systems
+    assert ("mol2cap", "LLM 2-shot (graph), untuned", 4) in systems
+    assert ("cap2mol", "LLM zero-shot, untuned", 4) in systems
+    for r in data["rows"]:
+        keys = {"bleu2", "meteor", "rougeL"} if r["task"] == "mol2cap" else \
+            {"bleu", "exact_match", "validity", "levenshtein"}
+        assert keys <= r["scores"].keys()
+    nn = next(r for r in data["rows"] if r["system"] == "nearest neighbour (graph)")
+    assert 0 < nn["scores"]["bleu2"] < 1  # retrieved captions resemble the references
+    md = (tmp_path / "out/quality-chebi20-val-test.md").read_text()
+    assert "only the first 12 test queries" in md and "| METEOR |" in md
+    assert (tmp_path / "out/quality-chebi20-val-test.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--protocol", "mimic"], "unknown protocol"),
+    (["--protocol", "pubchem324k-iupac"], "icma download pubchem324k-iupac"),
+    (["--protocol", "chebi20-val-test", "--limit", "0"], "--limit"),
+    (["--protocol", "chebi20-val-test", "--queries", "0"], "queries"),
+])
+def test_quality_bad_arguments_are_one_line_errors(argv, says, capsys, tmp_path):
+    assert main(["bench", "quality", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icma: error:") and err.count("\n") == 1 and says in err
