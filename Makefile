@@ -53,6 +53,13 @@ bench: setup
 	$(BIN)/python benchmarks/bench_graph.py --threads 1,2
 	$(BIN)/python benchmarks/bench_retrieval_quality.py
 	$(BIN)/python benchmarks/bench_retrieval_service.py
+	# End-to-end quality (LLM rows: the first 300 test queries; bfloat16 weights, 128 new
+	# tokens, to fit a CPU; see README).
+	ICMA_GENERATION_BATCH_SIZE=16 $(BIN)/icma bench quality --protocol chebi20-val-test \
+		--limit 300 --dtype bfloat16 --max-new-tokens 128 --out benchmarks/results
+	ICMA_GENERATION_BATCH_SIZE=16 $(BIN)/icma bench quality --protocol pubchem324k-iupac \
+		--data ../shared/data/pubchem324k-iupac --limit 300 --dtype bfloat16 \
+		--max-new-tokens 128 --out benchmarks/results
 
 clean:
 	rm -rf $(VENV)
