@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_graph.py --threads 1,2
 	$(BIN)/python benchmarks/bench_retrieval_quality.py
 	$(BIN)/python benchmarks/bench_retrieval_service.py
+	$(BIN)/python benchmarks/bench_generation.py
 	# End-to-end quality (LLM rows: the first 300 test queries; bfloat16 weights, 128 new
 	# tokens, to fit a CPU; see README).
 	ICMA_GENERATION_BATCH_SIZE=16 $(BIN)/icma bench quality --protocol chebi20-val-test \
