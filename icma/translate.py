@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from icma import chem
-from icma.engines import GenerationInput, GenerationParams, Generator
+from icma.engines import Adapter, GenerationInput, GenerationParams, Generator
 from icma.errors import InputError
 from icma.prompts import Example, Task, build_prompt, check_query, check_task, extract_answer
 from icma.rerank import Order
@@ -48,7 +48,8 @@ class Translation:
 
 def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Example]],
               engine: Generator, *, params: GenerationParams | None = None,
-              prompt: PromptOptions = PromptOptions()) -> list[Translation]:
+              prompt: PromptOptions = PromptOptions(),
+              adapter: Adapter | None = None) -> list[Translation]:
     """Translate each query with its examples (best first; empty lists for zero-shot)."""
     task = check_task(task)
     if len(queries) != len(examples):
@@ -68,7 +69,8 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
                                     prime_answer=prompt.prime_answer, count_tokens=count,
                                     cutoff=prompt.cutoff, reserve=params.max_new_tokens))
     t1 = time.perf_counter()
-    gens = engine.generate([GenerationInput(task, p.text, p.examples) for p in prompts], params)
+    gens = engine.generate([GenerationInput(task, p.text, p.examples) for p in prompts], params,
+                           adapter=adapter)
     t2 = time.perf_counter()
     out = []
     per_query = {"prompt_ms": (t1 - t0) * 1e3 / max(len(queries), 1),

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -42,3 +43,21 @@ def chebi_train_300(shared):
         text = "".join(line for _, line in zip(range(301), f))
     corpus, _ = parse_corpus_text(text, name="chebi20-train-300")
     return corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, shared):
+    """A 2-layer Llama with random weights and the SciBERT word-piece tokenizer: real
+    transformers generate(), built from a config in a second."""
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = BertTokenizerFast.from_pretrained(str(shared / "models/scibert_scivocab_uncased"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tok.cls_token_id,
+                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from icma.engines import GenerationInput, GenerationParams, cut_at_stop, load_engine
+from icma.engines import Adapter, GenerationInput, GenerationParams, cut_at_stop, load_engine
 from icma.errors import InputError
 from icma.prompts import Example
 from icma.translate import PromptOptions, translate
 
 ETHANOL = Example("CCO", "The molecule is ethanol.", cid="702", score=0.9)
 ACETIC = Example("CC(=O)O", "The molecule is acetic acid.", cid="176", score=0.8)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, shared):
-    """A 2-layer Llama with random weights and the SciBERT word-piece tokenizer: real
-    transformers generate(), built from a config in a second."""
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = BertTokenizerFast.from_pretrained(str(shared / "models/scibert_scivocab_uncased"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=tok.cls_token_id,
-                         eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_nearest_neighbour_returns_the_best_examples_answer():
@@ -113,9 +96,42 @@ def test_model_folder_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_engine("transformers", model=str(tmp_path / "nope"), device="cpu")
     with pytest.raises(InputError, match="adapter_config") as e:
-        from icma.engines.hf import _with_adapter
+        from icma.engines.hf import _check_adapter
 
-        _with_adapter(None, tmp_path)
+        _check_adapter(tmp_path)
+    assert e.value.field == "adapter"
+
+
+def _random_lora(base: Path, out: Path, seed: int) -> Adapter:
+    """A LoRA adapter with random (non-zero) B matrices, so that it changes the output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                         LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj",
+                                    "down_proj"], init_lora_weights=False))
+    net.save_pretrained(out)
+    return Adapter(out.name, out)
+
+
+def test_adapters_switch_per_call_over_one_base_model(tiny_model, tmp_path):
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+    a = _random_lora(tiny_model, tmp_path / "a", 1)
+    b = _random_lora(tiny_model, tmp_path / "b.v2", 2)
+    items = [GenerationInput("mol2cap", "the molecule is an acid")]
+    greedy = GenerationParams(decoding="greedy", max_new_tokens=12, stop=())
+    base = eng.generate(items, greedy)[0].text
+    with_a = eng.generate(items, greedy, adapter=a)[0].text
+    with_b = eng.generate(items, greedy, adapter=b)[0].text
+    assert len({base, with_a, with_b}) == 3
+    assert eng.generate(items, greedy)[0].text == base  # adapters off again
+    assert eng.generate(items, greedy, adapter=a)[0].text == with_a
+    # the same adapter given at construction
+    assert load_engine("transformers", model=str(tiny_model), device="cpu",
+                       adapter=a.path).generate(items, greedy)[0].text == with_a
+    with pytest.raises(InputError, match="adapter_config") as e:
+        eng.generate(items, greedy, adapter=Adapter("x", tmp_path / "missing"))
     assert e.value.field == "adapter"
 
 

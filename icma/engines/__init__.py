@@ -6,6 +6,7 @@ from pathlib import Path
 
 from icma.engines.base import (
     DECODINGS,
+    Adapter,
     Generation,
     GenerationInput,
     GenerationParams,
@@ -16,7 +17,7 @@ from icma.errors import InputError
 
 ENGINES = ("transformers", "vllm", "nearest-neighbour")
 
-__all__ = ["DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
+__all__ = ["Adapter", "DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
            "Generator", "cut_at_stop", "load_engine"]
 
 

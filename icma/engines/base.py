@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 from icma.errors import InputError
@@ -56,6 +57,14 @@ class GenerationParams:
         return self
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter folder (peft ``save_pretrained`` layout) under the name clients use."""
+
+    name: str
+    path: Path
+
+
 @dataclass
 class GenerationInput:
     task: Task
@@ -73,15 +82,21 @@ class Generation:
 
 class Generator(ABC):
     """An engine. ``name`` is the engine kind, ``model`` what it runs (for responses and
-    reports), ``adapter`` the LoRA adapter applied, if any."""
+    reports), ``adapter`` the LoRA adapter given at construction, if any.
+
+    ``generate(..., adapter=...)`` applies an adapter to that call only (the worker serves
+    many adapters over one base model); ``None`` means the construction-time adapter, if any,
+    else the base model. Engines load an adapter on its first use and keep it."""
 
     name: str = ""
     model: str = ""
     adapter: str | None = None
+    #: Whether ``generate`` takes per-call adapters.
+    supports_adapters: bool = False
 
     @abstractmethod
-    def generate(self, inputs: Sequence[GenerationInput],
-                 params: GenerationParams) -> list[Generation]: ...
+    def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
+                 adapter: Adapter | None = None) -> list[Generation]: ...
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens of ``text`` as the model sees it, for the prompt budget (None: no budget)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from icma.engines.base import (
+    Adapter,
     Generation,
     GenerationInput,
     GenerationParams,
@@ -51,6 +52,7 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 class TransformersGenerator(Generator):
     name = "transformers"
+    supports_adapters = True
 
     def __init__(self, model: str | Path | None = None, *, adapter: str | Path | None = None,
                  device: str | None = None, batch_size: int | None = None,
@@ -70,10 +72,13 @@ class TransformersGenerator(Generator):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.dtype = pick_dtype(dtype or settings.llm_dtype, self.device)
         net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype))
-        if adapter is not None:
-            net = _with_adapter(net, Path(adapter))
-            self.adapter = str(adapter)
         self.net = net.to(self.device).eval()
+        self._loaded: dict[str, Path] = {}  # peft adapter name -> folder
+        self._default: Adapter | None = None
+        if adapter is not None:
+            self._default = Adapter(Path(adapter).name, Path(adapter))
+            self._activate(self._default)
+            self.adapter = str(adapter)
         self.model = Path(path).name if Path(path).exists() else str(path)
         gen_eos = self.net.generation_config.eos_token_id
         eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
@@ -83,11 +88,12 @@ class TransformersGenerator(Generator):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    def generate(self, inputs: Sequence[GenerationInput],
-                 params: GenerationParams) -> list[Generation]:
+    def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
+                 adapter: Adapter | None = None) -> list[Generation]:
         import torch
 
         params = params.checked()
+        self._activate(adapter or self._default)
         out: list[Generation | None] = [None] * len(inputs)
         lengths = [self.count_tokens(x.prompt) for x in inputs]
         order = sorted(range(len(inputs)), key=lambda i: -lengths[i])
@@ -136,6 +142,33 @@ class TransformersGenerator(Generator):
                                       finish_reason="stop" if done else "length"))
         return results
 
+    def _activate(self, adapter: Adapter | None) -> None:
+        """Run the next call with ``adapter`` (None: the base model). Adapters are loaded into
+        one peft model, once each, and switched by name: a 135M base model is not copied per
+        adapter, and switching costs nothing."""
+        if adapter is None:
+            if self._loaded:
+                self.net.base_model.disable_adapter_layers()
+            return
+        key = _peft_name(adapter.name)
+        if self._loaded.get(key) not in (None, adapter.path):
+            # Same name, new folder (an adapter re-trained in place): load the new weights.
+            self.net.delete_adapter(key)
+            del self._loaded[key]
+        if key not in self._loaded:
+            _check_adapter(adapter.path)
+            if not self._loaded:
+                from peft import PeftModel
+
+                self.net = PeftModel.from_pretrained(self.net, str(adapter.path),
+                                                     adapter_name=key).eval()
+            else:
+                self.net.load_adapter(str(adapter.path), adapter_name=key)
+            self.net.to(self.device)
+            self._loaded[key] = adapter.path
+        self.net.base_model.enable_adapter_layers()
+        self.net.set_adapter(key)
+
     def close(self) -> None:
         import torch
 
@@ -144,12 +177,16 @@ class TransformersGenerator(Generator):
             torch.cuda.empty_cache()
 
 
-def _with_adapter(net, adapter: Path):
+def _check_adapter(adapter: Path) -> None:
     if not (adapter / "adapter_config.json").is_file():
         raise InputError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)",
                          field="adapter")
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401
     except ImportError:
         raise InputError("adapters need peft: pip install peft", field="adapter") from None
-    return PeftModel.from_pretrained(net, str(adapter))
+
+
+def _peft_name(name: str) -> str:
+    # peft keeps adapters as attributes of module dicts: no dots in their names.
+    return name.replace(".", "_")

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from icma.engines.base import Generation, GenerationInput, GenerationParams, Generator
+from icma.engines.base import Adapter, Generation, GenerationInput, GenerationParams, Generator
+from icma.errors import InputError
 
 
 class NearestNeighbourGenerator(Generator):
     name = "nearest-neighbour"
     model = "retrieval top-1"
 
-    def generate(self, inputs: Sequence[GenerationInput],
-                 params: GenerationParams) -> list[Generation]:
+    def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
+                 adapter: Adapter | None = None) -> list[Generation]:
+        if adapter is not None:
+            raise InputError("the nearest-neighbour engine takes no adapter", field="adapter")
         out = []
         for item in inputs:
             if not item.examples:  # zero-shot: there is nothing to copy
