@@ -126,6 +126,49 @@ def build_parser() -> argparse.ArgumentParser:
                          "core uses every core")
     rs.add_argument("--log-level", default="info")
     rs.set_defaults(func=cmd_serve_retrieval)
+    ws = svsub.add_parser("worker", help="the translation worker: /mol2cap, /cap2mol, jobs")
+    ws.add_argument("--host", default="127.0.0.1")
+    ws.add_argument("--port", type=int, default=8000)
+    ws.add_argument("--retrieval-url", help="the retrieval service (default ICMA_RETRIEVAL_URL, "
+                                            "http://127.0.0.1:8001)")
+    ws.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    ws.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL; default the shipped "
+                                    "SmolLM2-135M-Instruct)")
+    ws.add_argument("--log-level", default="info")
+    ws.set_defaults(func=cmd_serve_worker)
+
+    # translate
+    tr = sub.add_parser(
+        "translate", help="translate a file (the worker's job path, in this process)",
+        description="Translate every input of a file with retrieved examples and an LLM; writes "
+                    "JSON lines in input order (icma eval --format jsonl reads them). An "
+                    "interrupted run resumes where it stopped when run again with the same "
+                    "arguments.")
+    tr.add_argument("--task", required=True, choices=["mol2cap", "cap2mol"])
+    tr.add_argument("--input", required=True, type=Path,
+                    help="JSONL ({input, id, reference} or {cid, smiles, description}) or a "
+                         "corpus TSV (CID SMILES description)")
+    tr.add_argument("--output", required=True, type=Path, help="JSON lines, one per input")
+    tr.add_argument("--format", choices=["jsonl", "tsv"],
+                    help="input format (default: from the extension; .jsonl -> jsonl)")
+    tr.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
+    tr.add_argument("--adapter", help="LoRA adapter: a folder, or a name in the registry")
+    tr.add_argument("--n-shot", type=int, help="examples per prompt (default 2 / 4)")
+    tr.add_argument("--method", help="retrieval: graph|morgan|rdkit|random (mol2cap), "
+                                     "bm25|sentence|random (cap2mol)")
+    tr.add_argument("--corpus", help="retrieval corpus name (default: the embedded ChEBI-20)")
+    tr.add_argument("--retrieval-url",
+                    help="use this retrieval service; default: local indexes in the data dir")
+    tr.add_argument("--decoding", choices=["sample", "greedy", "beam"], default="sample")
+    tr.add_argument("--max-new-tokens", type=int, default=256)
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--num-candidates", type=int, default=1,
+                    help="cap2mol: sample until a valid molecule, at most this many")
+    tr.add_argument("--prime-answer", choices=["auto", "on", "off"], default="auto",
+                    help="end prompts with the answer marker (auto: on unless --adapter)")
+    tr.add_argument("--batch-size", type=int, help="items per engine call (ICMA_JOB_BATCH_SIZE)")
+    tr.set_defaults(func=cmd_translate)
 
     # openapi
     oa = sub.add_parser("openapi", help="write the services' OpenAPI document")
@@ -346,6 +389,45 @@ def cmd_serve_retrieval(args) -> int:
     workers = args.workers if args.workers is not None else get_settings().workers
     return serve("services.retrieval.app:create_app", host=args.host, port=args.port,
                  workers=workers, log_level=args.log_level)
+
+
+def cmd_serve_worker(args) -> int:
+    import os
+
+    from icma.serving import serve
+
+    # The app factory reads the settings in the serving process: pass flags as settings.
+    for flag, name in ((args.retrieval_url, "ICMA_RETRIEVAL_URL"), (args.engine, "ICMA_ENGINE"),
+                       (args.model, "ICMA_LLM_MODEL")):
+        if flag:
+            os.environ[name] = flag
+    _settings_fresh()
+    # One process: the engine holds the model once, and its thread batches all requests.
+    return serve("workers.translator.app:create_app", host=args.host, port=args.port,
+                 workers=1, log_level=args.log_level)
+
+
+def _settings_fresh():
+    from icma.settings import get_settings
+
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def cmd_translate(args) -> int:
+    from icma.translate_file import translate_file
+
+    fmt = args.format or ("jsonl" if args.input.suffix.lower() in (".jsonl", ".ndjson")
+                          else "tsv")
+    prime = {"auto": None, "on": True, "off": False}[args.prime_answer]
+    summary = translate_file(
+        args.task, args.input, args.output, fmt=fmt, engine=args.engine, model=args.model,
+        adapter=args.adapter, n_shot=args.n_shot, method=args.method, corpus=args.corpus,
+        retrieval_url=args.retrieval_url, decoding=args.decoding,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,
+        prime_answer=prime, batch_size=args.batch_size)
+    print(summary, file=sys.stderr)
+    return 0
 
 
 def cmd_openapi(args) -> int:

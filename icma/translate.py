@@ -44,6 +44,7 @@ class Translation:
     valid: bool | None = None  # cap2mol: RDKit parses the answer
     canonical: str | None = None  # cap2mol: its canonical SMILES when valid
     timings: dict[str, float] = field(default_factory=dict)
+    prompt: str = ""  # what the engine received
 
 
 def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Example]],
@@ -79,7 +80,7 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
         answer = extract_answer(task, g.text, stop=params.stop)
         t = Translation(task, q, answer, g.text, p.examples, p.n_requested, len(p.dropped),
                         g.prompt_tokens or (p.n_tokens or 0), g.completion_tokens,
-                        g.finish_reason, timings=dict(per_query))
+                        g.finish_reason, timings=dict(per_query), prompt=p.text)
         if task == "cap2mol":
             t.canonical = chem.try_canonical(answer)[0] if answer else None
             t.valid = t.canonical is not None

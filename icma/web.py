@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from icma.errors import IcmaError, IndexMismatchError, InputError, PromptTooLongError
@@ -32,6 +32,14 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class Health(BaseModel):
+    """/healthz and /readyz of both services (one schema, so openapi.yaml can say both)."""
+
+    status: str
+    worker: int = Field(description="process id of the worker that answered (`icma serve "
+                                    "--workers N` runs several behind one port)")
 
 
 #: Error responses to document on every endpoint that takes input.
@@ -58,13 +66,24 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 
 def icma_error_status(exc: IcmaError) -> tuple[int, str]:
-    """Map library errors to HTTP: user input 422, unknown things 404, not-ready/conflict 409."""
+    """Map library errors to HTTP: user input 422, unknown things 404, not-ready/conflict 409,
+    a full job queue 429, a dependency down or an engine still loading 503."""
+    from icma.adapters import UnknownAdapterError
     from icma.corpora import CorpusConflictError, CorpusNotReadyError, UnknownCorpusError
+    from icma.jobs import JobConflict, JobNotFound, QueueFull
+    from icma.retrieval_client import RetrievalRefused, RetrievalUnavailable
+    from icma.scheduler import EngineNotReady
 
-    if isinstance(exc, UnknownCorpusError):
+    if isinstance(exc, RetrievalRefused):
+        return exc.status, exc.code
+    if isinstance(exc, (UnknownCorpusError, UnknownAdapterError, JobNotFound)):
         return 404, "not_found"
-    if isinstance(exc, (CorpusNotReadyError, CorpusConflictError)):
+    if isinstance(exc, (CorpusNotReadyError, CorpusConflictError, JobConflict)):
         return 409, "conflict"
+    if isinstance(exc, QueueFull):
+        return 429, "queue_full"
+    if isinstance(exc, (RetrievalUnavailable, EngineNotReady)):
+        return 503, "unavailable"
     if isinstance(exc, PromptTooLongError):
         return 422, "too_long"
     if isinstance(exc, (InputError, IndexMismatchError)) or isinstance(exc, IcmaError):
@@ -94,7 +113,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IcmaError)
     async def _icma(request: Request, exc: IcmaError):
         status, code = icma_error_status(exc)
-        return error_response(status, code, Exception.__str__(exc), exc.field)
+        headers = {"Retry-After": "5"} if status in (429, 503) else None
+        return error_response(status, code, Exception.__str__(exc), exc.field, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -61,3 +61,26 @@ def tiny_model(tmp_path_factory, shared):
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The shipped default LLM, converted once into a session data directory."""
+    from icma.models import converted_default
+
+    return converted_default(tmp_path_factory.mktemp("llm-data"))
+
+
+#: Indexes the retrieval service tests build for the embedded corpus.
+SERVICE_KINDS = ["graph", "morgan", "rdkit", "bm25"]
+
+
+@pytest.fixture(scope="session")
+def svc_dir(tmp_path_factory):
+    """A data directory with the embedded corpus's indexes built once for the whole session."""
+    from icma.corpora import CorpusStore
+
+    d = tmp_path_factory.mktemp("retrieval-data")
+    CorpusStore(d, SERVICE_KINDS).start(background=False)
+    return d
+

@@ -135,14 +135,6 @@ def test_adapters_switch_per_call_over_one_base_model(tiny_model, tmp_path):
     assert e.value.field == "adapter"
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The shipped default LLM, converted once into a session data directory."""
-    from icma.models import converted_default
-
-    return converted_default(tmp_path_factory.mktemp("llm-data"))
-
-
 def test_shipped_smollm2_converts_and_answers_with_priming(smollm2, chebi_val):
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"

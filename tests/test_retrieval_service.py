@@ -8,7 +8,6 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from icma.corpora import CorpusStore
 from icma.corpus import embedded_corpus
 from icma.examples import retrieve_examples
 from icma.retrieval import Exclusion
@@ -19,14 +18,6 @@ from tests.service_helpers import LiveServer
 
 KINDS = ["graph", "morgan", "rdkit", "bm25"]
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
-
-
-@pytest.fixture(scope="session")
-def svc_dir(tmp_path_factory):
-    """A data directory with the embedded corpus's indexes built once for the whole session."""
-    d = tmp_path_factory.mktemp("retrieval-data")
-    CorpusStore(d, KINDS).start(background=False)
-    return d
 
 
 def settings(svc_dir, **kw) -> Settings:

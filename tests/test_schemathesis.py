@@ -16,12 +16,12 @@ import httpx
 
 from services.retrieval.app import create_app
 from tests.service_helpers import LiveServer
-from tests.test_retrieval_service import settings, svc_dir  # noqa: F401  (session fixture)
+from tests.test_retrieval_service import settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_schemathesis_finds_no_server_errors(svc_dir, tmp_path):  # noqa: F811
+def test_schemathesis_finds_no_server_errors(svc_dir, tmp_path):
     app = create_app(settings(svc_dir, api_key="fuzz", max_corpora=4))
     with LiveServer(app) as server:
         server.wait_ready()

@@ -8,6 +8,7 @@ same inputs in the same order and batch size, not across batch sizes.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -67,6 +68,9 @@ class TransformersGenerator(Generator):
         self.device = pick_device(device)
         self.batch_size = batch_size or settings.generation_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # A fast tokenizer is one Rust object whose padding state a batch call changes: a
+        # prompt count from a request thread during it fails with "Already borrowed".
+        self._tok_lock = threading.Lock()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -86,7 +90,8 @@ class TransformersGenerator(Generator):
         self.eos_ids = sorted(e for e in eos if e is not None)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text)["input_ids"])
+        with self._tok_lock:
+            return len(self.tokenizer(text)["input_ids"])
 
     def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
                  adapter: Adapter | None = None) -> list[Generation]:
@@ -107,7 +112,8 @@ class TransformersGenerator(Generator):
     def _batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         import torch
 
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with self._tok_lock:
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         # Only what a causal LM takes (BERT-style tokenizers add token_type_ids).
         enc = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
         kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,

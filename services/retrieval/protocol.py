@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icma.chem import MAX_SMILES_CHARS
 from icma.prompts import MAX_QUERY_CHARS
+from icma.web import Health  # noqa: F401  (shared by both services)
 
 Smiles = str
 Order = Literal["reversed", "ranked"]
@@ -122,12 +123,6 @@ class CorpusInfo(BaseModel):
 class CorporaResponse(BaseModel):
     default: str
     corpora: list[CorpusInfo]
-
-
-class Health(BaseModel):
-    status: str
-    worker: int = Field(description="process id of the worker that answered (`icma serve "
-                                    "--workers N` runs several behind one port)")
 
 
 MAX_LENGTHS = {"smiles": MAX_SMILES_CHARS, "caption": MAX_QUERY_CHARS}

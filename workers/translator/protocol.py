@@ -1,0 +1,186 @@
+"""Request and response schemas of the translation worker (one module, as vLLM's protocol)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from icma.chem import MAX_SMILES_CHARS
+from icma.prompts import MAX_QUERY_CHARS
+from icma.web import Health  # noqa: F401  (shared by both services)
+from services.retrieval.protocol import RandomWalk
+
+Method = Literal["graph", "morgan", "rdkit", "random", "bm25", "sentence"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Retrieval(Strict):
+    """Passed on to the retrieval service (its names; ``k`` is ``n_shot``)."""
+
+    method: Method | None = Field(
+        default=None, description="mol2cap: graph (default) | morgan | rdkit | random; "
+                                  "cap2mol: bm25 (default) | sentence | random")
+    corpus: str | None = Field(default=None, max_length=64,
+                               description="the retrieval service's corpus; default its own")
+    exclude_cids: list[str] = Field(default_factory=list, max_length=1000,
+                                    description="never use these CIDs as examples")
+    exclude_same_structure: bool = Field(
+        default=False, description="mol2cap: drop examples with the query's structure")
+    exclude_same_caption: bool = Field(
+        default=False, description="cap2mol: drop examples whose caption equals the query")
+    random_walk: RandomWalk | None = Field(
+        default=None, description="re-rank by a seeded random walk down the top candidates")
+
+
+class Generation(Strict):
+    """Decoding. Defaults are ICMA's inference settings (sampling at temperature 0.7, top_p
+    0.85, top_k 40, 256 new tokens, seed 42; repetition penalty 0.8 for cap2mol, 1.0 for
+    mol2cap)."""
+
+    decoding: Literal["sample", "greedy", "beam"] = "sample"
+    temperature: float = Field(default=0.7, gt=0, le=10)
+    top_p: float = Field(default=0.85, gt=0, le=1)
+    top_k: int = Field(default=40, ge=0, description="0: no top-k cut")
+    num_beams: int = Field(default=4, ge=1, le=16, description="beam search only")
+    max_new_tokens: int = Field(default=256, ge=1, le=4096)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10,
+                                             description="default: 0.8 cap2mol, 1.0 mol2cap")
+    seed: int = Field(default=42, ge=0, le=2**63 - 1)
+
+
+class _Translate(Strict):
+    retrieval: Retrieval = Field(default_factory=Retrieval)
+    generation: Generation = Field(default_factory=Generation)
+    adapter: str | None = Field(default=None, max_length=64,
+                                description="a LoRA adapter from GET /v1/adapters; default: "
+                                            "the base model")
+    prime_answer: bool | None = Field(
+        default=None, description="end the prompt with the answer marker ('Caption:' / "
+                                  "'Molecule:'); default: on for the base model, off with an "
+                                  "adapter (ICMA-tuned models write it themselves)")
+    cutoff: int = Field(default=2048, ge=64, le=32768,
+                        description="token budget of prompt + answer; the lowest-ranked "
+                                    "examples are dropped to fit")
+    return_prompt: bool = Field(default=False, description="include the prompt the engine got")
+
+
+class Mol2CapRequest(_Translate):
+    smiles: str = Field(min_length=1, max_length=MAX_SMILES_CHARS,
+                        examples=["CC(=O)Oc1ccccc1C(=O)O"])
+    n_shot: int = Field(default=2, ge=0, description="examples in the prompt (ICMA: 2)")
+
+
+class Cap2MolRequest(_Translate):
+    caption: str = Field(min_length=1, max_length=MAX_QUERY_CHARS,
+                         examples=["The molecule is a member of the class of benzoic acids "
+                                   "that is salicylic acid in which the hydroxy group has "
+                                   "been acetylated."])
+    n_shot: int = Field(default=4, ge=0, description="examples in the prompt (ICMA: 4)")
+    num_candidates: int = Field(
+        default=1, ge=1, description="sample up to this many molecules (seeds seed, seed+1, "
+                                     "...) and return the first that RDKit parses")
+
+
+class ExampleUsed(BaseModel):
+    cid: str
+    smiles: str
+    description: str
+    score: float
+    rank: int = Field(description="1 = the most similar (the prompt writes it last)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    retrieval_ms: float = Field(description="the call to the retrieval service")
+    prompt_ms: float = Field(description="prompt assembly within the token budget")
+    generation_ms: float = Field(description="the engine, including waiting for it")
+    total_ms: float
+
+
+class _Translated(BaseModel):
+    examples: list[ExampleUsed] = Field(description="examples in the prompt, best first")
+    n_examples_dropped: int = Field(description="examples dropped to fit the token budget")
+    engine: str
+    model: str
+    adapter: str | None
+    prime_answer: bool
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+    prompt: str | None = Field(default=None, description="when return_prompt was set")
+
+
+class Mol2CapResponse(_Translated):
+    caption: str
+
+
+class Cap2MolResponse(_Translated):
+    smiles: str = Field(description="as generated")
+    canonical_smiles: str | None = Field(description="RDKit's canonical form, when valid")
+    valid: bool
+    candidates_tried: int
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+class JobItem(Strict):
+    input: str = Field(description="a SMILES (mol2cap) or a caption (cap2mol)")
+    id: str | None = Field(default=None, max_length=256)
+    reference: str | None = Field(default=None,
+                                  description="the true answer, kept for `icma eval`")
+
+
+class JobOptions(_Translate):
+    n_shot: int | None = Field(default=None, ge=0, description="default: 2 mol2cap, 4 cap2mol")
+    num_candidates: int = Field(default=1, ge=1, description="cap2mol only")
+    return_prompt: bool = Field(default=False, description="ignored for jobs")
+
+
+class JobCreate(Strict):
+    task: Literal["mol2cap", "cap2mol"]
+    items: list[JobItem | str] = Field(min_length=1, description="inputs, or objects with "
+                                                                "an input, id and reference")
+    options: JobOptions = Field(default_factory=JobOptions)
+
+
+class Job(BaseModel):
+    id: str
+    kind: Literal["translate"]
+    task: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    total: int
+    done: int
+    failed: int = Field(description="items done with an error")
+    progress: float = Field(description="done / total")
+    created: float
+    started: float | None
+    finished: float | None
+    message: str | None = Field(description="why it failed, or what it is waiting for")
+    options: dict
+    results_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class AdapterOut(BaseModel):
+    name: str
+    base_model: str | None
+    r: int | None
+    lora_alpha: float | None
+    target_modules: list[str]
+    task: str | None = Field(description="from the adapter's manifest, when tuning wrote one")
+
+
+class Adapters(BaseModel):
+    directory: str
+    adapters: list[AdapterOut]
