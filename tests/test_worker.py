@@ -1,0 +1,386 @@
+"""The translation worker over real HTTP on 127.0.0.1, with the real retrieval service beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from icma.engines import load_engine
+from icma.prompts import Example, build_prompt
+from icma.settings import Settings
+from services.retrieval.app import create_app as retrieval_app
+from tests.conftest import REPO, SERVICE_KINDS
+from tests.service_helpers import LiveServer
+from workers.translator.app import create_app as worker_app
+
+ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
+CAPTION = ("The molecule is a member of the class of benzoic acids that is salicylic acid in "
+           "which the hydroxy group has been acetylated.")
+
+
+@pytest.fixture(scope="module")
+def retrieval(svc_dir):
+    with LiveServer(retrieval_app(Settings(data_dir=svc_dir, retrieval_kinds=SERVICE_KINDS))) as s:
+        s.wait_ready()
+        yield s
+
+
+def worker_settings(tmp: Path, retrieval_url: str, **kw) -> Settings:
+    return Settings(data_dir=tmp, retrieval_url=retrieval_url, jobs_db=tmp / "jobs.sqlite3",
+                    adapters_dir=tmp / "adapters", progress=False, **kw)
+
+
+class Recording:
+    """Wraps an engine and keeps every prompt it is given (to compare with icma.prompts)."""
+
+    def __init__(self, engine):
+        self.engine, self.prompts = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, inputs, params, adapter=None):
+        self.prompts.extend(x.prompt for x in inputs)
+        return self.engine.generate(inputs, params, adapter=adapter)
+
+
+@pytest.fixture(scope="module")
+def smol_worker(retrieval, smollm2, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("worker")
+    engine = Recording(load_engine("transformers", model=str(smollm2), device="cpu"))
+    app = worker_app(worker_settings(tmp, retrieval.url), engine_loader=lambda: engine)
+    with LiveServer(app) as w:
+        w.wait_ready()
+        w.engine = engine
+        yield w
+
+
+GREEDY = {"decoding": "greedy", "max_new_tokens": 40}
+
+
+def test_mol2cap_end_to_end_with_smollm2(smol_worker, smollm2):
+    r = httpx.post(smol_worker.url + "/mol2cap", timeout=120,
+                   json={"smiles": ASPIRIN, "generation": GREEDY, "return_prompt": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["caption"].strip()
+    assert body["engine"] == "transformers" and body["adapter"] is None
+    assert len(body["examples"]) == 2 and [e["rank"] for e in body["examples"]] == [1, 2]
+    assert all(e["cid"] and e["smiles"] and e["description"] for e in body["examples"])
+    assert body["examples"][0]["score"] >= body["examples"][1]["score"]
+    t = body["timings"]
+    assert t["retrieval_ms"] > 0 and t["generation_ms"] > 0
+    assert t["total_ms"] >= t["retrieval_ms"] + t["generation_ms"]
+    # The engine received exactly icma.prompts' prompt for these examples, byte for byte.
+    examples = [Example(e["smiles"], e["description"], e["cid"], e["score"])
+                for e in body["examples"]]
+    engine = smol_worker.engine
+    expected = build_prompt("mol2cap", ASPIRIN, examples, prime_answer=True,
+                            count_tokens=engine.count_tokens, cutoff=2048,
+                            reserve=GREEDY["max_new_tokens"]).text
+    assert engine.prompts[-1] == expected == body["prompt"]
+    assert body["usage"]["prompt_tokens"] == engine.count_tokens(expected)
+
+
+def test_cap2mol_end_to_end_reports_validity(smol_worker):
+    r = httpx.post(smol_worker.url + "/cap2mol", timeout=300,
+                   json={"caption": CAPTION, "num_candidates": 3,
+                         "generation": {"max_new_tokens": 60}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["smiles"] and isinstance(body["valid"], bool)
+    assert 1 <= body["candidates_tried"] <= 3
+    assert body["valid"] == (body["canonical_smiles"] is not None)
+    assert body["valid"] or body["candidates_tried"] == 3  # stops at the first valid one
+    assert len(body["examples"]) == 4
+
+
+@pytest.fixture(scope="module")
+def nn_worker(retrieval, tmp_path_factory):
+    """The worker with the nearest-neighbour engine (no model): fast, for errors and jobs."""
+    tmp = tmp_path_factory.mktemp("nn-worker")
+    app = worker_app(worker_settings(tmp, retrieval.url, engine="nearest-neighbour",
+                                     max_jobs=3))
+    with LiveServer(app) as w:
+        w.wait_ready()
+        yield w
+
+
+@pytest.mark.parametrize("path,body,status,field", [
+    ("/mol2cap", {"smiles": "C1CC"}, 422, "smiles"),
+    ("/mol2cap", {"smiles": ""}, 422, "smiles"),
+    ("/mol2cap", {"smiles": "C" * 5000}, 422, "smiles"),
+    ("/cap2mol", {"caption": "   "}, 422, "caption"),
+    ("/cap2mol", {"caption": "x" * 9000}, 422, "caption"),
+    ("/mol2cap", {"smiles": "CCO", "adapter": "no-such-adapter"}, 404, "adapter"),
+    ("/mol2cap", {"smiles": "CCO", "adapter": "../etc"}, 422, "adapter"),
+    ("/mol2cap", {"smiles": "CCO", "n_shot": 500}, 422, "n_shot"),
+    ("/mol2cap", {"smiles": "CCO", "retrieval": {"method": "bm25"}}, 422, "retrieval.method"),
+    ("/mol2cap", {"smiles": "CCO", "retrieval": {"corpus": "nope"}}, 404, "retrieval.corpus"),
+    ("/cap2mol", {"caption": "an acid", "num_candidates": 3,
+                  "generation": {"decoding": "greedy"}}, 422, "num_candidates"),
+    ("/cap2mol", {"caption": "an acid", "generation": {"top_p": 2}}, 422, "generation.top_p"),
+    ("/mol2cap", {"smiles": "CCO", "bogus": 1}, 422, "bogus"),
+])
+def test_bad_input_is_a_clear_4xx(nn_worker, path, body, status, field):
+    r = httpx.post(nn_worker.url + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["field"] == field, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_prompt_too_long_for_the_budget_is_422(retrieval, smollm2, tmp_path):
+    engine = load_engine("transformers", model=str(smollm2), device="cpu")
+    app = worker_app(worker_settings(tmp_path, retrieval.url), engine_loader=lambda: engine)
+    with LiveServer(app) as w:
+        w.wait_ready()
+        long = "The molecule is " + "a very long caption " * 300
+        r = httpx.post(w.url + "/cap2mol", json={"caption": long, "cutoff": 512}, timeout=60)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_long", r.text
+
+
+def test_retrieval_service_down_is_503(tmp_path):
+    app = worker_app(worker_settings(tmp_path, "http://127.0.0.1:9", engine="nearest-neighbour",
+                                     retrieval_retries=1, retrieval_timeout=1))
+    with LiveServer(app) as w:
+        w.wait_ready()
+        r = httpx.post(w.url + "/mol2cap", json={"smiles": "CCO"}, timeout=30)
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["field"] == "retrieval"
+        assert "unavailable after 2 tries" in r.json()["error"]["message"]
+        # a job waits for the service instead of failing its items
+        job = httpx.post(w.url + "/v1/jobs", json={"task": "mol2cap", "items": ["CCO"]}).json()
+        time.sleep(1.5)
+        j = httpx.get(w.url + f"/v1/jobs/{job['id']}").json()
+        assert j["state"] == "running" and j["done"] == 0 and "waiting" in j["message"]
+
+
+def test_api_key_guards_everything_but_health(retrieval, tmp_path):
+    app = worker_app(worker_settings(tmp_path, retrieval.url, engine="nearest-neighbour",
+                                     api_key="k"))
+    with LiveServer(app) as w:
+        w.wait_ready()
+        assert httpx.post(w.url + "/mol2cap", json={"smiles": "CCO"}).status_code == 401
+        assert httpx.get(w.url + "/v1/jobs").status_code == 401
+        ok = httpx.post(w.url + "/mol2cap", json={"smiles": "CCO"},
+                        headers={"authorization": "Bearer k"})
+        assert ok.status_code == 200, ok.text  # (the retrieval service here has no key)
+        assert httpx.get(w.url + "/metrics").status_code == 200
+
+
+def _wait(url: str, job_id: str, states=("succeeded", "failed", "cancelled"), timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job still {job['state']}")
+
+
+def test_job_results_in_input_order_with_per_item_errors(nn_worker, chebi_val):
+    recs = chebi_val.records[:20]
+    items = [{"input": r.smiles, "id": r.cid, "reference": r.description} for r in recs]
+    items.insert(5, {"input": "not a smiles", "id": "bad"})
+    items.insert(9, "")
+    r = httpx.post(nn_worker.url + "/v1/jobs", json={"task": "mol2cap", "items": items,
+                                                     "options": {"n_shot": 1}})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    job = _wait(nn_worker.url, r.json()["id"])
+    assert (job["state"], job["total"], job["done"], job["failed"]) == ("succeeded", 22, 22, 2)
+    lines = [json.loads(x) for x in
+             httpx.get(nn_worker.url + job["results_url"]).text.splitlines()]
+    assert [x["index"] for x in lines] == list(range(22))
+    assert [x["input"] for x in lines] == [x if isinstance(x, str) else x["input"] for x in items]
+    assert lines[5]["error"]["field"] == "smiles" and lines[5]["prediction"] == ""
+    assert lines[9]["error"]["field"] == "smiles"
+    good = [x for x in lines if x["error"] is None]
+    assert len(good) == 20 and all(x["prediction"] and len(x["examples"]) == 1 for x in good)
+    listed = httpx.get(nn_worker.url + "/v1/jobs").json()["jobs"]
+    assert job["id"] in [j["id"] for j in listed]
+
+
+def test_job_from_uploaded_tsv_and_bad_files(nn_worker, shared, tmp_path):
+    tsv = "\n".join((shared / "data/chebi20/test.txt").read_text().splitlines()[:6]) + "\n"
+    r = httpx.post(nn_worker.url + "/v1/jobs/upload", data={"task": "cap2mol"},
+                   files={"file": ("queries.tsv", tsv.encode())})
+    assert r.status_code == 202, r.text
+    job = _wait(nn_worker.url, r.json()["id"])
+    lines = [json.loads(x) for x in httpx.get(nn_worker.url + job["results_url"]).text.splitlines()]
+    assert len(lines) == 5 and all(x["valid"] and x["reference"] for x in lines)
+    bad = httpx.post(nn_worker.url + "/v1/jobs/upload", data={"task": "mol2cap"},
+                     files={"file": ("q.jsonl", b'{"input": "CCO"}\n{oops\n')})
+    assert bad.status_code == 422 and "line 2" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["field"] == "file"
+    opts = httpx.post(nn_worker.url + "/v1/jobs/upload", files={"file": ("q.jsonl", b'"CCO"\n')},
+                      data={"task": "mol2cap", "options": '{"n_shot": -1}'})
+    assert opts.status_code == 422 and opts.json()["error"]["field"] == "options"
+    assert httpx.get(nn_worker.url + "/v1/jobs/nope").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(retrieval, tiny_model, tmp_path_factory):
+    """A worker on a tiny config-built Llama: generation slow enough to catch jobs running."""
+    tmp = tmp_path_factory.mktemp("tiny-worker")
+    app = worker_app(worker_settings(tmp, retrieval.url, llm_model=str(tiny_model),
+                                     job_batch_size=2, max_jobs=3))
+    with LiveServer(app) as w:
+        w.wait_ready()
+        w.tmp = tmp
+        yield w
+
+
+def test_cancel_queued_and_running_jobs_and_a_full_queue(tiny_worker):
+    slow = {"generation": {"decoding": "greedy", "max_new_tokens": 200}, "n_shot": 1}
+    items = ["CCO", "CCN", "CCC", "CCCl"] * 10
+    a = httpx.post(tiny_worker.url + "/v1/jobs", json={"task": "mol2cap", "items": items,
+                                                       "options": slow}).json()
+    b = httpx.post(tiny_worker.url + "/v1/jobs", json={"task": "mol2cap", "items": items,
+                                                       "options": slow}).json()
+    c = httpx.post(tiny_worker.url + "/v1/jobs", json={"task": "mol2cap", "items": ["CCO"]})
+    full = httpx.post(tiny_worker.url + "/v1/jobs", json={"task": "mol2cap", "items": ["CCO"]})
+    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert full.headers["retry-after"]
+    _wait(tiny_worker.url, a["id"], states=("running",))
+    while httpx.get(tiny_worker.url + f"/v1/jobs/{a['id']}").json()["done"] == 0:
+        time.sleep(0.05)
+    gone = httpx.delete(tiny_worker.url + f"/v1/jobs/{a['id']}").json()
+    assert gone["state"] == "cancelled"
+    assert httpx.delete(tiny_worker.url + f"/v1/jobs/{b['id']}").json()["state"] == "cancelled"
+    again = httpx.delete(tiny_worker.url + f"/v1/jobs/{b['id']}")
+    assert again.status_code == 409 and again.json()["error"]["field"] == "job_id"
+    time.sleep(1)  # the runner notices between batches
+    a_now = httpx.get(tiny_worker.url + f"/v1/jobs/{a['id']}").json()
+    assert a_now["state"] == "cancelled" and 0 < a_now["done"] < len(items)
+    lines = [json.loads(x) for x in
+             httpx.get(tiny_worker.url + f"/v1/jobs/{a['id']}/results").text.splitlines()]
+    assert len(lines) == len(items)  # one line per input, cancelled ones say so
+    assert sum(x["error"] is None for x in lines) == a_now["done"]
+    assert all(x["error"]["code"] == "cancelled" for x in lines[a_now["done"]:])
+    assert _wait(tiny_worker.url, c.json()["id"])["state"] == "succeeded"
+
+
+def test_adapters_are_listed_and_applied_per_request(tiny_worker, tiny_model):
+    from tests.test_engines import _random_lora
+
+    assert httpx.get(tiny_worker.url + "/v1/adapters").json()["adapters"] == []
+    _random_lora(tiny_model, tiny_worker.tmp / "adapters" / "chebi-m2c", 3)
+    listed = httpx.get(tiny_worker.url + "/v1/adapters").json()
+    assert [a["name"] for a in listed["adapters"]] == ["chebi-m2c"]
+    assert listed["adapters"][0]["r"] == 4
+    greedy = {"decoding": "greedy", "max_new_tokens": 12}
+    base = httpx.post(tiny_worker.url + "/mol2cap", json={"smiles": ASPIRIN,
+                                                          "generation": greedy}).json()
+    tuned = httpx.post(tiny_worker.url + "/mol2cap", json={
+        "smiles": ASPIRIN, "generation": greedy, "adapter": "chebi-m2c",
+        "return_prompt": True}).json()
+    assert tuned["adapter"] == "chebi-m2c" and base["adapter"] is None
+    assert tuned["caption"] != base["caption"]
+    assert not tuned["prime_answer"] and not tuned["prompt"].endswith("Caption:")
+
+
+def test_sigkilled_worker_resumes_its_job_with_one_result_per_input(retrieval, tiny_model,
+                                                                   tmp_path):
+    env = {**os.environ, "ICMA_DATA_DIR": str(tmp_path), "ICMA_LLM_MODEL": str(tiny_model),
+           "ICMA_JOBS_DB": str(tmp_path / "jobs.sqlite3"), "ICMA_JOB_BATCH_SIZE": "2",
+           "ICMA_LLM_DEVICE": "cpu", "ICMA_PROGRESS": "false"}
+    items = [f"C{'C' * (i % 7)}O" for i in range(30)]
+
+    def start(port: int) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "icma", "serve", "worker", "--port",
+                                 str(port), "--retrieval-url", retrieval.url,
+                                 "--log-level", "warning"], env=env, cwd=REPO)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "worker exited"
+            time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("worker did not become ready")
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(port)
+    try:
+        job = httpx.post(url + "/v1/jobs", json={
+            "task": "mol2cap", "items": items,
+            "options": {"n_shot": 1, "generation": {"decoding": "greedy",
+                                                    "max_new_tokens": 120}}}).json()
+        while httpx.get(url + f"/v1/jobs/{job['id']}").json()["done"] < 6:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        before = [json.loads(x) for x in _results_now(tmp_path, job["id"])]
+        assert 6 <= len(before) < len(items)  # killed mid-job
+        proc = start(port)
+        done = _wait(url, job["id"], timeout=300)
+        assert done["state"] == "succeeded" and done["done"] == done["total"] == len(items)
+        lines = [json.loads(x) for x in
+                 httpx.get(url + job["results_url"] if "results_url" in job else
+                           url + f"/v1/jobs/{job['id']}/results").text.splitlines()]
+        assert [x["index"] for x in lines] == list(range(len(items)))  # none lost or doubled
+        assert all(x["error"] is None for x in lines)
+        assert lines[:len(before)] == before  # finished work was kept, not redone
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _results_now(data: Path, job_id: str) -> list[str]:
+    from icma.jobs import JobStore, iter_results
+
+    store = JobStore(data / "jobs.sqlite3")
+    try:
+        return list(iter_results(store, job_id, follow=False))
+    finally:
+        store.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_icma_translate_cli_writes_jsonl_that_icma_eval_reads(svc_dir, chebi_val, tmp_path):
+    src = tmp_path / "q.jsonl"
+    recs = chebi_val.records[:6]
+    src.write_text("".join(json.dumps({"cid": r.cid, "smiles": r.smiles,
+                                       "description": r.description}) + "\n" for r in recs)
+                   + json.dumps({"input": "C1CC", "id": "broken", "reference": "x"}) + "\n")
+    out = tmp_path / "out" / "pred.jsonl"
+    env = {**os.environ, "ICMA_DATA_DIR": str(svc_dir), "ICMA_PROGRESS": "false"}
+    cmd = [sys.executable, "-m", "icma", "translate", "--task", "mol2cap", "--input", str(src),
+           "--output", str(out), "--engine", "nearest-neighbour", "--n-shot", "1"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "7 mol2cap inputs" in done.stderr and "1 failed" in done.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == [r.cid for r in recs] + ["broken"]
+    assert not list(out.parent.glob("*.partial.sqlite3*"))  # nothing left behind
+    ev = subprocess.run([sys.executable, "-m", "icma", "eval", "mol2cap", "--predictions",
+                         str(out), "--json"], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    # every record is in the corpus it retrieves from; the top example of a molecule that is
+    # not excluded is itself, so its caption comes back (BLEU near 1 on 6 of 7)
+    assert json.loads(ev.stdout)["bleu2"] > 0.7
+    missing = [x if x != str(src) else str(tmp_path / "missing.jsonl") for x in cmd]
+    bad = subprocess.run(missing, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
