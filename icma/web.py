@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import re
 import time
 from typing import Callable
@@ -248,3 +249,30 @@ class Metrics:
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_health(app: FastAPI, metrics: Metrics, state: Callable[[], str]) -> None:
+    """/healthz, /readyz and /metrics, the same on both services (openapi.yaml describes them
+    once for both). ``state`` is "ready", or why not ("loading", "failed")."""
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz():
+        """Alive (the process answers)."""
+        return Health(status="ok", worker=os.getpid())
+
+    @app.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "still loading, or failed"}})
+    def readyz():
+        """Ready to answer: the retrieval service's default corpus indexes are loaded, the
+        worker's engine is loaded."""
+        now = state()
+        if now == "ready":
+            return Health(status="ready", worker=os.getpid())
+        return JSONResponse(Health(status=now, worker=os.getpid()).model_dump(), status_code=503)
+
+    @app.get("/metrics", tags=["health"], response_class=JSONResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
+    def prometheus():
+        """Prometheus metrics: request counts and latency histograms per endpoint (and the
+        worker's engine queue and jobs)."""
+        return metrics.response()

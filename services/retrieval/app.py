@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import asynccontextmanager
 from typing import Sequence
 
 from fastapi import Depends, FastAPI, File, Form, UploadFile
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from icma import __version__, chem
@@ -23,7 +21,7 @@ from icma.rerank import RerankConfig, prompt_order
 from icma.retrieval import Exclusion
 from icma.settings import Settings, get_settings
 from icma.web import ERROR_RESPONSES, ApiError, BodyLimit, Metrics, api_key_dependency, \
-    install_error_handlers
+    install_error_handlers, install_health
 from services.retrieval.protocol import (
     MAX_LENGTHS,
     CaptionRequest,
@@ -32,7 +30,6 @@ from services.retrieval.protocol import (
     CorporaResponse,
     CorpusInfo,
     ExampleOut,
-    Health,
     MoleculeRequest,
     MoleculeResponse,
     MoleculeResult,
@@ -73,24 +70,7 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
         lambda: settings.api_key.get_secret_value() if settings.api_key else None)
     guarded = [Depends(key)]
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
-    def healthz():
-        """Alive (the process answers)."""
-        return Health(status="ok", worker=os.getpid())
-
-    @app.get("/readyz", response_model=Health, tags=["health"],
-             responses={503: {"model": Health, "description": "indexes still loading"}})
-    def readyz():
-        """Ready when the default corpus's indexes are loaded."""
-        if store.ready:
-            return Health(status="ready", worker=os.getpid())
-        return JSONResponse(Health(status="loading", worker=os.getpid()).model_dump(), status_code=503)
-
-    @app.get("/metrics", tags=["health"], response_class=JSONResponse,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
-    def prometheus():
-        """Request counts and latency histograms per endpoint and retrieval method."""
-        return metrics.response()
+    install_health(app, metrics, lambda: "ready" if store.ready else "loading")
 
     @app.get("/v1/corpora", response_model=CorporaResponse, dependencies=guarded,
              tags=["corpora"], responses=ERROR_RESPONSES)

@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icma.chem import MAX_SMILES_CHARS
 from icma.prompts import MAX_QUERY_CHARS
-from icma.web import Health  # noqa: F401  (shared by both services)
 
 Smiles = str
 Order = Literal["reversed", "ranked"]

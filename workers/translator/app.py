@@ -8,7 +8,6 @@ for it, interactive requests first. Retrieval is the retrieval service's, over H
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import asynccontextmanager
 from typing import Sequence
@@ -29,21 +28,20 @@ from icma.retrieval_client import METHODS, HttpRetriever, RetrievalOptions, Retr
 from icma.scheduler import BATCH, INTERACTIVE, GenerationQueue
 from icma.settings import Settings, get_settings
 from icma.web import ERROR_RESPONSES, BodyLimit, Metrics, api_key_dependency, \
-    install_error_handlers
+    install_error_handlers, install_health
 from workers.translator.protocol import (
     AdapterOut,
     Adapters,
     Cap2MolRequest,
     Cap2MolResponse,
     ExampleUsed,
-    Health,
     Job,
     JobCreate,
     JobList,
     JobOptions,
     Mol2CapRequest,
     Mol2CapResponse,
-    Timings,
+    TranslationTimings,
     Usage,
 )
 
@@ -149,32 +147,13 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
         lambda: settings.api_key.get_secret_value() if settings.api_key else None)
     guarded = [Depends(key)]
 
-    @app.get("/healthz", response_model=Health, tags=["health"])
-    def healthz():
-        """Alive (the process answers)."""
-        return Health(status="ok", worker=os.getpid())
-
-    @app.get("/readyz", response_model=Health, tags=["health"],
-             responses={503: {"model": Health, "description": "indexes still loading"}})
-    def readyz():
-        """Ready when the engine is loaded (the worker's model; the retrieval service's
-        indexes for the retrieval service)."""
-        if queue.ready:
-            return Health(status="ready", worker=os.getpid())
-        state = "failed" if queue.error else "loading"
-        return JSONResponse(Health(status=state, worker=os.getpid()).model_dump(),
-                            status_code=503)
-
-    @app.get("/metrics", tags=["health"], response_class=JSONResponse,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
-    def prometheus():
-        """Request counts and latency histograms per endpoint; engine queue and jobs."""
-        return metrics.response()
+    install_health(app, metrics, lambda: "ready" if queue.ready else
+                   ("failed" if queue.error else "loading"))
 
     def translated(task: str, out: Outcome, opts: Options, t0: float, return_prompt: bool):
         t = out.translation
         engine = queue.check_ready()
-        timings = Timings(**{k: round(v, 3) for k, v in out.timings.items()},
+        timings = TranslationTimings(**{k: round(v, 3) for k, v in out.timings.items()},
                           total_ms=round((time.perf_counter() - t0) * 1e3, 3))
         return dict(
             examples=[ExampleUsed(cid=e.cid or "", smiles=e.smiles, description=e.caption,

@@ -8,7 +8,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icma.chem import MAX_SMILES_CHARS
 from icma.prompts import MAX_QUERY_CHARS
-from icma.web import Health  # noqa: F401  (shared by both services)
 from services.retrieval.protocol import RandomWalk
 
 Method = Literal["graph", "morgan", "rdkit", "random", "bm25", "sentence"]
@@ -98,7 +97,7 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
-class Timings(BaseModel):
+class TranslationTimings(BaseModel):
     retrieval_ms: float = Field(description="the call to the retrieval service")
     prompt_ms: float = Field(description="prompt assembly within the token budget")
     generation_ms: float = Field(description="the engine, including waiting for it")
@@ -114,7 +113,7 @@ class _Translated(BaseModel):
     prime_answer: bool
     finish_reason: Literal["stop", "length"]
     usage: Usage
-    timings: Timings
+    timings: TranslationTimings
     prompt: str | None = Field(default=None, description="when return_prompt was set")
 
 
