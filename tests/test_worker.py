@@ -384,3 +384,21 @@ def test_icma_translate_cli_writes_jsonl_that_icma_eval_reads(svc_dir, chebi_val
     missing = [x if x != str(src) else str(tmp_path / "missing.jsonl") for x in cmd]
     bad = subprocess.run(missing, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_all_starts_both_services_and_prints_curl_examples(svc_dir, tmp_path):
+    env = {**os.environ, "ICMA_DATA_DIR": str(svc_dir), "ICMA_PROGRESS": "false",
+           "ICMA_JOBS_DB": str(tmp_path / "jobs.sqlite3"),
+           "ICMA_RETRIEVAL_KINDS": json.dumps(SERVICE_KINDS)}
+    r_port, w_port = _free_port(), _free_port()
+    done = subprocess.run([sys.executable, "-m", "icma", "serve", "all", "--once", "--engine",
+                           "nearest-neighbour", "--retrieval-port", str(r_port), "--port",
+                           str(w_port)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "POST /mol2cap -> The molecule is" in done.stdout
+    assert "POST /cap2mol -> " in done.stdout and "(valid: True" in done.stdout
+    assert f"curl -s http://127.0.0.1:{w_port}/mol2cap" in done.stdout
+    for port in (r_port, w_port):  # both stopped
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
