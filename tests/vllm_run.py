@@ -1,0 +1,117 @@
+"""The vLLM half of tests/test_vllm.py, run with .venv-vllm/bin/python (vLLM lives in an
+environment of its own): reads a spec (JSON), runs the vllm engine the way the translation worker
+does, writes what it saw (JSON). The test asserts; this script only runs and reports.
+
+    .venv-vllm/bin/python tests/vllm_run.py SPEC.json OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+
+def in_thread(fn):
+    """``fn()`` in a new thread: its result, or the exception it raised."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (handed back to the caller)
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="vllm-test")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def tiny_checks(spec: dict) -> dict:
+    from icma.engines import Adapter, GenerationInput, GenerationParams, load_engine
+    from icma.errors import InputError
+
+    # As the worker does: the engine built in one background thread, generate() called from
+    # another one.
+    eng = in_thread(lambda: load_engine("vllm", model=spec["model"]))
+    items = [GenerationInput("mol2cap", p) for p in spec["prompts"]]
+    greedy = GenerationParams(decoding="greedy", max_new_tokens=spec["max_new_tokens"], stop=())
+    first, second = (Adapter(spec["adapter_name"], Path(p)) for p in spec["adapters"])
+
+    def texts(gens):
+        return [g.text for g in gens]
+
+    def run_all():
+        out: dict = {}
+        base = eng.generate(items, greedy)
+        out["base"] = texts(base)
+        out["base_finish"] = [g.finish_reason for g in base]
+        out["prompt_tokens"] = [g.prompt_tokens for g in base]
+        out["count_tokens"] = [eng.count_tokens(p) for p in spec["prompts"]]
+        adapted = eng.generate(items, greedy, adapter=first)
+        out["adapted"] = texts(adapted)
+        out["adapted_finish"] = [g.finish_reason for g in adapted]
+        out["adapted_completion_tokens"] = [g.completion_tokens for g in adapted]
+        out["base_again"] = texts(eng.generate(items, greedy))
+        out["adapted_again"] = texts(eng.generate(items, greedy, adapter=first))
+        # The same name, re-trained into a new folder: the new weights serve.
+        out["retrained"] = texts(eng.generate(items, greedy, adapter=second))
+        beam = GenerationParams(decoding="beam", num_beams=2, max_new_tokens=spec["max_new_tokens"],
+                                stop=())
+        out["beam_adapted"] = texts(eng.generate(items, beam, adapter=second))
+        sample = GenerationParams(max_new_tokens=spec["max_new_tokens"], stop=(), seed=7)
+        out["sampled"] = [texts(eng.generate(items, sample)) for _ in range(2)]
+        stop = spec["stop_text"]
+        out["stopped"] = [(g.text, g.finish_reason) for g in eng.generate(
+            items, GenerationParams(decoding="greedy", max_new_tokens=spec["max_new_tokens"],
+                                    stop=(stop,)), adapter=second)]
+        for key, folder in (("bad_adapter", spec["bad_adapter"]),
+                            ("missing_adapter", spec["missing_adapter"])):
+            try:
+                eng.generate(items, greedy, adapter=Adapter("bad", Path(folder)))
+                out[key] = None
+            except InputError as exc:
+                out[key] = {"field": exc.field, "message": str(exc)}
+        try:
+            eng.generate([GenerationInput("mol2cap", "acid " * 600)], greedy)
+            out["too_long"] = None
+        except InputError as exc:
+            out["too_long"] = {"field": exc.field, "message": str(exc)}
+        out["after_bad_adapter"] = texts(eng.generate(items, greedy))  # the engine lives on
+        return out
+
+    result = in_thread(run_all)
+    eng.close()
+    return result
+
+
+def smollm2_checks(spec: dict) -> dict:
+    from icma.engines import GenerationParams, load_engine
+    from icma.prompts import Example
+    from icma.translate import PromptOptions, translate
+
+    eng = load_engine("vllm", model=spec["model"])
+    examples = [Example(s, c) for s, c in spec["examples"]]
+    params = GenerationParams.for_task("mol2cap", decoding="greedy",
+                                       max_new_tokens=spec["max_new_tokens"])
+    out = translate("mol2cap", spec["queries"], [examples] * len(spec["queries"]), eng,
+                    params=params, prompt=PromptOptions(prime_answer=True))
+    result = {"answers": [t.answer for t in out], "raw": [t.raw for t in out],
+              "prompt_tokens": [t.prompt_tokens for t in out],
+              "count_tokens": eng.count_tokens(spec["count_text"])}
+    eng.close()
+    return result
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = {"tiny": tiny_checks(spec["tiny"]), "smollm2": smollm2_checks(spec["smollm2"])}
+    Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process, which imports this module again
+    main()
