@@ -7,7 +7,6 @@ import json
 import pytest
 
 from icma.cli import main
-from tests.test_engines import tiny_model  # noqa: F401  (a fixture)
 
 
 def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypatch, capsys):  # noqa: F811
