@@ -39,7 +39,7 @@ from benchmarks.common import REPO, RESULTS, SHARED, git_commit, machine, pct, w
 LATENCY_QUERIES = 20
 JOB_ITEMS = 64
 JOB_BATCH = 16
-REPEATS = 3
+REPEATS = 2
 RETRIEVAL_PORT, WORKER_PORT = 18001, 18000
 
 
@@ -97,7 +97,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
     gp = GenerationParams.for_task("mol2cap", **params)
     times: dict[str, list[float]] = {"job": [], "direct": []}
     answers: dict[str, list[str]] = {}
-    for rep in range(REPEATS):
+    def run_direct() -> None:
         t0 = time.perf_counter()
         direct = []
         for lo in range(0, len(queries), JOB_BATCH):
@@ -107,6 +107,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
         times["direct"].append(time.perf_counter() - t0)
         answers["direct"] = [t.answer for t in direct]
 
+    def run_job() -> None:
         t0 = time.perf_counter()
         job = httpx.post(worker + "/v1/jobs", json={
             "task": "mol2cap", "items": queries,
@@ -115,7 +116,13 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
         lines = httpx.get(worker + f"/v1/jobs/{job['id']}/results", timeout=3600).text
         times["job"].append(time.perf_counter() - t0)
         answers["job"] = [json.loads(x)["prediction"] for x in lines.splitlines()]
-        print(f"run {rep + 1}: direct {times['direct'][-1]:.1f} s, job {times['job'][-1]:.1f} s")
+
+    for rep in range(REPEATS):
+        # Alternate which goes first, so that drift on a shared machine hits both alike.
+        for run in ((run_direct, run_job) if rep % 2 == 0 else (run_job, run_direct)):
+            run()
+        print(f"run {rep + 1}: direct {times['direct'][-1]:.1f} s, job {times['job'][-1]:.1f} s",
+              flush=True)
     same = sum(a == b for a, b in zip(answers["job"], answers["direct"]))
     return {"times_s": times, "same_answers": same, "n": len(queries)}
 
@@ -125,12 +132,13 @@ def report(lat: dict, jobs: dict, started: str) -> str:
 
     lines = [
         "# Translation worker: latency breakdown and job overhead", "",
-        f"Run {started} on {machine()}, torch {torch.__version__}, commit {git_commit()}. "
+        f"On {machine()} (the date is this file's), torch {torch.__version__}, commit {git_commit()}. "
         "Both services started with the "
         "product's commands on 127.0.0.1 (one process each), the embedded ChEBI-20 corpus "
         "(validation + test, 6,601 pairs) and the shipped SmolLM2-135M-Instruct in float32 "
         "(the CPU default), 2 torch threads. Produced by `benchmarks/bench_worker.py`.", "",
         "## Per-request latency (one request at a time)", "",
+        f"Run {started}.", "",
         f"The first {LATENCY_QUERIES} ChEBI-20 test molecules (mol2cap: SMILES in, 2 graph-"
         "retrieved examples) and their captions (cap2mol: 4 BM25 examples), each excluding its "
         "own CID; ICMA's sampling (temperature 0.7, top_p 0.85, top_k 40), at most 128 new "
@@ -167,7 +175,8 @@ def report(lat: dict, jobs: dict, started: str) -> str:
         "the same examples with the engine in the benchmark's process. Job: `POST /v1/jobs`, "
         "timed until the last result line was read from `GET /v1/jobs/{id}/results` "
         "(retrieval, SQLite writes and HTTP included). "
-        f"Alternated, {REPEATS} runs each; the worker was idle otherwise.", "",
+        f"{REPEATS} runs each, alternating which goes first; the worker was idle otherwise. "
+        f"Run {jobs.get('started', started)}.", "",
         "| path | median s | runs (s) | items/s |", "| --- | ---: | --- | ---: |",
         f"| engine directly | {dj:.1f} | {', '.join(f'{x:.1f}' for x in t['direct'])} | "
         f"{jobs['n'] / dj:.2f} |",
@@ -201,7 +210,11 @@ def plot(lat: dict, path: Path) -> None:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="latency,jobs",
+                    help="what to run; a part left out keeps its figures from worker.json")
+    parts = set(ap.parse_args().parts.split(","))
     from icma.corpus import read_corpus
 
     started = time.strftime("%Y-%m-%d %H:%M")
@@ -218,14 +231,20 @@ def main() -> None:
     try:
         procs.append(start(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
                             retrieval], worker, env))
-        lat = latency(worker, test)
-        jobs = job_overhead(worker, retrieval, test)
+        old = (json.loads((RESULTS / "worker.json").read_text())
+               if (RESULTS / "worker.json").exists() else {})
+        lat = latency(worker, test) if "latency" in parts else old["latency"]
+        lat_started = started if "latency" in parts else old.get("latency_started", "?")
+        jobs = job_overhead(worker, retrieval, test) if "jobs" in parts else old["jobs"]
+        if "jobs" in parts:
+            jobs["started"] = started
     finally:
         for p in procs:
             p.terminate()
             p.wait(timeout=60)
-    (RESULTS / "worker.json").write_text(json.dumps({"latency": lat, "jobs": jobs}, indent=1))
-    write("worker.md", report(lat, jobs, started))
+    (RESULTS / "worker.json").write_text(json.dumps(
+        {"latency": lat, "latency_started": lat_started, "jobs": jobs}, indent=1))
+    write("worker.md", report(lat, jobs, lat_started))
     plot(lat, RESULTS / "worker.png")
 
 
