@@ -176,8 +176,9 @@ def main() -> None:
         t0 = time.perf_counter()
         gens = hf.generate(inputs, params())
         runs["transformers"].append(summary(gens, time.perf_counter() - t0))
+        runs["transformers"][-1]["load_after"] = os.getloadavg()[0]
         for name, proc in engines.items():
-            runs[name].append(proc.run())
+            runs[name].append({**proc.run(), "load_after": os.getloadavg()[0]})
         print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s"
                                                 for k, v in runs.items()), flush=True)
     infos = {name: proc.info for name, proc in engines.items()}
@@ -190,6 +191,7 @@ def main() -> None:
         secs = statistics.median(r["seconds"] for r in rs)
         tokens = statistics.median(r["completion_tokens"] for r in rs)
         rows.append({"engine": name, "seconds": secs, "runs": [r["seconds"] for r in rs],
+                     "load_after_runs": [r["load_after"] for r in rs],
                      "completion_tokens": tokens, "prompt_tokens": rs[0]["prompt_tokens"],
                      "stopped_by_length": rs[0]["stopped_by_length"],
                      "tokens_per_s": tokens / secs, "prompts_per_s": len(inputs) / secs,
