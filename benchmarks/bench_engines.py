@@ -152,10 +152,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite engines.md from engines.json")
     ap.add_argument("--serve-vllm", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_vllm:
         return serve_vllm(args.serve_vllm)
+    if args.render:
+        payload = json.loads((RESULTS / "engines.json").read_text())
+        write("engines.md", render(payload, payload["queries"]))
+        return
 
     import torch
     import transformers
@@ -235,12 +241,13 @@ def render(p: dict, n: int) -> str:
         f"{p['kv_cache_gib']} GiB. One-minute load average before the benchmark started: "
         f"{p['load_average_before']:.2f} (other work sharing the 2 cores makes timings slower "
         "and noisier, transformers' 2-thread batches most).", "",
-        "| engine | batching | generate s (median) | runs s | new tokens | tokens/s | "
-        "prompts/s | vs transformers | same text as transformers |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        "| engine | batching | generate s (median) | runs s | load after runs | new tokens | "
+        "tokens/s | prompts/s | vs transformers | same text as transformers |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in p["rows"]:
         lines.append(f"| {r['engine']} | {r['batching']} | {r['seconds']:.1f} | "
-                     + " / ".join(f"{s:.1f}" for s in r["runs"])
+                     + " / ".join(f"{s:.1f}" for s in r["runs"]) + " | "
+                     + " / ".join(f"{x:.1f}" for x in r["load_after_runs"])
                      + f" | {r['completion_tokens']:.0f} | {r['tokens_per_s']:.1f} | "
                      f"{r['prompts_per_s']:.2f} | {r['speed_vs_transformers']:.2f}x | "
                      f"{r['same_text_as_transformers']}/{n} |")
@@ -248,7 +255,11 @@ def render(p: dict, n: int) -> str:
               f"the token limit (transformers): {p['rows'][0]['stopped_by_length']}/{n}.",
               "vLLM's default on this 2-core machine reserves one core for its scheduler "
               "process (`vllm`); `VLLM_CPU_NUM_OF_RESERVED_CPU=0` lets its worker compute on "
-              "both (`vllm, no reserved core`).", ""]
+              "both (`vllm, no reserved core`).",
+              "Load after runs: the one-minute load average just after each run. This "
+              "benchmark's own threads keep it at about 2 (up to about 2.6 for `vllm, no "
+              "reserved core`, whose scheduler shares a core with the worker's threads); "
+              "clearly more means other work shared the cores during that run.", ""]
     return "\n".join(lines)
 
 
