@@ -39,7 +39,7 @@ from benchmarks.common import REPO, RESULTS, SHARED, git_commit, machine, pct, w
 LATENCY_QUERIES = 20
 JOB_ITEMS = 64
 JOB_BATCH = 16
-REPEATS = 2
+REPEATS = 4
 RETRIEVAL_PORT, WORKER_PORT = 18001, 18000
 
 
