@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icma.batching import LoopBatcher, SearchBatcher
-from icma.corpus import Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
+from icma.corpus import EMBEDDED_NAME, Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
 from icma.errors import IcmaError, InputError
 from icma.retrieval import build_index, index_class
 from icma.retrieval.base import Index
@@ -265,6 +265,35 @@ class CorpusStore:
         if self._worker is None:  # synchronous mode (no background thread)
             self._build(self._queue.pop(0))
         return entry
+
+
+def open_corpus(spec: str, data_dir: Path, field: str = "corpus",
+                captions: bool = True) -> Corpus:
+    """A corpus by what users call it: ``embedded``, a TSV/JSONL file, or the name of a corpus
+    the retrieval service holds in ``data_dir``. Empty corpora, and corpora without captions
+    where captions are needed, are errors naming ``field``."""
+    stored = Path(data_dir) / "corpora" / f"{spec}.tsv"
+    try:
+        if spec in ("embedded", EMBEDDED_NAME):
+            corpus = embedded_corpus()
+        elif Path(spec).expanduser().is_file():
+            corpus, _ = read_corpus(Path(spec).expanduser())
+        elif NAME_RE.match(spec) and stored.is_file():
+            corpus, _ = read_corpus(stored, name=spec)
+        else:
+            corpus = None
+    except IcmaError as exc:  # the reader's own message, under the caller's field
+        raise InputError(str(exc).split(": ", 1)[-1] if exc.field else str(exc),
+                         field=field) from None
+    if corpus is None:
+        raise InputError(f"{spec!r} is neither a corpus file nor a corpus of the retrieval "
+                         f"service (in {Path(data_dir) / 'corpora'}) nor 'embedded'", field=field)
+    if len(corpus) == 0:
+        raise InputError(f"{spec} holds no usable records", field=field)
+    if captions and not corpus.has_captions:
+        raise InputError(f"{spec} has no captions (a description column is needed)",
+                         field=field)
+    return corpus
 
 
 def _freeze_heap() -> None:

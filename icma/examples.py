@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from icma.batching import LoopBatcher, SearchBatcher
+from icma.corpus import Record
+from icma.errors import InputError
 from icma.prompts import Example
 from icma.rerank import RerankConfig
 from icma.retrieval.base import Exclusion, ExclusionRule, Hit, Index
@@ -54,14 +56,28 @@ def training_contexts(
     *,
     rerank: RerankConfig = RerankConfig(),
     rule: ExclusionRule = ExclusionRule(),
+    records: Sequence[Record] | None = None,
 ) -> list[list[Example]]:
-    """Examples for every record of the index's own corpus, never containing the record itself.
+    """Examples for every training record (default: the index's own corpus), never containing
+    the record itself.
 
     ICMA excluded the query by position and so leaked the answer wherever a CID repeats; here
     the exclusion is by CID (and optionally by structure or caption), checked after retrieval.
+    Each record is searched exactly as the worker searches a served query (the canonical SMILES
+    or the caption, which also seeds the random walk), so that a training prompt is the one
+    serving would build for the same query with the record's CID excluded.
     """
-    records = index.corpus.records
-    queries = [index.query_text(r) for r in records]
+    records = index.corpus.records if records is None else list(records)
+    queries = [training_query(index, r) for r in records]
     exclusions = [rule.for_record(r) for r in records]
     return retrieve_examples(index, queries, n_shot, rerank=rerank, exclusions=exclusions,
-                             keys=[r.cid for r in records])
+                             keys=queries)
+
+
+def training_query(index: Index, record: Record) -> str:
+    """The query the worker would send for this record: canonical SMILES, or the caption."""
+    if index.modality == "molecule":
+        if record.canonical is None:
+            raise InputError(f"record {record.cid}: its SMILES does not parse", field="smiles")
+        return record.canonical
+    return record.description

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     started REAL,
     finished REAL,
-    message TEXT                   -- why it failed, or what it waits for
+    message TEXT,                  -- why it failed, or what it waits for
+    progress TEXT                  -- JSON: a tune job's phase, step, loss, ...
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS items (
@@ -94,6 +95,7 @@ class Job:
     started: float | None
     finished: float | None
     message: str | None
+    progress: dict | None = None
 
     @property
     def active(self) -> bool:
@@ -176,6 +178,9 @@ class JobStore:
         self._lock = threading.RLock()
         with self._lock:
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "progress" not in columns:  # a store written before tune jobs existed
+                self._db.execute("ALTER TABLE jobs ADD COLUMN progress TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -226,11 +231,20 @@ class JobStore:
                                     f"LIMIT ?", (*args, limit)).fetchall()
         return [_job(r) for r in rows]
 
-    def next_queued(self) -> Job | None:
+    def next_queued(self, kind: str = "translate") -> Job | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'queued' "
-                                   f"ORDER BY seq LIMIT 1").fetchone()
+                                   f"AND kind = ? ORDER BY seq LIMIT 1", (kind,)).fetchone()
         return None if row is None else _job(row)
+
+    def set_progress(self, job_id: str, progress: dict, done: int | None = None,
+                     total: int | None = None) -> None:
+        """A long job's own progress record (tuning: phase, step, loss, ETA), with its
+        step counts as ``done``/``total`` when given."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET progress = ?, done = COALESCE(?, done), "
+                       "total = COALESCE(?, total) WHERE id = ?",
+                       (json.dumps(progress), done, total, job_id))
 
     def set_state(self, job_id: str, state: str, message: str | None = None,
                   only_from: Sequence[str] = ACTIVE) -> bool:
@@ -304,11 +318,12 @@ class JobStore:
 
 
 _JOB_COLUMNS = ("id, kind, task, state, options, total, done, failed, created, started, "
-                "finished, message")
+                "finished, message, progress")
 
 
 def _job(row) -> Job:
-    return Job(row[0], row[1], row[2], row[3], json.loads(row[4]), *row[5:])
+    return Job(row[0], row[1], row[2], row[3], json.loads(row[4]), *row[5:12],
+               json.loads(row[12]) if row[12] else None)
 
 
 class _Transaction:

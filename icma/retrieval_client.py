@@ -190,27 +190,61 @@ class LocalRetriever:
 
     def examples(self, task: Task, queries: Sequence[str], k: int,
                  options: RetrievalOptions) -> list[list[Example]]:
-        from icma import chem
-        from icma.examples import retrieve_examples
-        from icma.rerank import RerankConfig
-        from icma.retrieval import Exclusion
-
         if k == 0:
             return [[] for _ in queries]
         index = self.store.searcher(options.corpus, options.method_for(task))
-        cids = frozenset(options.exclude_cids)
-        if task == "mol2cap":
-            keys = [chem.canonical_smiles(q) for q in queries]
-            excl = [Exclusion(cids=cids, canonical_smiles=c if options.exclude_same else None)
-                    for c in keys]
-        else:
-            keys = list(queries)
-            excl = [Exclusion(cids=cids, caption=q if options.exclude_same else None)
-                    for q in queries]
-        rerank = (RerankConfig() if options.random_walk is None else
-                  RerankConfig(method="random_walk", skip_prob=options.random_walk[0],
-                               seed=options.random_walk[1]))
-        return retrieve_examples(index, keys, k, rerank=rerank, exclusions=excl, keys=keys)
+        return search_examples(index, task, queries, k, options)
 
     def close(self) -> None:
         pass
+
+
+class IndexRetriever:
+    """Indexes already in memory, by kind (``icma tune`` evaluates over the index it built its
+    training contexts from). ``options.corpus`` must be unset or name the indexes' corpus."""
+
+    def __init__(self, indexes: dict):
+        self.indexes = dict(indexes)
+
+    def examples(self, task: Task, queries: Sequence[str], k: int,
+                 options: RetrievalOptions) -> list[list[Example]]:
+        from icma.errors import InputError
+
+        kind = options.method_for(task)
+        if kind not in self.indexes:
+            raise InputError(f"no {kind} index here (have {', '.join(self.indexes)})",
+                             field="retrieval.method")
+        index = self.indexes[kind]
+        if options.corpus not in (None, index.corpus.name):
+            raise InputError(f"only corpus {index.corpus.name!r} is searched here",
+                             field="retrieval.corpus")
+        if k == 0:
+            return [[] for _ in queries]
+        return search_examples(index, task, queries, k, options)
+
+    def close(self) -> None:
+        pass
+
+
+def search_examples(index, task: Task, queries: Sequence[str], k: int,
+                    options: RetrievalOptions) -> list[list[Example]]:
+    """What the retrieval service does for a request, in this process: canonical SMILES (or the
+    caption) as the query and random-walk key, the options' exclusions and re-ranking."""
+    from icma import chem
+    from icma.examples import retrieve_examples
+    from icma.rerank import RerankConfig
+    from icma.retrieval import Exclusion
+
+    cids = frozenset(options.exclude_cids)
+    if task == "mol2cap":
+        keys = [chem.canonical_smiles(q) for q in queries]
+        excl = [Exclusion(cids=cids, canonical_smiles=c if options.exclude_same else None)
+                for c in keys]
+    else:
+        keys = list(queries)
+        excl = [Exclusion(cids=cids, caption=q if options.exclude_same else None)
+                for q in queries]
+    rerank = (RerankConfig() if options.random_walk is None else
+              RerankConfig(method="random_walk", skip_prob=options.random_walk[0],
+                           seed=options.random_walk[1]))
+    return retrieve_examples(index, keys, k, rerank=rerank, exclusions=excl, keys=keys)

@@ -86,6 +86,26 @@ def adapters(tiny_llama, tmp_path_factory) -> list[Adapter]:
 
 
 @pytest.fixture(scope="module")
+def icmt_adapter(tiny_llama, chebi_val, tmp_path_factory) -> tuple[Adapter, list[str]]:
+    """An adapter made by `icma tune` (ICMT on 16 ChEBI-20 pairs), and two of its training
+    prompts (the worker's prompts for those queries)."""
+    from icma.corpus import write_corpus
+    from icma.tuning import parse_config, tune
+
+    root = tmp_path_factory.mktemp("icmt")
+    write_corpus(chebi_val.subset(range(16), name="train16"), root / "train16.tsv")
+    cfg = parse_config({"task": "mol2cap", "name": "icmt", "base_model": str(tiny_llama),
+                        "train": str(root / "train16.tsv"), "retrieval": "morgan",
+                        "n_shot": 1, "cutoff": 400, "lora_r": 8, "lora_alpha": 16,
+                        "learning_rate": 1e-2, "warmup_steps": 0, "max_steps": 30,
+                        "batch_size": 8, "grad_accum": 1, "seed": 0})
+    tune(cfg, data_dir=root, adapters_dir=root / "adapters")
+    preview = [json.loads(x) for x in (root / "tuning/icmt/examples-preview.jsonl")
+               .read_text().splitlines()]
+    return Adapter("icmt", root / "adapters" / "icmt"), [p["prompt"] for p in preview[:2]]
+
+
+@pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     from icma.models import converted_default
 
@@ -93,7 +113,7 @@ def smollm2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vllm_report(vllm_python, tiny_llama, adapters, smollm2, chebi_val,
+def vllm_report(vllm_python, tiny_llama, adapters, icmt_adapter, smollm2, chebi_val,
                 tmp_path_factory) -> dict:
     """Everything vLLM did (tests/vllm_run.py), in one engine start per model."""
     tmp_path = tmp_path_factory.mktemp("vllm-run")
@@ -106,7 +126,8 @@ def vllm_report(vllm_python, tiny_llama, adapters, smollm2, chebi_val,
         "tiny": {"model": str(tiny_llama), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS,
                  "adapter_name": ADAPTER_NAME, "adapters": [str(a.path) for a in adapters],
                  "stop_text": "acid", "bad_adapter": str(bad),  # a config, no weights
-                 "missing_adapter": str(tmp_path / "nowhere")},
+                 "missing_adapter": str(tmp_path / "nowhere"),
+                 "icmt_adapter": str(icmt_adapter[0].path), "icmt_prompts": icmt_adapter[1]},
         "smollm2": {"model": str(smollm2), "queries": [r.smiles for r in recs[:2]],
                     "examples": [[r.smiles, r.description] for r in recs[10:12]],
                     "max_new_tokens": 32, "count_text": recs[0].description},
@@ -143,6 +164,18 @@ def test_adapter_applied_as_trained(vllm_report, tiny_llama, adapters):
     hf_adapted = hf.generate(items, greedy, adapter=adapters[0])
     assert [g.text for g in hf_adapted] == tiny["adapted"]
     assert [g.completion_tokens for g in hf_adapted] == tiny["adapted_completion_tokens"]
+
+
+def test_adapter_from_icma_tune_served_by_vllm(vllm_report, tiny_llama, icmt_adapter):
+    """The adapter `icma tune` wrote loads in vLLM as a LoRARequest and writes what the
+    transformers engine (peft) writes with it, which is not what the base model writes."""
+    adapter, prompts = icmt_adapter
+    tiny = vllm_report["tiny"]
+    assert tiny["icmt"] != tiny["icmt_base"]
+    hf = load_engine("transformers", model=str(tiny_llama), device="cpu")
+    greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
+    items = [GenerationInput("mol2cap", p) for p in prompts]
+    assert [g.text for g in hf.generate(items, greedy, adapter=adapter)] == tiny["icmt"]
 
 
 def test_adapters_switch_per_call_in_one_engine(vllm_report):

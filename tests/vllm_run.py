@@ -82,6 +82,11 @@ def tiny_checks(spec: dict) -> dict:
         except InputError as exc:
             out["too_long"] = {"field": exc.field, "message": str(exc)}
         out["after_bad_adapter"] = texts(eng.generate(items, greedy))  # the engine lives on
+        # An adapter written by `icma tune`, on the prompts it was trained with.
+        icmt = [GenerationInput("mol2cap", p) for p in spec["icmt_prompts"]]
+        out["icmt_base"] = texts(eng.generate(icmt, greedy))
+        out["icmt"] = texts(eng.generate(icmt, greedy, adapter=Adapter("icmt", Path(
+            spec["icmt_adapter"]))))
         return out
 
     result = in_thread(run_all)

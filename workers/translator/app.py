@@ -22,21 +22,24 @@ from icma.adapters import AdapterRegistry
 from icma.engines import Adapter, Generation, GenerationInput, GenerationParams, Generator, \
     load_engine
 from icma.errors import InputError
-from icma.jobs import Item, JobRunner, JobStore, iter_results, parse_items
+from icma.jobs import Item, JobConflict, JobRunner, JobStore, iter_results, parse_items
 from icma.pipeline import DEFAULT_SHOTS, Options, Outcome, batch_translator, run_batch
 from icma.retrieval_client import METHODS, HttpRetriever, RetrievalOptions, Retriever
 from icma.scheduler import BATCH, INTERACTIVE, GenerationQueue
 from icma.settings import Settings, get_settings
+from icma.tuning import parse_config
+from icma.tuning.jobs import TuneRunner
+from icma.tuning.run import check_sources
 from icma.web import ERROR_RESPONSES, BodyLimit, Metrics, api_key_dependency, \
     install_error_handlers, install_health
 from workers.translator.protocol import (
     AdapterOut,
     Adapters,
+    AnyJobCreate,
     Cap2MolRequest,
     Cap2MolResponse,
     ExampleUsed,
     Job,
-    JobCreate,
     JobList,
     JobOptions,
     Mol2CapRequest,
@@ -106,7 +109,16 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
         g = req.generation.model_dump()
         if g["repetition_penalty"] is None:
             del g["repetition_penalty"]
-        adapter = registry.get(req.adapter).as_adapter() if req.adapter else None
+        adapter, prime = None, req.prime_answer
+        if req.adapter:
+            info = registry.get(req.adapter)
+            adapter = info.as_adapter()
+            if info.task and info.task != task:
+                raise InputError(f"adapter {info.name!r} was tuned for {info.task}, not {task}",
+                                 field="adapter")
+            tuned_prime = (info.manifest.get("prompt") or {}).get("prime_answer")
+            if prime is None and isinstance(tuned_prime, bool):
+                prime = tuned_prime  # serve it with the prompt form it learned
         return Options(
             n_shot=n_shot,
             retrieval=RetrievalOptions(
@@ -116,7 +128,7 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
                 random_walk=None if r.random_walk is None else (r.random_walk.skip_probability,
                                                                 r.random_walk.seed)),
             params=GenerationParams.for_task(task, **g), adapter=adapter,
-            prime_answer=req.prime_answer, cutoff=req.cutoff, num_candidates=num_candidates)
+            prime_answer=prime, cutoff=req.cutoff, num_candidates=num_candidates)
 
     def job_options(task: str, raw: dict) -> Options:
         opts = JobOptions.model_validate(raw)
@@ -124,12 +136,15 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
 
     runner = JobRunner(store, batch_translator(retriever, batch, job_options),
                        batch_size=settings.job_batch_size)
+    tuner = TuneRunner(store, settings.data_dir, settings.adapters_path())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         queue.start()
-        runner.start()
+        runner.start()  # (also queues jobs left running by a stopped worker again)
+        tuner.start()
         yield
+        tuner.stop()
         runner.stop()
         queue.stop()
         store.close()
@@ -139,6 +154,7 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
                               "with retrieved in-context examples, batch jobs and LoRA "
                               "adapters.")
     app.state.settings, app.state.queue, app.state.store = settings, queue, store
+    app.state.tuner = tuner
     install_error_handlers(app)
     metrics.install(app)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
@@ -204,7 +220,9 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
         served at once)."""
         return Adapters(directory=str(registry.root), adapters=[
             AdapterOut(name=a.name, base_model=a.base_model, r=a.r, lora_alpha=a.lora_alpha,
-                       target_modules=a.target_modules, task=a.task) for a in registry.list()])
+                       target_modules=a.target_modules, task=a.task,
+                       prime_answer=(a.manifest.get("prompt") or {}).get("prime_answer"),
+                       evaluation=_evaluation(a.manifest)) for a in registry.list()])
 
     def job_out(job) -> Job:
         return Job(id=job.id, kind=job.kind, task=job.task, state=job.state, total=job.total,
@@ -212,7 +230,8 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
                    progress=round(job.done / job.total, 4) if job.total else 1.0,
                    created=job.created, started=job.started, finished=job.finished,
                    message=job.message, options=job.options,
-                   results_url=f"{JOBS_PATH}/{job.id}/results")
+                   results_url=f"{JOBS_PATH}/{job.id}/results" if job.kind == "translate"
+                   else None, tuning=job.progress if job.kind == "tune" else None)
 
     def submit(task: str, items: list[Item], opts: JobOptions) -> JSONResponse:
         if len(items) > settings.max_job_items:
@@ -230,12 +249,36 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
 
     @app.post(JOBS_PATH, response_model=Job, status_code=202, dependencies=guarded,
               tags=["jobs"], responses=job_responses)
-    def create_job(req: JobCreate):
-        """Queue a batch translation job; follow it at GET /v1/jobs/{id}, read its results
-        (JSON lines, input order) at GET /v1/jobs/{id}/results."""
+    def create_job(req: AnyJobCreate):
+        """Queue a job. ``kind: translate`` (the default): a batch translation; follow it at
+        GET /v1/jobs/{id}, read its results (JSON lines, input order) at
+        GET /v1/jobs/{id}/results. ``kind: tune``: in-context molecule tuning; GET
+        /v1/jobs/{id} reports its phase, step, loss and ETA, and on success the adapter is in
+        GET /v1/adapters under ``options.name``."""
+        if req.kind == "tune":
+            return submit_tune(req.task, req.options.model_dump(exclude_unset=True))
         items = [Item(x) if isinstance(x, str) else Item(x.input, x.id, x.reference)
                  for x in req.items]
         return submit(req.task, items, req.options)
+
+    def submit_tune(task: str, raw: dict) -> JSONResponse:
+        try:
+            cfg = parse_config({**raw, "task": task})  # cross-field checks, as the CLI's
+            check_sources(cfg, settings.data_dir)
+        except InputError as exc:
+            raise InputError(str(exc).split(": ", 1)[-1], field=f"options.{exc.field}") \
+                from None
+        if (registry.root / cfg.name).exists():
+            raise JobConflict(f"adapter {cfg.name!r} exists already; choose another name",
+                              field="options.name")
+        for other in store.list("queued") + store.list("running"):
+            if other.kind == "tune" and other.options.get("name") == cfg.name:
+                raise JobConflict(f"job {other.id} is tuning {cfg.name!r} already",
+                                  field="options.name")
+        job = store.create("tune", task, raw, [], max_active=settings.max_jobs)
+        tuner.wake()
+        return JSONResponse(job_out(job).model_dump(), status_code=202,
+                            headers={"Location": f"{JOBS_PATH}/{job.id}"})
 
     @app.post(JOBS_PATH + "/upload", response_model=Job, status_code=202, dependencies=guarded,
               tags=["jobs"], responses=job_responses)
@@ -285,7 +328,9 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
                                       "stop at the first unfinished one")):
         """Results as JSON lines in input order, streamed (``icma eval --format jsonl`` reads
         them)."""
-        store.get(job_id)  # 404 before the stream starts
+        if store.get(job_id).kind != "translate":  # 404 before the stream starts
+            raise JobConflict("a tune job has no result lines: GET /v1/jobs/{id} reports it "
+                              "and its adapter is listed at GET /v1/adapters", field="job_id")
         return StreamingResponse(iter_results(store, job_id, follow=follow),
                                  media_type="application/x-ndjson")
 
@@ -296,3 +341,12 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
         return job_out(store.cancel(job_id))
 
     return app
+
+
+def _evaluation(manifest: dict) -> dict | None:
+    ev = manifest.get("evaluation") or {}
+    metrics = ev.get("metrics")
+    if not metrics:
+        return None
+    return {"split": ev.get("split"), "n": ev.get("n"),
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from icma.chem import MAX_SMILES_CHARS
 from icma.prompts import MAX_QUERY_CHARS
+from icma.tuning.config import TuneOptions
 from services.retrieval.protocol import RandomWalk
 
 Method = Literal["graph", "morgan", "rdkit", "random", "bm25", "sentence"]
@@ -144,15 +145,39 @@ class JobOptions(_Translate):
 
 
 class JobCreate(Strict):
+    """A batch translation job."""
+
+    kind: Literal["translate"] = "translate"
     task: Literal["mol2cap", "cap2mol"]
     items: list[JobItem | str] = Field(min_length=1, description="inputs, or objects with "
                                                                 "an input, id and reference")
     options: JobOptions = Field(default_factory=JobOptions)
 
 
+class TuneJobCreate(Strict):
+    """An in-context molecule tuning job: the adapter is registered under ``options.name``
+    when it succeeds."""
+
+    kind: Literal["tune"]
+    task: Literal["mol2cap", "cap2mol"]
+    options: TuneOptions
+
+
+def _job_kind(body) -> str:
+    kind = body.get("kind", "translate") if isinstance(body, dict) else getattr(body, "kind",
+                                                                                "translate")
+    return kind if kind in ("translate", "tune") else "translate"
+
+
+#: ``kind`` picks the schema; without it a body is a translation job (as before tune jobs).
+AnyJobCreate = Annotated[Union[Annotated[JobCreate, Tag("translate")],
+                               Annotated[TuneJobCreate, Tag("tune")]],
+                         Discriminator(_job_kind)]
+
+
 class Job(BaseModel):
     id: str
-    kind: Literal["translate"]
+    kind: Literal["translate", "tune"]
     task: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     total: int
@@ -164,7 +189,11 @@ class Job(BaseModel):
     finished: float | None
     message: str | None = Field(description="why it failed, or what it is waiting for")
     options: dict
-    results_url: str
+    results_url: str | None = Field(description="translation jobs: their result lines")
+    tuning: dict | None = Field(
+        default=None, description="tune jobs: phase, step, total_steps, epoch, loss, "
+                                  "learning_rate, tokens_per_s, eta_s; when done the adapter "
+                                  "and its evaluation metrics")
 
 
 class JobList(BaseModel):
@@ -178,6 +207,12 @@ class AdapterOut(BaseModel):
     lora_alpha: float | None
     target_modules: list[str]
     task: str | None = Field(description="from the adapter's manifest, when tuning wrote one")
+    prime_answer: bool | None = Field(
+        default=None, description="the prompt form it was tuned on (the default for requests "
+                                  "that use it), from the manifest")
+    evaluation: dict | None = Field(default=None,
+                                    description="metrics measured after tuning, from the "
+                                                "manifest")
 
 
 class Adapters(BaseModel):
