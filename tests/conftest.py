@@ -64,6 +64,22 @@ def tiny_model(tmp_path_factory, shared):
 
 
 @pytest.fixture(scope="session")
+def tiny_learner(tiny_model, tmp_path_factory):
+    """The tiny Llama with larger random weights (initializer range 0.5): a LoRA on it can move
+    the loss visibly in a few steps. With the default 0.02 the frozen output head and final norm
+    bound every logit near zero, so no adapter can bring the loss far below ln(vocabulary)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-learner")
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The shipped default LLM, converted once into a session data directory."""
     from icma.models import converted_default

@@ -1,0 +1,160 @@
+"""The model being tuned: base model and tokenizer, precision, LoRA layers or full weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from icma.errors import InputError
+from icma.models import resolve_model
+from icma.tuning.config import TuneConfig
+
+
+def pick_device(device: str) -> str:
+    from icma.engines.hf import pick_device as engine_device
+
+    return engine_device(device)
+
+
+def pick_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    if precision == "float16" and device == "cpu":
+        raise InputError("float16 training needs a GPU; use float32 or bfloat16 on the CPU",
+                         field="precision")
+    return precision
+
+
+def load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_base(base_model)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a tokenizer from {base_model!r}: {exc}",
+                         field="base_model") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.pad_token_id is None:
+        raise InputError(f"{base_model}: the tokenizer has neither a pad nor an EOS token",
+                         field="base_model")
+    return tok
+
+
+def config_eos_id(base_model: str) -> int | None:
+    """The EOS id in the model's config (tokenizers such as BERT's have none of their own)."""
+    from transformers import AutoConfig
+
+    try:
+        eos = AutoConfig.from_pretrained(resolve_base(base_model)).eos_token_id
+    except (OSError, ValueError):
+        return None
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
+def resolve_base(base_model: str) -> str:
+    try:
+        return resolve_model(base_model)
+    except InputError as exc:
+        raise InputError(str(exc).split(": ", 1)[-1], field="base_model") from None
+
+
+def load_model(cfg: TuneConfig, device: str, precision: str):
+    """The base model ready to train: float32 master weights (mixed precision comes from
+    autocast in the loop) or, for quantised LoRA, 8/4-bit weights on the GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base(cfg.base_model)
+    kwargs: dict = {"dtype": torch.float32}
+    if cfg.quantization != "none":
+        if not device.startswith("cuda"):
+            raise InputError("8/4-bit loading needs a GPU (bitsandbytes); this run is on the "
+                             "CPU", field="quantization")
+        from transformers import BitsAndBytesConfig
+
+        kwargs = {"quantization_config": BitsAndBytesConfig(
+            load_in_8bit=cfg.quantization == "8bit", load_in_4bit=cfg.quantization == "4bit",
+            bnb_4bit_compute_dtype=torch.bfloat16), "device_map": {"": device}}
+    try:
+        net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load {cfg.base_model!r} as a causal language model: {exc}",
+                         field="base_model") from None
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        net = prepare_model_for_kbit_training(net)
+    else:
+        net = net.to(device)
+    net.config.use_cache = False  # no generation while training
+    if cfg.method == "lora":
+        net = add_lora(net, cfg)
+    return net
+
+
+def lora_targets(net) -> list[str]:
+    """Every Linear layer but the output head, by the names peft matches (ICMA's rule; on
+    Llama/Mistral q,k,v,o,gate,up,down, on OPT/Galactica q,k,v,out_proj,fc1,fc2)."""
+    import torch
+
+    head = net.get_output_embeddings()
+    names = set()
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+        elif type(module).__name__ in ("Linear8bitLt", "Linear4bit") and module is not head:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise InputError("the base model has no Linear layers besides its output head to put "
+                         "LoRA on; give target_modules", field="target_modules")
+    return sorted(names)
+
+
+def add_lora(net, cfg: TuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    available = lora_targets(net)
+    targets = cfg.target_modules or available
+    missing = sorted(set(targets) - set(available))
+    if missing:
+        raise InputError(f"no Linear layers named {', '.join(missing)} in the base model; it "
+                         f"has {', '.join(available)}", field="target_modules")
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        bias="none", target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(net, config)
+
+
+def trainable(net) -> dict:
+    return {n: p for n, p in net.named_parameters() if p.requires_grad}
+
+
+def count_parameters(net) -> dict:
+    total = sum(p.numel() for p in net.parameters())
+    train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return {"total": total, "trainable": train}
+
+
+def folder_checksum(path: str | Path) -> str:
+    """SHA-256 over a model folder's weight and config files (names and bytes), so a manifest
+    names exactly the base model an adapter was trained on."""
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: the name is all there is locally
+        return "hub:" + str(path)
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin", ".json", ".model", ".txt")):
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
