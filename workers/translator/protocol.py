@@ -166,12 +166,14 @@ class TuneJobCreate(Strict):
 def _job_kind(body) -> str:
     kind = body.get("kind", "translate") if isinstance(body, dict) else getattr(body, "kind",
                                                                                 "translate")
-    return kind if kind in ("translate", "tune") else "translate"
+    # Tags are the class names: error locations then read like other unions' (icma.web drops
+    # type names from the field it reports).
+    return "TuneJobCreate" if kind == "tune" else "JobCreate"
 
 
 #: ``kind`` picks the schema; without it a body is a translation job (as before tune jobs).
-AnyJobCreate = Annotated[Union[Annotated[JobCreate, Tag("translate")],
-                               Annotated[TuneJobCreate, Tag("tune")]],
+AnyJobCreate = Annotated[Union[Annotated[JobCreate, Tag("JobCreate")],
+                               Annotated[TuneJobCreate, Tag("TuneJobCreate")]],
                          Discriminator(_job_kind)]
 
 
