@@ -78,6 +78,7 @@ def throughput(d: Path) -> dict:
     from icma.tuning import parse_config, tune
 
     os.environ.update({k: v for k, v in env_for(d).items() if k.startswith("ICMA_")})
+    started = time.strftime("%Y-%m-%d %H:%M")
     runs: dict[str, list[dict]] = {"float32": [], "bfloat16": []}
     for rep in range(THROUGHPUT_REPEATS):
         order = ("float32", "bfloat16") if rep % 2 == 0 else ("bfloat16", "float32")
@@ -98,7 +99,7 @@ def throughput(d: Path) -> dict:
             shutil.rmtree(d / "adapters" / name, ignore_errors=True)
             shutil.rmtree(d / "tuning" / name, ignore_errors=True)
     return {"runs": runs, "steps": THROUGHPUT_STEPS, "batch": TUNE["batch_size"],
-            "started": time.strftime("%Y-%m-%d %H:%M")}
+            "started": started}
 
 
 # --- 2. tune -------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ def evaluate_systems(d: Path) -> dict:
     from icma.corpus import read_corpus
     from icma.metrics import evaluate
 
+    started = time.strftime("%Y-%m-%d %H:%M")
     test, _ = read_corpus(SHARED / "data/chebi20/test.txt")
     test = test.records[:QUERIES]
     refs = [r.description for r in test]
@@ -190,7 +192,7 @@ def evaluate_systems(d: Path) -> dict:
         for p in procs:
             p.terminate()
             p.wait(timeout=60)
-    return {"systems": out, "queries": len(test), "started": time.strftime("%Y-%m-%d %H:%M")}
+    return {"systems": out, "queries": len(test), "started": started}
 
 
 # --- report --------------------------------------------------------------------------------

@@ -384,3 +384,24 @@ def test_config_file_and_flags(tmp_path):
     assert (cfg.task, cfg.name, cfg.lora_r, cfg.prime_answer) == ("cap2mol", "from-file", 4,
                                                                   False)
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.random_walk.seed == 3
+
+
+def test_adapter_of_another_base_model_is_a_clear_error(tiny_model, slow_tiny, tmp_path):
+    """An adapter tuned on another base model is the caller's mistake (422 in the worker),
+    whether it is the first adapter the engine loads or a later one; the engine goes on."""
+    from icma.engines import GenerationInput
+    from tests.test_engines import _random_lora
+
+    wrong = _random_lora(slow_tiny, tmp_path / "wrong", 1)  # 128 wide, the engine's is 32
+    right = _random_lora(tiny_model, tmp_path / "right", 2)
+    items = [GenerationInput("mol2cap", "the molecule is")]
+    greedy = GenerationParams(decoding="greedy", max_new_tokens=6, stop=())
+    for first in (None, right):
+        eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+        if first is not None:
+            eng.generate(items, greedy, adapter=first)
+        with pytest.raises(InputError) as e:
+            eng.generate(items, greedy, adapter=wrong)
+        assert e.value.field == "adapter" and "does not fit" in str(e.value)
+        assert eng.generate(items, greedy, adapter=right)[0].text
+        assert eng.generate(items, greedy)[0].text

@@ -163,13 +163,20 @@ class TransformersGenerator(Generator):
             del self._loaded[key]
         if key not in self._loaded:
             _check_adapter(adapter.path)
-            if not self._loaded:
-                from peft import PeftModel
+            try:
+                if not self._loaded:
+                    from peft import PeftModel
 
-                self.net = PeftModel.from_pretrained(self.net, str(adapter.path),
-                                                     adapter_name=key).eval()
-            else:
-                self.net.load_adapter(str(adapter.path), adapter_name=key)
+                    self.net = PeftModel.from_pretrained(self.net, str(adapter.path),
+                                                         adapter_name=key).eval()
+                else:
+                    self.net.load_adapter(str(adapter.path), adapter_name=key)
+            except (RuntimeError, ValueError, KeyError) as exc:  # e.g. tuned on another model
+                if self._loaded and key in getattr(self.net, "peft_config", {}):
+                    self.net.delete_adapter(key)  # no half-loaded adapter stays behind
+                raise InputError(f"adapter {adapter.name!r} does not fit the model "
+                                 f"{self.model or ''}: {str(exc).splitlines()[0][:300]}",
+                                 field="adapter") from None
             self.net.to(self.device)
             self._loaded[key] = adapter.path
         self.net.base_model.enable_adapter_layers()

@@ -185,8 +185,11 @@ def _headline(evaluation: dict | None) -> dict | None:
 
 
 def install_stop_signals(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM and SIGINT set ``stop`` (the loop checkpoints and returns at its next step)."""
+    """SIGTERM and SIGINT set ``stop`` (the loop checkpoints and returns at its next step); a
+    second Ctrl-C interrupts at once (e.g. while contexts are still being retrieved)."""
     def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         stop.set()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
