@@ -71,6 +71,8 @@ bench: setup vllm-env
 	$(BIN)/python benchmarks/bench_generation.py
 	$(BIN)/python benchmarks/bench_worker.py
 	$(BIN)/python benchmarks/bench_engines.py
+	# ICMT: training throughput, a bounded LoRA run of SmolLM2, 200 queries (about 1.5 hours).
+	$(BIN)/python benchmarks/bench_icmt.py --precision bfloat16
 	# End-to-end quality (LLM rows: the first 300 test queries; bfloat16 weights, 128 new
 	# tokens, to fit a CPU; see README).
 	ICMA_GENERATION_BATCH_SIZE=16 $(BIN)/icma bench quality --protocol chebi20-val-test \
