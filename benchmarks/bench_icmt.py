@@ -36,7 +36,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, RESULTS, SHARED, git_commit, machine, write  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    SHARED,
+    git_commit,
+    machine,
+    start_service,
+    write,
+)
 
 CORPUS = "chebi20-validation"
 TRAIN = 500
@@ -121,21 +129,6 @@ def run_tune(d: Path, precision: str) -> dict:
 
 # --- 3. eval -------------------------------------------------------------------------------
 
-def start(args: list[str], url: str, env: dict, timeout: float = 1800) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "icma", "serve", *args, "--log-level",
-                             "warning"], env=env, cwd=REPO)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{args[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit(f"{args[0]} not ready after {timeout:.0f} s")
 
 
 def ask(url: str, test, adapter: str | None) -> dict:
@@ -165,14 +158,15 @@ def evaluate_systems(d: Path) -> dict:
     retrieval = f"http://127.0.0.1:{RETRIEVAL_PORT}"
     worker, nn = f"http://127.0.0.1:{WORKER_PORT}", f"http://127.0.0.1:{NN_PORT}"
     env = env_for(d, ICMA_ADAPTERS_DIR=str(d / "adapters"))
-    procs = [start(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env)]
+    procs = [start_service(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env,
+                           timeout=1800)]
     out = {}
     try:
-        procs.append(start(["worker", "--port", str(NN_PORT), "--retrieval-url", retrieval,
-                            "--engine", "nearest-neighbour"], nn,
-                           {**env, "ICMA_JOBS_DB": str(d / "jobs-nn.sqlite3")}))
-        procs.append(start(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
-                            retrieval], worker, env))
+        procs.append(start_service(["worker", "--port", str(NN_PORT), "--retrieval-url",
+                                    retrieval, "--engine", "nearest-neighbour"], nn,
+                                   {**env, "ICMA_JOBS_DB": str(d / "jobs-nn.sqlite3")}))
+        procs.append(start_service(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
+                                    retrieval], worker, env, timeout=1800))
         for name, url, adapter in (("nearest-neighbour", nn, None),
                                    ("SmolLM2, untuned", worker, None),
                                    ("SmolLM2 + ICMT LoRA", worker, ADAPTER)):

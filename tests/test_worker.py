@@ -18,7 +18,7 @@ from icma.prompts import Example, build_prompt
 from icma.settings import Settings
 from services.retrieval.app import create_app as retrieval_app
 from tests.conftest import REPO, SERVICE_KINDS
-from tests.service_helpers import LiveServer
+from tests.service_helpers import LiveServer, Recording
 from workers.translator.app import create_app as worker_app
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
@@ -36,20 +36,6 @@ def retrieval(svc_dir):
 def worker_settings(tmp: Path, retrieval_url: str, **kw) -> Settings:
     return Settings(data_dir=tmp, retrieval_url=retrieval_url, jobs_db=tmp / "jobs.sqlite3",
                     adapters_dir=tmp / "adapters", progress=False, **kw)
-
-
-class Recording:
-    """Wraps an engine and keeps every prompt it is given (to compare with icma.prompts)."""
-
-    def __init__(self, engine):
-        self.engine, self.prompts = engine, []
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def generate(self, inputs, params, adapter=None):
-        self.prompts.extend(x.prompt for x in inputs)
-        return self.engine.generate(inputs, params, adapter=adapter)
 
 
 @pytest.fixture(scope="module")
