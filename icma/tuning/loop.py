@@ -190,7 +190,7 @@ def _head_split(net):
         return None
 
 
-def _loss_sum(net, enc: dict, head_split) -> "torch.Tensor":
+def _loss_sum(net, enc: dict, head_split):
     """Summed next-token cross-entropy over the labelled positions of one micro-batch."""
     import torch.nn.functional as F
 
