@@ -300,8 +300,8 @@ def main() -> None:
                     help="what to run; a part left out keeps its figures from icmt.json")
     ap.add_argument("--precision", default="float32",
                     help="precision of the tuning run (float32 | bfloat16)")
-    parts = set(ap.parse_args().parts.split(","))
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     d = data_dir()
     res_file = RESULTS / "icmt.json"
     res = json.loads(res_file.read_text()) if res_file.exists() else {}

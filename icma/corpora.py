@@ -267,27 +267,32 @@ class CorpusStore:
         return entry
 
 
+def corpus_source(spec: str, data_dir: Path, field: str = "corpus") -> Path | None:
+    """Where a corpus named by a user lives: None for ``embedded``, else the TSV/JSONL file, or
+    the stored file of a corpus the retrieval service holds in ``data_dir``. An InputError
+    naming ``field`` when it is none of these (nothing is read)."""
+    if spec in ("embedded", EMBEDDED_NAME):
+        return None
+    if Path(spec).expanduser().is_file():
+        return Path(spec).expanduser()
+    stored = Path(data_dir) / "corpora" / f"{spec}.tsv"
+    if NAME_RE.match(spec) and stored.is_file():
+        return stored
+    raise InputError(f"{spec!r} is neither a corpus file nor a corpus of the retrieval "
+                     f"service (in {Path(data_dir) / 'corpora'}) nor 'embedded'", field=field)
+
+
 def open_corpus(spec: str, data_dir: Path, field: str = "corpus",
                 captions: bool = True) -> Corpus:
-    """A corpus by what users call it: ``embedded``, a TSV/JSONL file, or the name of a corpus
-    the retrieval service holds in ``data_dir``. Empty corpora, and corpora without captions
+    """The corpus ``corpus_source`` finds, read. Empty corpora, and corpora without captions
     where captions are needed, are errors naming ``field``."""
-    stored = Path(data_dir) / "corpora" / f"{spec}.tsv"
+    source = corpus_source(spec, data_dir, field)
     try:
-        if spec in ("embedded", EMBEDDED_NAME):
-            corpus = embedded_corpus()
-        elif Path(spec).expanduser().is_file():
-            corpus, _ = read_corpus(Path(spec).expanduser())
-        elif NAME_RE.match(spec) and stored.is_file():
-            corpus, _ = read_corpus(stored, name=spec)
-        else:
-            corpus = None
+        corpus = embedded_corpus() if source is None else read_corpus(
+            source, name=spec if source.parent == Path(data_dir) / "corpora" else None)[0]
     except IcmaError as exc:  # the reader's own message, under the caller's field
         raise InputError(str(exc).split(": ", 1)[-1] if exc.field else str(exc),
                          field=field) from None
-    if corpus is None:
-        raise InputError(f"{spec!r} is neither a corpus file nor a corpus of the retrieval "
-                         f"service (in {Path(data_dir) / 'corpora'}) nor 'embedded'", field=field)
     if len(corpus) == 0:
         raise InputError(f"{spec} holds no usable records", field=field)
     if captions and not corpus.has_captions:

@@ -74,17 +74,12 @@ def tune(cfg: TuneConfig, *, data_dir: str | Path | None = None,
 def check_sources(cfg: TuneConfig, data_dir: Path) -> None:
     """The quick checks of a run's inputs (the base model resolves, each corpus exists), for
     refusing a tune job when it is submitted; ``tune`` checks everything again, in depth."""
-    from icma.corpora import NAME_RE
+    from icma.corpora import corpus_source
 
     resolve_base(cfg.base_model)
     for field in ("train", "contexts", "eval"):
-        spec = getattr(cfg, field)
-        if spec is None or spec == "embedded" or Path(spec).expanduser().is_file():
-            continue
-        if NAME_RE.match(spec) and (data_dir / "corpora" / f"{spec}.tsv").is_file():
-            continue
-        raise InputError(f"{spec!r} is neither a corpus file nor a corpus of the retrieval "
-                         f"service nor 'embedded'", field=field)
+        if getattr(cfg, field) is not None:
+            corpus_source(getattr(cfg, field), data_dir, field)
 
 
 def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, restart) -> dict:
