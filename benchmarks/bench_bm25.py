@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, SHARED, cpu_model  # noqa: E402
-from icma.corpus import read_corpus  # noqa: E402
+from icma.core.corpus import read_corpus  # noqa: E402
 from icma.retrieval.bm25 import BM25Index, icma_tokenize  # noqa: E402
 
 DATA = SHARED / "data/pubchem324k-iupac"

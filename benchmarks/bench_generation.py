@@ -29,9 +29,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from icma.corpus import read_corpus
-    from icma.models import converted_default
-    from icma.prompts import Example, build_prompt
+    from icma.core.corpus import read_corpus
+    from icma.generation.models import converted_default
+    from icma.core.prompts import Example, build_prompt
 
     torch.set_num_threads(2)
     path = converted_default()

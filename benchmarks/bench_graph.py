@@ -66,7 +66,7 @@ def stage_split(enc, smiles: list[str], batch_size: int) -> dict:
     """Seconds spent in each stage of an index build, measured stage by stage."""
     import faiss
 
-    from icma import chem
+    from icma.core import chem
     from icma.retrieval.graph import _normalise
 
     t = {"parse": 0.0, "featurise": 0.0, "gnn": 0.0, "faiss": 0.0}
@@ -94,7 +94,7 @@ def run_encoder(label: str, spec: str, arch: str | None, corpus, queries: list[s
                 threads: int, batch_size: int) -> dict:
     import torch
 
-    from icma.encoders import load_encoder
+    from icma.retrieval.encoders import load_encoder
     from icma.retrieval.graph import GraphIndex
 
     torch.set_num_threads(threads)
@@ -134,9 +134,9 @@ def run(quick: bool, thread_list: list[int], which: str) -> dict:
     import rdkit
     import torch
 
-    from icma.corpus import parse_corpus_text, read_corpus
-    from icma.encoders import MAX_BATCH_ATOMS
-    from icma.settings import get_settings
+    from icma.core.corpus import parse_corpus_text, read_corpus
+    from icma.retrieval.encoders import MAX_BATCH_ATOMS
+    from icma.core.settings import get_settings
 
     load_start = "%.2f / %.2f / %.2f" % os.getloadavg()
     t0 = time.perf_counter()
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from icma.settings import get_settings
+    from icma.core.settings import get_settings
 
     if args.threads:
         thread_list = [int(t) for t in args.threads.split(",")]

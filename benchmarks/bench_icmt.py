@@ -148,8 +148,8 @@ def ask(url: str, test, adapter: str | None) -> dict:
 
 
 def evaluate_systems(d: Path) -> dict:
-    from icma.corpus import read_corpus
-    from icma.metrics import evaluate
+    from icma.core.corpus import read_corpus
+    from icma.evaluation.metrics import evaluate
 
     started = time.strftime("%Y-%m-%d %H:%M")
     test, _ = read_corpus(SHARED / "data/chebi20/test.txt")

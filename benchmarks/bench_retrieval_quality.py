@@ -4,7 +4,7 @@ Protocol ("ChEBI-20 val-to-test"): the 3,301 validation pairs are the database, 
 molecules are the queries; the prediction for a query is the caption of its top-1 retrieved
 molecule. The paper's database is the 26k train split, which is not available offline, so these
 numbers are not comparable with published ones. Scored with BLEU-2/4 and METEOR on SciBERT word
-pieces and ROUGE-1/2/L (MolT5's recipe, ``icma.metrics``).
+pieces and ROUGE-1/2/L (MolT5's recipe, ``icma.evaluation.metrics``).
 
     .venv/bin/python benchmarks/bench_retrieval_quality.py [--limit N]
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, SHARED, machine, write  # noqa: E402
-from icma.corpus import read_corpus  # noqa: E402
-from icma.metrics import CAPTION_TOKENIZER, caption_scores  # noqa: E402
+from icma.core.corpus import read_corpus  # noqa: E402
+from icma.evaluation.metrics import CAPTION_TOKENIZER, caption_scores  # noqa: E402
 from icma.retrieval import build_index  # noqa: E402
 
 KEYS = ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor")

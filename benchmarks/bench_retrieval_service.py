@@ -92,7 +92,7 @@ def start_server(data_dir: Path, port: int, workers: int, log_path: Path,
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ICMA_API_KEY", None)
     env.update(extra_env or {})
-    # The product's own command: `icma serve retrieval` (icma.serving).
+    # The product's own command: `icma serve retrieval` (icma.server.supervisor).
     cmd = [sys.executable, "-m", "icma", "serve", "retrieval", "--host", "127.0.0.1",
            "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     log = open(log_path, "ab")
@@ -324,7 +324,7 @@ async def run_level(kind: str, client: str, port: int, path: str, bodies: list[b
 # --- the run ---------------------------------------------------------------------------------
 
 def queries() -> dict[str, list[str]]:
-    from icma.corpus import read_corpus
+    from icma.core.corpus import read_corpus
 
     smiles, _ = read_corpus(CHEBI_TEST)  # invalid SMILES skipped: they would be 422s, not load
     captions, _ = read_corpus(PUBCHEM_TEST, on_invalid="keep")
@@ -518,7 +518,7 @@ def report(r: dict, stem: str) -> str:
         "- Server: `python -m icma serve retrieval --workers N --log-level warning` (the product's "
         "command: uvicorn,",
         "  uvloop and httptools; with N > 1 a supervisor and N worker processes sharing one "
-        "socket, see `icma/serving.py`)",
+        "socket, see `icma/server/supervisor.py`)",
         "  in a separate process group on 127.0.0.1, an ephemeral port; ICMA_TORCH_THREADS=1,",
         "  ICMA_RETRIEVAL_KINDS=[graph, bm25], no API key"
         + (", and " + ", ".join(f"{k}={v}" for k, v in r["env"].items()) if r["env"] else "")

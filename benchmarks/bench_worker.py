@@ -74,9 +74,9 @@ def latency(worker: str, test) -> dict:
 
 
 def job_overhead(worker: str, retrieval: str, test) -> dict:
-    from icma.engines import GenerationParams, load_engine
-    from icma.retrieval_client import HttpRetriever, RetrievalOptions
-    from icma.translate import PromptOptions, translate
+    from icma.generation.engines import GenerationParams, load_engine
+    from icma.generation.retrievers import HttpRetriever, RetrievalOptions
+    from icma.generation.translate import PromptOptions, translate
 
     recs = test.records[:JOB_ITEMS]
     queries = [r.smiles for r in recs]
@@ -163,7 +163,7 @@ def report(lat: dict, jobs: dict, started: str) -> str:
         f"{jobs['n']} ChEBI-20 test molecules, mol2cap, 2 examples each (graph retrieval from "
         "the retrieval service; every query's CID excluded), greedy, at most 64 new tokens, "
         f"{JOB_BATCH} prompts per engine call (the worker's `ICMA_JOB_BATCH_SIZE`; transformers "
-        "generates them 8 at a time, `ICMA_GENERATION_BATCH_SIZE`). Direct: `icma.translate` on "
+        "generates them 8 at a time, `ICMA_GENERATION_BATCH_SIZE`). Direct: `icma.generation.translate` on "
         "the same examples with the engine in the benchmark's process. Job: `POST /v1/jobs`, "
         "timed until the last result line was read from `GET /v1/jobs/{id}/results` "
         "(retrieval, SQLite writes and HTTP included). "
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--parts", default="latency,jobs",
                     help="what to run; a part left out keeps its figures from worker.json")
     parts = set(ap.parse_args().parts.split(","))
-    from icma.corpus import read_corpus
+    from icma.core.corpus import read_corpus
 
     started = time.strftime("%Y-%m-%d %H:%M")
     test, _ = read_corpus(SHARED / "data/chebi20/test.txt")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from icma.machine import cpu_model, git_commit, machine  # noqa: F401  (re-exported)
+from icma.evaluation.machine import cpu_model, git_commit, machine  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

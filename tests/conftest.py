@@ -18,7 +18,7 @@ def shared() -> Path:
 
 @pytest.fixture(scope="session")
 def chebi_val(shared):
-    from icma.corpus import read_corpus
+    from icma.core.corpus import read_corpus
 
     corpus, _ = read_corpus(shared / "data/chebi20/validation.txt")
     return corpus
@@ -36,7 +36,7 @@ def pretrain_gnns(shared) -> Path:
 @pytest.fixture(scope="session")
 def chebi_train_300(shared):
     """The first 300 molecules of ChEBI-20 train (CID, SMILES; no captions)."""
-    from icma.corpus import parse_corpus_text
+    from icma.core.corpus import parse_corpus_text
 
     path = shared / "data/chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv"
     with open(path, encoding="utf-8") as f:
@@ -97,7 +97,7 @@ def tiny_learner(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """The shipped default LLM, converted once into a session data directory."""
-    from icma.models import converted_default
+    from icma.generation.models import converted_default
 
     return converted_default(tmp_path_factory.mktemp("llm-data"))
 
@@ -109,7 +109,7 @@ SERVICE_KINDS = ["graph", "morgan", "rdkit", "bm25"]
 @pytest.fixture(scope="session")
 def svc_dir(tmp_path_factory):
     """A data directory with the embedded corpus's indexes built once for the whole session."""
-    from icma.corpora import CorpusStore
+    from icma.retrieval.store import CorpusStore
 
     d = tmp_path_factory.mktemp("retrieval-data")
     CorpusStore(d, SERVICE_KINDS).start(background=False)

@@ -8,12 +8,12 @@ import time
 import httpx
 import uvicorn
 
-from icma.serving import listening_socket
+from icma.server.supervisor import listening_socket
 
 
 class LiveServer:
     def __init__(self, app):
-        # The product's socket (TCP_NODELAY on accepted connections; see icma.serving).
+        # The product's socket (TCP_NODELAY on accepted connections; see icma.server.supervisor).
         self.sock = listening_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,7 +48,7 @@ class LiveServer:
 
 
 class Recording:
-    """Wraps an engine and keeps every prompt it is given (to compare with icma.prompts)."""
+    """Wraps an engine and keeps every prompt it is given (to compare with icma.core.prompts)."""
 
     def __init__(self, engine):
         self.engine, self.prompts = engine, []

@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from icma.batching import SearchBatcher
-from icma.errors import InputError
+from icma.retrieval.batching import SearchBatcher
+from icma.core.errors import InputError
 from icma.retrieval import Exclusion, build_index
 from icma.retrieval.fingerprint import MorganIndex
 
@@ -57,7 +57,7 @@ def test_concurrent_searches_coalesce_and_match_direct_results(corpus):
 
 
 def test_a_bad_query_fails_only_its_own_request(corpus):
-    from icma.batching import _Request
+    from icma.retrieval.batching import _Request
 
     batcher = SearchBatcher(build_index("morgan", corpus))
     good = _Request(["CCO"], 2, [None])
@@ -70,7 +70,7 @@ def test_a_bad_query_fails_only_its_own_request(corpus):
 def test_loop_batcher_runs_one_turns_searches_together(corpus):
     import asyncio
 
-    from icma.batching import LoopBatcher
+    from icma.retrieval.batching import LoopBatcher
 
     plain = build_index("morgan", corpus)
     batcher = LoopBatcher(plain)
@@ -96,7 +96,7 @@ def test_loop_batcher_runs_one_turns_searches_together(corpus):
 def test_loop_batcher_splits_at_its_query_limit(corpus):
     import asyncio
 
-    from icma.batching import LoopBatcher
+    from icma.retrieval.batching import LoopBatcher
 
     batcher = LoopBatcher(build_index("morgan", corpus), max_queries=4)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from icma.corpus import Corpus, Record, read_corpus
-from icma.errors import IndexMismatchError, InputError
+from icma.core.corpus import Corpus, Record, read_corpus
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval import Exclusion, build_index, load_index
 from icma.retrieval.base import ranked
 from icma.retrieval.bm25 import BM25Index, _top_rows, icma_tokenize

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def tsv(tmp_path, chebi_val):
-    from icma.corpus import write_corpus
+    from icma.core.corpus import write_corpus
 
     path = tmp_path / "db.tsv"
     write_corpus(chebi_val.subset(range(200)), path)

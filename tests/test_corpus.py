@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from icma.corpus import Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
-from icma.errors import CorpusError
+from icma.core.corpus import Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
+from icma.core.errors import CorpusError
 
 
 def test_chebi_validation_reads_fully_and_keeps_doubled_backslashes(chebi_val, shared):
@@ -12,7 +12,7 @@ def test_chebi_validation_reads_fully_and_keeps_doubled_backslashes(chebi_val, s
     assert len(doubled) == 502  # as the data README counts them
     r = doubled[0]
     single = r.smiles.replace("\\\\", "\\")
-    from icma.chem import canonical_smiles
+    from icma.core.chem import canonical_smiles
     assert r.canonical == canonical_smiles(single)
     raw_line = next(line for line in (shared / "data/chebi20/validation.txt").read_text().splitlines()
                     if line.startswith(r.cid + "\t"))

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from icma.settings import Settings
+from icma.core.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -169,7 +169,7 @@ def test_worker_image_cpu():
 # --- ICMA_* variables -----------------------------------------------------------------------
 
 def check_setting(var: str, value) -> None:
-    assert var in SETTINGS_VARS, f"{var} is not a field of icma.settings.Settings"
+    assert var in SETTINGS_VARS, f"{var} is not a field of icma.core.settings.Settings"
     if value is None:
         return
     field = SETTINGS_VARS[var]

@@ -9,7 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from icma.cli import main
-from icma.download import DownloadError, download
+from icma.evaluation.download import DownloadError, download
 
 
 class Quiet(SimpleHTTPRequestHandler):

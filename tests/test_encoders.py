@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from rdkit import Chem
 from torch_geometric.utils import softmax as pyg_softmax
 
-from icma import chem
-from icma.encoders import DENSE_MAX_ATOMS, MAX_BATCH_ATOMS, load_encoder
-from icma.errors import CheckpointError, InputError
+from icma.core import chem
+from icma.retrieval.encoders import DENSE_MAX_ATOMS, MAX_BATCH_ATOMS, load_encoder
+from icma.core.errors import CheckpointError, InputError
 
 CHECKPOINTS = {  # file -> arch
     "gcn_contextpred.pth": "gcn",

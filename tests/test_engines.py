@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from icma.engines import Adapter, GenerationInput, GenerationParams, cut_at_stop, load_engine
-from icma.errors import InputError
-from icma.prompts import Example
-from icma.translate import PromptOptions, translate
+from icma.generation.engines import Adapter, GenerationInput, GenerationParams, cut_at_stop, load_engine
+from icma.core.errors import InputError
+from icma.core.prompts import Example
+from icma.generation.translate import PromptOptions, translate
 
 ETHANOL = Example("CCO", "The molecule is ethanol.", cid="702", score=0.9)
 ACETIC = Example("CC(=O)O", "The molecule is acetic acid.", cid="176", score=0.8)
@@ -96,7 +96,7 @@ def test_model_folder_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_engine("transformers", model=str(tmp_path / "nope"), device="cpu")
     with pytest.raises(InputError, match="adapter_config") as e:
-        from icma.engines.hf import _check_adapter
+        from icma.generation.engines.hf import _check_adapter
 
         _check_adapter(tmp_path)
     assert e.value.field == "adapter"

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from icma import metrics
+from icma.evaluation import metrics
 from icma.cli import main
-from icma.predictions import guess_format, read_predictions
+from icma.evaluation.predictions import guess_format, read_predictions
 
 PREDICTIONS = "data/molt5-predictions"
 MOL2CAP_KEYS = {"bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"}
@@ -197,7 +197,7 @@ def test_wrong_task_file_on_the_real_data(shared, capsys):
 @pytest.fixture()
 def no_debian_wordnet(tmp_path, monkeypatch):
     """A fresh data directory and no Debian WordNet: METEOR has nothing to build its copy from."""
-    from icma.settings import get_settings
+    from icma.core.settings import get_settings
 
     monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(metrics, "WORDNET_DEBIAN_DIR", tmp_path / "no-wordnet")

@@ -2,10 +2,10 @@
 
 import pytest
 
-from icma.corpus import read_corpus
-from icma.examples import retrieve_examples, training_contexts
-from icma.prompts import build_prompt, training_text
-from icma.rerank import RerankConfig
+from icma.core.corpus import read_corpus
+from icma.retrieval.examples import retrieve_examples, training_contexts
+from icma.core.prompts import build_prompt, training_text
+from icma.core.rerank import RerankConfig
 from icma.retrieval import ExclusionRule, build_index
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from rdkit import DataStructs
 
-from icma import chem
-from icma.errors import IndexMismatchError, InputError
+from icma.core import chem
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval import Exclusion, build_index, load_index
 
 

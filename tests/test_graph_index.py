@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from rdkit import Chem
 
-from icma import chem
-from icma.corpus import Corpus, Record
-from icma.encoders import load_encoder
-from icma.errors import IndexMismatchError, InputError
+from icma.core import chem
+from icma.core.corpus import Corpus, Record
+from icma.retrieval.encoders import load_encoder
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval import Exclusion, ExclusionRule, build_index, load_index
 from icma.retrieval.graph import GraphIndex
 

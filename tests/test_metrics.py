@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from icma import metrics
-from icma.errors import InputError
-from icma.metrics import (
+from icma.evaluation import metrics
+from icma.core.errors import InputError
+from icma.evaluation.metrics import (
     LEXNAMES,
     WordNetMissingError,
     caption_scores,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from icma.errors import InputError, PromptTooLongError
-from icma.prompts import (
+from icma.core.errors import InputError, PromptTooLongError
+from icma.core.prompts import (
     Example,
     build_prompt,
     extract_answer,

@@ -11,7 +11,7 @@ from icma.cli import main
 
 def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
-    from icma.settings import get_settings
+    from icma.core.settings import get_settings
 
     get_settings.cache_clear()
     try:

@@ -1,7 +1,7 @@
 import pytest
 
-from icma.errors import InputError
-from icma.rerank import RerankConfig, bucket, prompt_order, random_walk, top
+from icma.core.errors import InputError
+from icma.core.rerank import RerankConfig, bucket, prompt_order, random_walk, top
 
 TEN = list(range(10))
 

@@ -8,12 +8,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from icma.corpus import embedded_corpus
-from icma.examples import retrieve_examples
+from icma.core.corpus import embedded_corpus
+from icma.retrieval.examples import retrieve_examples
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
-from icma.settings import Settings
-from services.retrieval.app import create_app
+from icma.core.settings import Settings
+from icma.services.retrieval.app import create_app
 from tests.service_helpers import LiveServer
 
 KINDS = ["graph", "morgan", "rdkit", "bm25"]
@@ -160,7 +160,7 @@ def test_upload_needs_a_key(client):
 
 
 def test_upload_builds_in_background_and_serves(svc_dir, tmp_path, chebi_val):
-    from icma.corpus import write_corpus
+    from icma.core.corpus import write_corpus
 
     path = tmp_path / "small.tsv"
     write_corpus(chebi_val.subset(range(120)), path)
@@ -198,10 +198,11 @@ def test_upload_builds_in_background_and_serves(svc_dir, tmp_path, chebi_val):
 def test_openapi_yaml_is_current():
     from pathlib import Path
 
-    from services.openapi import render
+    from icma.server.openapi import render
+    from icma.workers.translator.app import create_app as worker_app
 
     path = Path(__file__).resolve().parents[1] / "openapi.yaml"
-    assert path.read_text(encoding="utf-8") == render(), \
+    assert path.read_text(encoding="utf-8") == render(create_app, worker_app), \
         "openapi.yaml is out of date: run `icma openapi --out openapi.yaml`"
 
 

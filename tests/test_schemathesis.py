@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 
-from icma.settings import Settings
-from services.retrieval.app import create_app
+from icma.core.settings import Settings
+from icma.services.retrieval.app import create_app
 from tests.conftest import SERVICE_KINDS
 from tests.service_helpers import LiveServer
 from tests.test_retrieval_service import settings
-from workers.translator.app import create_app as worker_app
+from icma.workers.translator.app import create_app as worker_app
 
 REPO = Path(__file__).resolve().parents[1]
 

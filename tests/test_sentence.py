@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from icma.errors import IndexMismatchError, InputError
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval import Exclusion, build_index, load_index
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from icma.corpora import CorpusNotReadyError, CorpusConflictError, CorpusStore
-from icma.errors import InputError
-from icma.serving import listening_socket
+from icma.retrieval.store import CorpusNotReadyError, CorpusConflictError, CorpusStore
+from icma.core.errors import InputError
+from icma.server.supervisor import listening_socket
 
 SMALL = "CID\tSMILES\tdescription\n1\tCCO\tThe molecule is ethanol.\n" \
         "2\tCC(=O)O\tThe molecule is acetic acid.\n3\tc1ccccc1\tThe molecule is benzene.\n"
@@ -72,7 +72,7 @@ def test_port_in_use_and_bad_host_are_clear_errors():
 def _build_in_process(data_dir: str, path: str, queue) -> None:
     import logging
 
-    from icma.corpus import read_corpus
+    from icma.core.corpus import read_corpus
     from icma.retrieval.cache import cached_index
 
     built = []
@@ -91,7 +91,7 @@ def _build_in_process(data_dir: str, path: str, queue) -> None:
 
 
 def test_processes_sharing_a_data_directory_build_an_index_once(tmp_path, chebi_val):
-    from icma.corpus import write_corpus
+    from icma.core.corpus import write_corpus
 
     path = tmp_path / "c.tsv"
     write_corpus(chebi_val.subset(range(1500)), path)
@@ -109,7 +109,7 @@ def test_processes_sharing_a_data_directory_build_an_index_once(tmp_path, chebi_
 
 
 def test_stores_sharing_a_data_directory_agree_on_uploads(tmp_path, monkeypatch):
-    import icma.corpora as corpora
+    import icma.retrieval.store as corpora
 
     monkeypatch.setattr(corpora, "DISCOVER_SECONDS", 0.1)
     a = CorpusStore(tmp_path, ["morgan", "bm25"])

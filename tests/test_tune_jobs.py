@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from icma.corpus import write_corpus
-from icma.engines import load_engine
-from icma.settings import Settings
-from services.retrieval.app import create_app as retrieval_app
+from icma.core.corpus import write_corpus
+from icma.generation.engines import load_engine
+from icma.core.settings import Settings
+from icma.services.retrieval.app import create_app as retrieval_app
 from tests.conftest import SERVICE_KINDS
 from tests.service_helpers import LiveServer
-from workers.translator.app import create_app as worker_app
+from icma.workers.translator.app import create_app as worker_app
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 

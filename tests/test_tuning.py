@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from icma.adapters import MANIFEST, AdapterRegistry
-from icma.corpus import write_corpus
-from icma.engines import GenerationParams, load_engine
-from icma.errors import InputError
-from icma.pipeline import Options, run_batch
-from icma.prompts import training_text
+from icma.generation.adapters import MANIFEST, AdapterRegistry
+from icma.core.corpus import write_corpus
+from icma.generation.engines import GenerationParams, load_engine
+from icma.core.errors import InputError
+from icma.generation.pipeline import Options, run_batch
+from icma.core.prompts import training_text
 from icma.retrieval import ExclusionRule, build_index
 from icma.retrieval.cache import cached_index
-from icma.retrieval_client import LocalRetriever, RetrievalOptions
+from icma.generation.retrievers import LocalRetriever, RetrievalOptions
 from icma.tuning import TuneConfig, parse_config, tune
 from icma.tuning.data import IGNORE, Tokens, build_training_set, collate
 from icma.tuning.loop import Schedule
@@ -116,7 +116,7 @@ def test_training_text_is_servings_prompt_plus_answer_and_eos(task, prime, svc_d
                                                               tiny_tok):
     """A training example's prompt is byte for byte what the worker's pipeline gives the engine
     for the same query (its CID excluded), and prompt + completion is ICMA's training text."""
-    from icma.corpus import embedded_corpus
+    from icma.core.corpus import embedded_corpus
 
     corpus = embedded_corpus()
     kind = "graph" if task == "mol2cap" else "bm25"
@@ -227,7 +227,7 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
                                            "q_proj", "up_proj", "v_proj"]
     # The transformers engine applies it: greedy output changes.
     eng = load_engine("transformers", model=str(tiny_model), device="cpu")
-    from icma.engines import GenerationInput
+    from icma.generation.engines import GenerationInput
 
     items = [GenerationInput("mol2cap", "the molecule is")]
     greedy = GenerationParams(decoding="greedy", max_new_tokens=8, stop=())
@@ -365,7 +365,7 @@ def test_config_file_and_flags(tmp_path):
 def test_adapter_of_another_base_model_is_a_clear_error(tiny_model, tiny_llama_wide, tmp_path):
     """An adapter tuned on another base model is the caller's mistake (422 in the worker),
     whether it is the first adapter the engine loads or a later one; the engine goes on."""
-    from icma.engines import GenerationInput
+    from icma.generation.engines import GenerationInput
     from tests.test_engines import _random_lora
 
     wrong = _random_lora(tiny_llama_wide, tmp_path / "wrong", 1)  # 128 wide, the engine's is 32

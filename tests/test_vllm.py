@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from icma.engines import Adapter, GenerationInput, GenerationParams, load_engine
-from icma.errors import InputError
+from icma.generation.engines import Adapter, GenerationInput, GenerationParams, load_engine
+from icma.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm/bin/python"
@@ -74,7 +74,7 @@ def adapters(tiny_llama_wide, tmp_path_factory) -> list[Adapter]:
 def icmt_adapter(tiny_llama_wide, chebi_val, tmp_path_factory) -> tuple[Adapter, list[str]]:
     """An adapter made by `icma tune` (ICMT on 16 ChEBI-20 pairs), and two of its training
     prompts (the worker's prompts for those queries)."""
-    from icma.corpus import write_corpus
+    from icma.core.corpus import write_corpus
     from icma.tuning import parse_config, tune
 
     root = tmp_path_factory.mktemp("icmt")

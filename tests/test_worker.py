@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from icma.engines import load_engine
-from icma.prompts import Example, build_prompt
-from icma.settings import Settings
-from services.retrieval.app import create_app as retrieval_app
+from icma.generation.engines import load_engine
+from icma.core.prompts import Example, build_prompt
+from icma.core.settings import Settings
+from icma.services.retrieval.app import create_app as retrieval_app
 from tests.conftest import REPO, SERVICE_KINDS
 from tests.service_helpers import LiveServer, Recording
-from workers.translator.app import create_app as worker_app
+from icma.workers.translator.app import create_app as worker_app
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 CAPTION = ("The molecule is a member of the class of benzoic acids that is salicylic acid in "
@@ -65,7 +65,7 @@ def test_mol2cap_end_to_end_with_smollm2(smol_worker, smollm2):
     t = body["timings"]
     assert t["retrieval_ms"] > 0 and t["generation_ms"] > 0
     assert t["total_ms"] >= t["retrieval_ms"] + t["generation_ms"]
-    # The engine received exactly icma.prompts' prompt for these examples, byte for byte.
+    # The engine received exactly icma.core.prompts' prompt for these examples, byte for byte.
     examples = [Example(e["smiles"], e["description"], e["cid"], e["score"])
                 for e in body["examples"]]
     engine = smol_worker.engine
@@ -327,7 +327,7 @@ def test_sigkilled_worker_resumes_its_job_with_one_result_per_input(retrieval, t
 
 
 def _results_now(data: Path, job_id: str) -> list[str]:
-    from icma.jobs import JobStore, iter_results
+    from icma.jobs.store import JobStore, iter_results
 
     store = JobStore(data / "jobs.sqlite3")
     try:

@@ -32,8 +32,8 @@ def in_thread(fn):
 
 
 def tiny_checks(spec: dict) -> dict:
-    from icma.engines import Adapter, GenerationInput, GenerationParams, load_engine
-    from icma.errors import InputError
+    from icma.generation.engines import Adapter, GenerationInput, GenerationParams, load_engine
+    from icma.core.errors import InputError
 
     # As the worker does: the engine built in one background thread, generate() called from
     # another one.
@@ -95,9 +95,9 @@ def tiny_checks(spec: dict) -> dict:
 
 
 def smollm2_checks(spec: dict) -> dict:
-    from icma.engines import GenerationParams, load_engine
-    from icma.prompts import Example
-    from icma.translate import PromptOptions, translate
+    from icma.generation.engines import GenerationParams, load_engine
+    from icma.core.prompts import Example
+    from icma.generation.translate import PromptOptions, translate
 
     eng = load_engine("vllm", model=spec["model"])
     examples = [Example(s, c) for s, c in spec["examples"]]

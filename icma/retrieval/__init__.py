@@ -11,8 +11,8 @@ import importlib
 import json
 from pathlib import Path
 
-from icma.corpus import Corpus
-from icma.errors import IndexMismatchError, InputError
+from icma.core.corpus import Corpus
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval.base import (  # noqa: F401  (re-exported)
     CORPUS_FILE,
     FORMAT_VERSION,

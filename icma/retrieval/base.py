@@ -18,8 +18,8 @@ from typing import ClassVar, Literal, Sequence
 import numpy as np
 
 from icma import __version__
-from icma.corpus import Corpus, Record
-from icma.errors import IndexMismatchError, InputError
+from icma.core.corpus import Corpus, Record
+from icma.core.errors import IndexMismatchError, InputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -28,8 +28,8 @@ from typing import ClassVar, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from icma.corpus import Corpus
-from icma.errors import IndexMismatchError, InputError
+from icma.core.corpus import Corpus
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval.base import Index
 
 MATRIX_FILE = "bm25_weights.npz"

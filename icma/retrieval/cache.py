@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from icma.corpus import Corpus, embedded_corpus
-from icma.errors import IndexMismatchError
-from icma.filelock import locked
+from icma.core.corpus import Corpus, embedded_corpus
+from icma.core.errors import IndexMismatchError
+from icma.core.filelock import locked
 from icma.retrieval import build_index, load_index
 from icma.retrieval.base import Index
-from icma.settings import get_settings
+from icma.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 from rdkit import DataStructs
 
-from icma import chem
-from icma.corpus import Corpus
-from icma.errors import InputError
+from icma.core import chem
+from icma.core.corpus import Corpus
+from icma.core.errors import InputError
 from icma.retrieval.base import Index, ranked
 
 

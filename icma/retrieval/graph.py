@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from rdkit import Chem
 
-from icma import chem
-from icma.corpus import Corpus
-from icma.encoders import Encoder, load_encoder
-from icma.errors import CheckpointError, IndexMismatchError, InputError
+from icma.core import chem
+from icma.core.corpus import Corpus
+from icma.retrieval.encoders import Encoder, load_encoder
+from icma.core.errors import CheckpointError, IndexMismatchError, InputError
 from icma.retrieval.base import Index
-from icma.settings import get_settings
+from icma.core.settings import get_settings
 
 FAISS_FILE = "graph.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"

@@ -12,8 +12,8 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from icma.corpus import Corpus
-from icma.errors import InputError
+from icma.core.corpus import Corpus
+from icma.core.errors import InputError
 from icma.retrieval.base import Index, ranked
 
 

@@ -17,8 +17,8 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from icma.corpus import Corpus
-from icma.errors import IndexMismatchError, InputError
+from icma.core.corpus import Corpus
+from icma.core.errors import IndexMismatchError, InputError
 from icma.retrieval.base import Index, ranked
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"

@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from icma.adapters import NAME
-from icma.errors import InputError
-from icma.models import DEFAULT_LLM
-from icma.prompts import DEFAULT_EOS
+from icma.generation.adapters import NAME
+from icma.core.errors import InputError
+from icma.generation.models import DEFAULT_LLM
+from icma.core.prompts import DEFAULT_EOS
 
 Method = Literal["graph", "morgan", "rdkit", "bm25", "random"]
 #: The retrieval kinds that take each task's query (a molecule, or a caption).
@@ -127,15 +127,17 @@ class TuneConfig(TuneOptions):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TuneConfig":
+        # InputError is not a ValueError: pydantic lets it through, field and all.
         if not NAME.match(self.name):
-            raise ValueError(f"name: adapter names are 1-64 letters, digits, '.', '_' or '-' "
-                             f"starting with a letter or digit, got {self.name!r}")
+            raise InputError(f"adapter names are 1-64 letters, digits, '.', '_' or '-' "
+                             f"starting with a letter or digit, got {self.name!r}", field="name")
         if self.retrieval and self.retrieval not in METHODS_FOR[self.task]:
-            raise ValueError(f"retrieval: {self.retrieval} does not take {self.task}'s queries; "
-                             f"use one of {', '.join(METHODS_FOR[self.task])}")
+            raise InputError(f"{self.retrieval} does not take {self.task}'s queries; "
+                             f"use one of {', '.join(METHODS_FOR[self.task])}",
+                             field="retrieval")
         if self.method == "full" and self.quantization != "none":
-            raise ValueError("quantization: 8/4-bit loading is for LoRA (a quantised model "
-                             "cannot be fully fine-tuned)")
+            raise InputError("8/4-bit loading is for LoRA (a quantised model cannot be fully "
+                             "fine-tuned)", field="quantization")
         return self
 
     # resolved defaults
@@ -198,11 +200,7 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def _first_field(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    if not loc:  # a cross-field check: its message starts with the field it blames
-        return _message(err).split(":", 1)[0]
-    return loc
+    return ".".join(str(p) for p in exc.errors()[0]["loc"]) or "config"
 
 
 def _message(err: dict) -> str:
@@ -215,8 +213,6 @@ def _first_error(exc: ValidationError) -> str:
     """The first problem (its field is the error's field), then up to two more."""
     errors = exc.errors()
     first = _message(errors[0])
-    if not errors[0]["loc"]:
-        first = first.split(": ", 1)[-1]
     more = [f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {_message(e)}"
             for e in errors[1:3]]
     return "; also ".join([first, *more])

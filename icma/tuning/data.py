@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from icma.corpus import Corpus, Record
-from icma.errors import InputError
-from icma.examples import training_contexts
-from icma.prompts import Example, Task, build_prompt, marker
-from icma.rerank import RerankConfig
+from icma.core.corpus import Corpus, Record
+from icma.core.errors import InputError
+from icma.retrieval.examples import training_contexts
+from icma.core.prompts import Example, Task, build_prompt, marker
+from icma.core.rerank import RerankConfig
 from icma.retrieval import ExclusionRule
 from icma.retrieval.base import Index
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from icma.errors import IcmaError, InputError
+from icma.core.errors import IcmaError, InputError
 from icma.tuning.data import IGNORE, TrainingExample, collate
 from icma.tuning.model import trainable, write_json
 

@@ -6,13 +6,13 @@ import hashlib
 import json
 from pathlib import Path
 
-from icma.errors import InputError
-from icma.models import resolve_model
+from icma.core.errors import InputError
+from icma.generation.models import resolve_model
 from icma.tuning.config import TuneConfig
 
 
 def pick_device(device: str) -> str:
-    from icma.engines.hf import pick_device as engine_device
+    from icma.generation.engines.hf import pick_device as engine_device
 
     return engine_device(device)
 
@@ -59,7 +59,7 @@ def resolve_base(base_model: str) -> str:
     try:
         return resolve_model(base_model)
     except InputError as exc:
-        raise InputError(str(exc).split(": ", 1)[-1], field="base_model") from None
+        raise exc.at("base_model") from None
 
 
 def load_model(cfg: TuneConfig, device: str, precision: str):

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 from icma import __version__
-from icma.adapters import MANIFEST
-from icma.errors import InputError
-from icma.filelock import locked
-from icma.prompts import PROMPT_FORMAT_VERSION
-from icma.settings import get_settings
+from icma.generation.adapters import MANIFEST
+from icma.core.errors import InputError
+from icma.core.filelock import locked
+from icma.core.prompts import PROMPT_FORMAT_VERSION
+from icma.core.settings import get_settings
 from icma.tuning.config import TuneConfig
 from icma.tuning.loop import ProgressFn, train
 from icma.tuning.model import (
@@ -74,7 +74,7 @@ def tune(cfg: TuneConfig, *, data_dir: str | Path | None = None,
 def check_sources(cfg: TuneConfig, data_dir: Path) -> None:
     """The quick checks of a run's inputs (the base model resolves, each corpus exists), for
     refusing a tune job when it is submitted; ``tune`` checks everything again, in depth."""
-    from icma.corpora import corpus_source
+    from icma.retrieval.store import corpus_source
 
     resolve_base(cfg.base_model)
     for field in ("train", "contexts", "eval"):
@@ -85,9 +85,9 @@ def check_sources(cfg: TuneConfig, data_dir: Path) -> None:
 def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, restart) -> dict:
     import torch
 
-    from icma.corpora import open_corpus
+    from icma.retrieval.store import open_corpus
     from icma.retrieval.cache import cached_index
-    from icma.rerank import RerankConfig
+    from icma.core.rerank import RerankConfig
     from icma.retrieval import ExclusionRule
     from icma.tuning.data import Tokens, build_training_set
 
@@ -194,12 +194,12 @@ def _save(net, tokenizer, cfg: TuneConfig, target: Path, manifest: dict) -> None
 def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str, device: str,
                      report: ProgressFn) -> dict:
     """The evaluation split through the serving path (retrieval with the same options, the
-    prompt, the transformers engine with the adapter), scored by ``icma.metrics``."""
-    from icma.engines import Adapter, GenerationParams, load_engine
-    from icma.jobs import Item, result_line
-    from icma.metrics import evaluate
-    from icma.pipeline import Options, run_batch
-    from icma.retrieval_client import IndexRetriever, RetrievalOptions
+    prompt, the transformers engine with the adapter), scored by ``icma.evaluation.metrics``."""
+    from icma.generation.engines import Adapter, GenerationParams, load_engine
+    from icma.jobs.store import Item, result_line
+    from icma.evaluation.metrics import evaluate
+    from icma.generation.pipeline import Options, run_batch
+    from icma.generation.retrievers import IndexRetriever, RetrievalOptions
     from icma.tuning.data import answer_side
 
     records = corpus.records[:cfg.eval_limit] if cfg.eval_limit else corpus.records

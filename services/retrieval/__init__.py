@@ -1,1 +1,1 @@
-"""The retrieval microservice: FastAPI over icma.retrieval, icma.rerank and icma.corpora."""
+"""The retrieval microservice: FastAPI over icma.retrieval, icma.core.rerank and icma.retrieval.store."""

@@ -1,4 +1,4 @@
-"""Retrieval service: a thin HTTP shell over icma.retrieval, icma.rerank and icma.corpora.
+"""Retrieval service: a thin HTTP shell over icma.retrieval, icma.core.rerank and icma.retrieval.store.
 
     icma serve retrieval --host 127.0.0.1 --port 8001
 """
@@ -12,17 +12,19 @@ from typing import Sequence
 from fastapi import Depends, FastAPI, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from icma import __version__, chem
-from icma.corpora import CorpusStore
-from icma.errors import InputError
-from icma.examples import retrieve_examples, select_examples
-from icma.prompts import Example
-from icma.rerank import RerankConfig, prompt_order
+from icma import __version__
+
+from icma.core import chem
+from icma.retrieval.store import CorpusStore
+from icma.core.errors import InputError
+from icma.retrieval.examples import retrieve_examples, select_examples
+from icma.core.prompts import Example
+from icma.core.rerank import RerankConfig, prompt_order
 from icma.retrieval import Exclusion
-from icma.settings import Settings, get_settings
-from icma.web import ERROR_RESPONSES, ApiError, BodyLimit, Metrics, api_key_dependency, \
+from icma.core.settings import Settings, get_settings
+from icma.server.http import ERROR_RESPONSES, ApiError, BodyLimit, Metrics, api_key_dependency, \
     install_error_handlers, install_health
-from services.retrieval.protocol import (
+from icma.services.retrieval.protocol import (
     MAX_LENGTHS,
     CaptionRequest,
     CaptionResponse,
@@ -103,7 +105,7 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
         """Examples for molecules (mol2cap): graph (GNN cosine), Morgan or RDKit-path Tanimoto,
         or random; in prompt order (best last) unless ``order`` is ``ranked``."""
         # A few queries (a few ms) are answered on the event loop, batched per loop turn with
-        # the other small requests (icma.batching.LoopBatcher): no thread hand-offs. Larger
+        # the other small requests (icma.retrieval.batching.LoopBatcher): no thread hand-offs. Larger
         # batches go to the thread pool, so that they never hold the loop for long.
         n = 1 if isinstance(req.smiles, str) else len(req.smiles)
         if n > INLINE_MOLECULE_QUERIES:

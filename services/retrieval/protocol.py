@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from icma.chem import MAX_SMILES_CHARS
-from icma.prompts import MAX_QUERY_CHARS
+from icma.core.chem import MAX_SMILES_CHARS
+from icma.core.prompts import MAX_QUERY_CHARS
 
 Smiles = str
 Order = Literal["reversed", "ranked"]

@@ -1,1 +1,1 @@
-"""The translation worker app (FastAPI): a thin HTTP shell over icma.pipeline, icma.jobs and icma.scheduler."""
+"""The translation worker app (FastAPI): a thin HTTP shell over icma.generation.pipeline, icma.jobs.store and icma.generation.scheduler."""

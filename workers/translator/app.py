@@ -1,4 +1,4 @@
-"""Translation worker: a thin HTTP shell over icma.pipeline, icma.scheduler and icma.jobs.
+"""Translation worker: a thin HTTP shell over icma.generation.pipeline, icma.generation.scheduler and icma.jobs.store.
 
     icma serve worker --port 8000 --retrieval-url http://127.0.0.1:8001
 
@@ -18,21 +18,21 @@ from prometheus_client import Gauge
 from pydantic import ValidationError
 
 from icma import __version__
-from icma.adapters import AdapterRegistry
-from icma.engines import Adapter, Generation, GenerationInput, GenerationParams, Generator, \
+from icma.generation.adapters import AdapterRegistry
+from icma.generation.engines import Adapter, Generation, GenerationInput, GenerationParams, Generator, \
     load_engine
-from icma.errors import InputError
-from icma.jobs import Item, JobConflict, JobRunner, JobStore, iter_results, parse_items
-from icma.pipeline import DEFAULT_SHOTS, Options, Outcome, batch_translator, run_batch
-from icma.retrieval_client import METHODS, HttpRetriever, RetrievalOptions, Retriever
-from icma.scheduler import BATCH, INTERACTIVE, GenerationQueue
-from icma.settings import Settings, get_settings
+from icma.core.errors import InputError
+from icma.jobs.store import Item, JobConflict, JobRunner, JobStore, iter_results, parse_items
+from icma.generation.pipeline import DEFAULT_SHOTS, Options, Outcome, batch_translator, run_batch
+from icma.generation.retrievers import METHODS, HttpRetriever, RetrievalOptions, Retriever
+from icma.generation.scheduler import BATCH, INTERACTIVE, GenerationQueue
+from icma.core.settings import Settings, get_settings
 from icma.tuning import parse_config
-from icma.tuning.jobs import TuneRunner
+from icma.jobs.tune import TuneRunner
 from icma.tuning.run import check_sources
-from icma.web import ERROR_RESPONSES, BodyLimit, Metrics, api_key_dependency, \
+from icma.server.http import ERROR_RESPONSES, BodyLimit, Metrics, api_key_dependency, \
     install_error_handlers, install_health
-from workers.translator.protocol import (
+from icma.workers.translator.protocol import (
     AdapterOut,
     Adapters,
     AnyJobCreate,
@@ -266,8 +266,7 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
             cfg = parse_config({**raw, "task": task})  # cross-field checks, as the CLI's
             check_sources(cfg, settings.data_dir)
         except InputError as exc:
-            raise InputError(str(exc).split(": ", 1)[-1], field=f"options.{exc.field}") \
-                from None
+            raise exc.at(f"options.{exc.field}") from None
         if (registry.root / cfg.name).exists():
             raise JobConflict(f"adapter {cfg.name!r} exists already; choose another name",
                               field="options.name")

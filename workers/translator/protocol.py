@@ -6,10 +6,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from icma.chem import MAX_SMILES_CHARS
-from icma.prompts import MAX_QUERY_CHARS
+from icma.core.chem import MAX_SMILES_CHARS
+from icma.core.prompts import MAX_QUERY_CHARS
 from icma.tuning.config import TuneOptions
-from services.retrieval.protocol import RandomWalk
+from icma.services.retrieval.protocol import RandomWalk
 
 Method = Literal["graph", "morgan", "rdkit", "random", "bm25", "sentence"]
 
@@ -166,7 +166,7 @@ class TuneJobCreate(Strict):
 def _job_kind(body) -> str:
     kind = body.get("kind", "translate") if isinstance(body, dict) else getattr(body, "kind",
                                                                                 "translate")
-    # Tags are the class names: error locations then read like other unions' (icma.web drops
+    # Tags are the class names: error locations then read like other unions' (icma.server.http drops
     # type names from the field it reports).
     return "TuneJobCreate" if kind == "tune" else "JobCreate"
 

@@ -1,0 +1,291 @@
+"""The end-to-end quality benchmark: retrieval -> prompt -> engine -> MolT5 metrics.
+
+Rows, per task (mol2cap, cap2mol):
+- nearest-neighbour baselines, one per retrieval method, over every test query (the answer is
+  the top-1 example's);
+- the LLM with retrieved examples and no tuning (answer priming on), over the first
+  ``llm_limit`` test queries in file order, with the nearest-neighbour baseline of the default
+  method on the same queries beside it;
+- the LLM zero-shot, same queries;
+- the LLM with each given adapter (tuned: no priming), same queries.
+
+Protocols:
+- ``chebi20-val-test``: database = ChEBI-20 validation (3,301 pairs, shipped), queries = ChEBI-20
+  test (3,300). The paper's database is the 26k train split (not available offline): numbers
+  under this protocol are not comparable with published ones.
+- ``pubchem324k-iupac``: database = the IUPAC-name task's train split (11,856), queries = its
+  test split (1,985); caption = IUPAC name. Needs the split files (``icma download
+  pubchem324k-iupac --to DIR``; pass DIR as ``data``).
+A query's own CID is excluded from its examples (2 PubChem324k-IUPAC test CIDs are in train).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from icma.core.corpus import EMBEDDED_DIR, Corpus, read_corpus
+from icma.generation.engines import GenerationParams, Generator, load_engine
+from icma.core.errors import InputError
+from icma.retrieval.examples import retrieve_examples
+from icma.evaluation.metrics import REPORT_ROWS
+from icma.core.prompts import Example, Task
+from icma.retrieval import Exclusion
+from icma.retrieval.cache import cached_index
+from icma.generation.translate import PromptOptions, translate
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("chebi20-val-test", "pubchem324k-iupac")
+#: Retrieval methods of the nearest-neighbour rows, the default (used for LLM prompts) first.
+NN_METHODS: dict[str, tuple[str, ...]] = {"mol2cap": ("graph", "morgan", "rdkit", "random"),
+                                          "cap2mol": ("bm25", "random")}
+N_SHOT = {"mol2cap": 2, "cap2mol": 4}  # ICMA's released settings
+SAMPLES = 3  # answers of each LLM row shown in the report
+
+
+@dataclass
+class Protocol:
+    name: str
+    database: Corpus
+    queries: Corpus
+    note: str
+
+
+@dataclass
+class Row:
+    task: str
+    system: str  # what a reader compares: "nearest neighbour (graph)", "LLM 2-shot" ...
+    engine: str
+    model: str
+    adapter: str | None
+    retrieval: str | None
+    n_shot: int
+    n: int
+    scores: dict
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def load_protocol(name: str, data: str | Path | None = None,
+                  queries: int | None = None) -> Protocol:
+    """The protocol's database and test queries (``queries``: only the first N, for smoke
+    runs)."""
+    p = _load_protocol(name, data)
+    if queries is not None:
+        if queries < 1:
+            raise InputError(f"queries must be at least 1, got {queries}", field="queries")
+        p.queries = p.queries.subset(range(min(queries, len(p.queries))))
+        p.note += f"; only the first {len(p.queries)} test queries (a smoke run)"
+    return p
+
+
+def _load_protocol(name: str, data: str | Path | None) -> Protocol:
+    if name == "chebi20-val-test":
+        folder = Path(data) if data else EMBEDDED_DIR
+        db, _ = read_corpus(folder / "validation.txt", name="chebi20-validation")
+        q, _ = read_corpus(folder / "test.txt", name="chebi20-test", on_invalid="keep")
+        return Protocol(name, db, q, "database = ChEBI-20 validation, queries = ChEBI-20 test "
+                        "(the paper used the 26k train split: not comparable with published "
+                        "numbers)")
+    if name == "pubchem324k-iupac":
+        if data is None:
+            raise InputError("pubchem324k-iupac needs its split files: run `icma download "
+                             "pubchem324k-iupac --to DIR` and pass --data DIR", field="data")
+        folder = Path(data)
+        for split in ("train.txt", "test.txt"):
+            if not (folder / split).is_file():
+                raise InputError(f"{folder / split} is missing", field="data")
+        db, _ = read_corpus(folder / "train.txt", name="pubchem324k-iupac-train")
+        q, _ = read_corpus(folder / "test.txt", name="pubchem324k-iupac-test", on_invalid="keep")
+        return Protocol(name, db, q, "database = PubChem324k-IUPAC train, queries = its test "
+                        "split (caption = IUPAC name)")
+    raise InputError(f"unknown protocol {name!r}; use one of {', '.join(PROTOCOLS)}",
+                     field="protocol")
+
+
+def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2mol"),
+                llm_limit: int = 300, engine: str = "transformers", model: str | None = None,
+                adapters: Sequence[str] = (), zero_shot: bool = True, llm: bool = True,
+                data_dir: str | Path | None = None, max_new_tokens: int = 256,
+                engine_options: dict | None = None,
+                report: Callable[[str], None] = print) -> list[Row]:
+    """Every row of the benchmark for ``protocol`` (see the module docstring)."""
+    from icma.evaluation.metrics import evaluate
+
+    rows: list[Row] = []
+    nn = load_engine("nearest-neighbour")
+    llm_engine: Generator | None = None
+    for task in tasks:
+        if task not in N_SHOT:
+            raise InputError(f"unknown task {task!r}", field="task")
+        records = protocol.queries.records
+        queries = [r.smiles if task == "mol2cap" else r.description for r in records]
+        refs = [r.description if task == "mol2cap" else r.smiles for r in records]
+        exclusions = [Exclusion(cids=frozenset([r.cid])) for r in records]
+        default_method = NN_METHODS[task][0]
+        examples_of: dict[str, list[list[Example]]] = {}
+        for method in NN_METHODS[task]:
+            t0 = time.perf_counter()
+            index = cached_index(method, protocol.database, data_dir,
+                                 **({"seed": 0} if method == "random" else {}))
+            search_q = _search_queries(task, queries)
+            k = max(N_SHOT[task], 1)
+            examples_of[method] = retrieve_examples(index, search_q, k, exclusions=exclusions)
+            preds = [t.answer for t in translate(task, queries, [e[:1] for e in
+                                                                 examples_of[method]], nn)]
+            rows.append(Row(task, f"nearest neighbour ({method})", nn.name, nn.model, None,
+                            method, 1, len(preds), evaluate(task, preds, refs),
+                            time.perf_counter() - t0))
+            report(_line(rows[-1]))
+        if not llm:
+            continue
+        n = min(llm_limit, len(records))
+        sub_q, sub_refs = queries[:n], refs[:n]
+        nn_sub = [e[:1] for e in examples_of[default_method][:n]]
+        t0 = time.perf_counter()
+        preds = [t.answer for t in translate(task, sub_q, nn_sub, nn)]
+        rows.append(Row(task, f"nearest neighbour ({default_method}), first {n}", nn.name,
+                        nn.model, None, default_method, 1, n, evaluate(task, preds, sub_refs),
+                        time.perf_counter() - t0))
+        report(_line(rows[-1]))
+        if llm_engine is None:
+            llm_engine = load_engine(engine, model=model, **(engine_options or {}))
+        params = GenerationParams.for_task(task, max_new_tokens=max_new_tokens)
+        shots = [e[:N_SHOT[task]] for e in examples_of[default_method][:n]]
+        runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, shots,
+                 True)]
+        if zero_shot:
+            runs.append(("LLM zero-shot, untuned", llm_engine, [[] for _ in range(n)], True))
+        for adapter in adapters:
+            runs.append((f"LLM {N_SHOT[task]}-shot + adapter {Path(adapter).name}",
+                         load_engine(engine, model=model, adapter=adapter,
+                                     **(engine_options or {})), shots, False))
+        for system, eng, ex, prime in runs:
+            t0 = time.perf_counter()
+            out = translate(task, sub_q, ex, eng, params=params,
+                            prompt=PromptOptions(prime_answer=prime))
+            secs = time.perf_counter() - t0
+            extra = {"completion_tokens": sum(t.completion_tokens for t in out),
+                     "stopped_by_length": sum(t.finish_reason == "length" for t in out),
+                     "prime_answer": prime, "max_new_tokens": max_new_tokens,
+                     "decoding": asdict(params),
+                     # what the model wrote, for a reader to see beside the scores
+                     "samples": [{"query": t.query, "reference": ref, "answer": t.answer}
+                                 for t, ref in zip(out[:SAMPLES], sub_refs)]}
+            rows.append(Row(task, system, eng.name, eng.model, eng.adapter, default_method
+                            if ex and ex[0] else None, len(ex[0]) if ex and ex[0] else 0, n,
+                            evaluate(task, [t.answer for t in out], sub_refs), secs, extra))
+            report(_line(rows[-1]))
+    return rows
+
+
+def _search_queries(task: Task, queries: Sequence[str]) -> list[str]:
+    """Molecule queries are searched by canonical SMILES (as the services do); an unparsable
+    test SMILES is searched as written (random and BM25 do not parse it; graph skips none here:
+    the ChEBI-20 and PubChem test molecules all parse)."""
+    if task != "mol2cap":
+        return list(queries)
+    from icma.core.chem import try_canonical
+
+    return [try_canonical(q)[0] or q for q in queries]
+
+
+def _line(r: Row) -> str:
+    keys = [key for _, key in REPORT_ROWS[r.task]]
+    vals = ", ".join(f"{k} {r.scores[k]:.3f}" for k in keys
+                     if isinstance(r.scores.get(k), (int, float)))
+    return f"{r.task} | {r.system} | n={r.n} | {vals} | {r.seconds:.0f} s"
+
+
+def write_results(protocol: Protocol, rows: list[Row], out_dir: Path, meta: dict) -> Path:
+    """``quality-<protocol>.md``, ``.json`` and ``.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"quality-{protocol.name}"
+    payload = {"protocol": protocol.name, "note": protocol.note, **meta,
+               "database_size": len(protocol.database), "queries": len(protocol.queries),
+               "rows": [asdict(r) for r in rows]}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(render_markdown(payload, stem.name))
+    plot(payload, stem.with_suffix(".png"))
+    return stem
+
+
+def render_markdown(p: dict, stem: str) -> str:
+    lines = [f"# Quality benchmark: {p['protocol']}", "",
+             f"Protocol: {p['note']}. Database {p['database_size']:,} pairs, "
+             f"{p['queries']:,} test queries; each query's own CID excluded from its examples.",
+             f"Engine for LLM rows: {p.get('engine')}, model {p.get('model')} "
+             f"({p.get('dtype')} weights), decoding: ICMA's "
+             f"(sampling, temperature 0.7, top_p 0.85, top_k 40, seed 42; repetition penalty "
+             f"0.8 for cap2mol), at most {p.get('max_new_tokens')} new tokens; untuned rows "
+             "prime the answer marker.",
+             f"Metrics: MolT5's recipe (`icma.evaluation.metrics`; captions on SciBERT word pieces). "
+             f"Machine: {p.get('machine')}; {p.get('date')}; commit {p.get('commit')}.", ""]
+    for task in ("mol2cap", "cap2mol"):
+        rows = [r for r in p["rows"] if r["task"] == task]
+        if not rows:
+            continue
+        cols = [(key, label) for label, key in REPORT_ROWS[task]]
+        lines += [f"## {task}", "",
+                  "| system | n | " + " | ".join(c[1] for c in cols) + " | seconds |",
+                  "| --- | ---: |" + " ---: |" * len(cols) + " ---: |"]
+        for r in rows:
+            cells = []
+            for key, _ in cols:
+                v = r["scores"].get(key)
+                cells.append(f"{v:.3f}" if isinstance(v, (int, float)) else str(v or "-"))
+            lines.append(f"| {r['system']} | {r['n']:,} | " + " | ".join(cells) +
+                         f" | {r['seconds']:.0f} |")
+        lines.append("")
+    sampled = [r for r in p["rows"] if r.get("extra", {}).get("samples")]
+    if sampled:
+        lines += ["## Sample answers (the first test queries)", ""]
+        for r in sampled:
+            lines += [f"**{r['task']}, {r['system']}**", ""]
+            for x in r["extra"]["samples"]:
+                lines.append(f"- query `{_short(x['query'])}`: answer `{_short(x['answer'])}` "
+                             f"(reference `{_short(x['reference'])}`)")
+            lines.append("")
+    lines += [f"![quality]({stem}.png)", ""]
+    return "\n".join(lines)
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split()).replace("`", "'")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def plot(p: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("mol2cap", "cap2mol") if any(r["task"] == t for r in p["rows"])]
+    keys = {"mol2cap": [("bleu2", "BLEU-2"), ("rougeL", "ROUGE-L"), ("meteor", "METEOR")],
+            "cap2mol": [("exact_match", "exact"), ("validity", "validity"),
+                        ("maccs_fts", "MACCS")]}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), dpi=110,
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in p["rows"] if r["task"] == task]
+        width = 0.8 / len(keys[task])
+        for j, (key, label) in enumerate(keys[task]):
+            vals = [r["scores"].get(key) or 0.0 for r in rows]
+            ax.barh([i + j * width for i in range(len(rows))], vals, height=width, label=label)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(rows))])
+        ax.set_yticklabels([f"{r['system']} (n={r['n']})" for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(task, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"quality, {p['protocol']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,83 @@
+"""The adapter registry: a directory with one peft LoRA folder per adapter, served by name.
+
+The directory is read on every lookup (a listing of a few folders), so an adapter saved into it
+by ``icma tune`` or copied in by hand is served at once, without restarting the worker. An
+optional ``icma-adapter.json`` manifest in the folder (written by tuning) says what the adapter
+was trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icma.generation.engines import Adapter
+from icma.core.errors import IcmaError, InputError, NotFoundError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MANIFEST = "icma-adapter.json"
+
+
+class UnknownAdapterError(NotFoundError):
+    """No adapter of that name in the registry (a 404)."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    path: Path
+    base_model: str | None
+    r: int | None
+    lora_alpha: float | None
+    target_modules: list[str]
+    task: str | None = None  # from the manifest, when tuning wrote one
+    manifest: dict = field(default_factory=dict)
+
+    def as_adapter(self) -> Adapter:
+        return Adapter(self.name, self.path)
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def list(self) -> list[AdapterInfo]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and NAME.match(folder.name):
+                info = _read(folder)
+                if info is not None:
+                    out.append(info)
+        return out
+
+    def get(self, name: str) -> AdapterInfo:
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InputError(f"adapter names are 1-64 letters, digits, '.', '_' or '-', "
+                             f"got {name!r}", field="adapter")
+        info = _read(self.root / name) if (self.root / name).is_dir() else None
+        if info is None:
+            known = ", ".join(a.name for a in self.list()) or "none"
+            raise UnknownAdapterError(f"no adapter named {name!r} in {self.root} (known: "
+                                      f"{known}; see GET /v1/adapters)", field="adapter")
+        return info
+
+
+def _read(folder: Path) -> AdapterInfo | None:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None  # not (or not yet completely) an adapter folder
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    targets = config.get("target_modules") or []
+    return AdapterInfo(
+        name=folder.name, path=folder, base_model=config.get("base_model_name_or_path"),
+        r=config.get("r"), lora_alpha=config.get("lora_alpha"),
+        target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
+        task=manifest.get("task"), manifest=manifest)

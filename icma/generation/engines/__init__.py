@@ -1,0 +1,47 @@
+"""Engines behind one interface (``Generator``): transformers, vLLM, nearest-neighbour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from icma.generation.engines.base import (
+    DECODINGS,
+    Adapter,
+    Generation,
+    GenerationInput,
+    GenerationParams,
+    Generator,
+    cut_at_stop,
+)
+from icma.core.errors import InputError
+
+ENGINES = ("transformers", "vllm", "nearest-neighbour")
+
+__all__ = ["Adapter", "DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
+           "Generator", "cut_at_stop", "load_engine"]
+
+
+def load_engine(name: str | None = None, *, model: str | Path | None = None,
+                adapter: str | Path | None = None, **options) -> Generator:
+    """An engine by name (default: the settings' ``engine``)."""
+    from icma.core.settings import get_settings
+
+    name = name or get_settings().engine
+    if name == "nearest-neighbour":
+        if adapter is not None:
+            raise InputError("the nearest-neighbour engine takes no adapter", field="adapter")
+        from icma.generation.engines.nearest import NearestNeighbourGenerator
+
+        return NearestNeighbourGenerator()
+    if name == "transformers":
+        from icma.generation.engines.hf import TransformersGenerator
+
+        return TransformersGenerator(model, adapter=adapter, **options)
+    if name == "vllm":
+        try:
+            from icma.generation.engines.vllm import VllmGenerator  # noqa: PLC0415
+        except ImportError as exc:
+            raise InputError(f"the vllm engine is not available here ({exc})",
+                             field="engine") from None
+        return VllmGenerator(model, adapter=adapter, **options)
+    raise InputError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}", field="engine")

@@ -1,0 +1,205 @@
+"""The transformers engine: CPU or GPU, batched generate(), optional LoRA adapter (peft).
+
+Prompts are generated in batches of similar length (left padding, so every continuation starts
+at the same position); one seed per generate() call, so sampled outputs are reproducible for the
+same inputs in the same order and batch size, not across batch sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from icma.generation.engines.base import (
+    Adapter,
+    Generation,
+    GenerationInput,
+    GenerationParams,
+    Generator,
+    cut_at_stop,
+)
+from icma.core.errors import InputError
+from icma.generation.models import resolve_model
+from icma.core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    device = device or get_settings().llm_device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but torch sees no GPU", field="device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"device must be auto, cpu or cuda[:n], got {device!r}", field="device")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    """auto: float32 on the CPU (exact; bfloat16 is 2-3x faster on CPUs with AMX, measured on
+    this machine's Xeon, but rounds differently), bfloat16 on GPUs."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}",
+                         field="dtype")
+    return dtype
+
+
+class TransformersGenerator(Generator):
+    name = "transformers"
+    supports_adapters = True
+
+    def __init__(self, model: str | Path | None = None, *, adapter: str | Path | None = None,
+                 device: str | None = None, batch_size: int | None = None,
+                 dtype: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        settings = get_settings()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        path = resolve_model(model)
+        self.device = pick_device(device)
+        self.batch_size = batch_size or settings.generation_batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # A fast tokenizer is one Rust object whose padding state a batch call changes: a
+        # prompt count from a request thread during it fails with "Already borrowed".
+        self._tok_lock = threading.Lock()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.dtype = pick_dtype(dtype or settings.llm_dtype, self.device)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype))
+        self.net = net.to(self.device).eval()
+        self._loaded: dict[str, Path] = {}  # peft adapter name -> folder
+        self._default: Adapter | None = None
+        if adapter is not None:
+            self._default = Adapter(Path(adapter).name, Path(adapter))
+            self._activate(self._default)
+            self.adapter = str(adapter)
+        self.model = Path(path).name if Path(path).exists() else str(path)
+        gen_eos = self.net.generation_config.eos_token_id
+        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
+        eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(e for e in eos if e is not None)
+
+    def count_tokens(self, text: str) -> int:
+        with self._tok_lock:
+            return len(self.tokenizer(text)["input_ids"])
+
+    def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
+                 adapter: Adapter | None = None) -> list[Generation]:
+        import torch
+
+        params = params.checked()
+        self._activate(adapter or self._default)
+        out: list[Generation | None] = [None] * len(inputs)
+        lengths = [self.count_tokens(x.prompt) for x in inputs]
+        order = sorted(range(len(inputs)), key=lambda i: -lengths[i])
+        torch.manual_seed(params.seed)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            for i, g in zip(idx, self._batch([inputs[i].prompt for i in idx], params)):
+                out[i] = g
+        return out  # type: ignore[return-value]
+
+    def _batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        import torch
+
+        with self._tok_lock:
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        # Only what a causal LM takes (BERT-style tokenizers add token_type_ids).
+        enc = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+        kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
+                      pad_token_id=self.tokenizer.pad_token_id,
+                      repetition_penalty=params.repetition_penalty)
+        stops = [s for s in params.stop if s]
+        if stops:  # text stops, matched across token boundaries by transformers
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        if params.decoding == "sample":
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                          top_k=params.top_k, num_beams=1)
+        elif params.decoding == "greedy":
+            kwargs.update(do_sample=False, num_beams=1)
+        else:
+            kwargs.update(do_sample=False, num_beams=params.num_beams)
+        with torch.inference_mode():
+            seqs = self.net.generate(**enc, **kwargs)
+        width = enc["input_ids"].shape[1]
+        results = []
+        for row, mask in zip(seqs, enc["attention_mask"]):
+            new = row[width:].tolist()
+            ended = False
+            for j, t in enumerate(new):  # up to the first EOS (padding follows it)
+                if t in self.eos_ids:
+                    new, ended = new[:j], True
+                    break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text, stopped = cut_at_stop(text, params.stop)
+            done = ended or stopped
+            results.append(Generation(text, prompt_tokens=int(mask.sum()),
+                                      completion_tokens=len(new),
+                                      finish_reason="stop" if done else "length"))
+        return results
+
+    def _activate(self, adapter: Adapter | None) -> None:
+        """Run the next call with ``adapter`` (None: the base model). Adapters are loaded into
+        one peft model, once each, and switched by name: a 135M base model is not copied per
+        adapter, and switching costs nothing."""
+        if adapter is None:
+            if self._loaded:
+                self.net.base_model.disable_adapter_layers()
+            return
+        key = _peft_name(adapter.name)
+        if self._loaded.get(key) not in (None, adapter.path):
+            # Same name, new folder (an adapter re-trained in place): load the new weights.
+            self.net.delete_adapter(key)
+            del self._loaded[key]
+        if key not in self._loaded:
+            _check_adapter(adapter.path)
+            try:
+                if not self._loaded:
+                    from peft import PeftModel
+
+                    self.net = PeftModel.from_pretrained(self.net, str(adapter.path),
+                                                         adapter_name=key).eval()
+                else:
+                    self.net.load_adapter(str(adapter.path), adapter_name=key)
+            except (RuntimeError, ValueError, KeyError) as exc:  # e.g. tuned on another model
+                if self._loaded and key in getattr(self.net, "peft_config", {}):
+                    self.net.delete_adapter(key)  # no half-loaded adapter stays behind
+                raise InputError(f"adapter {adapter.name!r} does not fit the model "
+                                 f"{self.model or ''}: {str(exc).splitlines()[0][:300]}",
+                                 field="adapter") from None
+            self.net.to(self.device)
+            self._loaded[key] = adapter.path
+        self.net.base_model.enable_adapter_layers()
+        self.net.set_adapter(key)
+
+    def close(self) -> None:
+        import torch
+
+        del self.net
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _check_adapter(adapter: Path) -> None:
+    if not (adapter / "adapter_config.json").is_file():
+        raise InputError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)",
+                         field="adapter")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise InputError("adapters need peft: pip install peft", field="adapter") from None
+
+
+def _peft_name(name: str) -> str:
+    # peft keeps adapters as attributes of module dicts: no dots in their names.
+    return name.replace(".", "_")

@@ -1,0 +1,252 @@
+"""HTTP plumbing shared by the services: one error shape, API keys, body limits, metrics.
+
+Every 4xx has the body ``{"error": {"code": ..., "message": ..., "field": ...}}``; a 5xx says only
+"internal error" (details go to the log, never to the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import re
+import time
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from icma.core.errors import IcmaError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    """/healthz and /readyz of both services (one schema, so openapi.yaml can say both)."""
+
+    status: str
+    worker: int = Field(description="process id of the worker that answered (`icma serve "
+                                    "--workers N` runs several behind one port)")
+
+
+#: Error responses to document on every endpoint that takes input.
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [(401, "missing or wrong API key"), (404, "unknown corpus"),
+                         (409, "corpus not ready, or a name conflict"),
+                         (413, "request body too large"), (422, "invalid input")]
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, field=field))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*|"
+                       r"function-\w+\[.*\])$")
+
+
+def _loc_to_field(loc) -> str:
+    # Union members add their type to the location ('smiles', 'str'): keep only field names.
+    parts = [p for p in loc if p not in ("body", "query", "path")
+             and not (isinstance(p, str) and _TYPE_TAG.match(p))]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(IcmaError)
+    async def _icma(request: Request, exc: IcmaError):
+        # Every library error carries its status and code (icma.core.errors).
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _loc_to_field(first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            return error_response(400, "bad_json", f"request body is not valid JSON: "
+                                  f"{first.get('ctx', {}).get('error', first['msg'])}", "body")
+        # A union gives one error per member for the same field: say them together.
+        same = list(dict.fromkeys(e["msg"] for e in errors
+                                  if _loc_to_field(e.get("loc", ())) == field))
+        others = sum(_loc_to_field(e.get("loc", ())) != field for e in errors)
+        more = f" (and {others} more problem(s))" if others else ""
+        return error_response(422, "invalid_input", " or ".join(same) + more, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
+                              str(exc.detail), None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "internal error", None)
+
+
+def api_key_dependency(get_key: Callable[[], str | None]):
+    """A FastAPI dependency that checks ``Authorization: Bearer <key>`` when a key is set."""
+
+    async def check(request: Request) -> None:  # async: a sync one costs a thread-pool hop
+        key = get_key()
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <API key>' header",
+                           "authorization", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise ApiError(401, "unauthorized", "wrong API key", "authorization",
+                           {"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse bodies over a limit (413) before the app reads them.
+
+    ``limits`` maps a path prefix to its own limit (uploads take more than JSON queries)."""
+
+    def __init__(self, app, default: int, limits: dict[str, int] | None = None):
+        self.app, self.default, self.limits = app, default, limits or {}
+
+    def _limit(self, path: str) -> int:
+        for prefix, n in self.limits.items():
+            if path.startswith(prefix):
+                return n
+        return self.default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self._limit(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            resp = error_response(413, "too_large", f"request body over {limit} bytes", "body")
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "too_large", f"request body over {limit} bytes", "body")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+class CountRequests:
+    """Pure ASGI middleware: count HTTP requests by route template and response status."""
+
+    def __init__(self, app, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception escaping the app becomes ServerErrorMiddleware's 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = scope.get("route")  # set by the router on this same scope
+            self.counter.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
+class Metrics:
+    """Prometheus metrics of one app, in its own registry (several apps may share a process)."""
+
+    def __init__(self, prefix: str):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(f"{prefix}_http_requests_total", "HTTP requests",
+                                ["path", "status"], registry=self.registry)
+        self.queries = Counter(f"{prefix}_queries_total", "Queries answered",
+                               ["endpoint", "method"], registry=self.registry)
+        self.latency = Histogram(
+            f"{prefix}_request_seconds", "Request latency by endpoint and retrieval method",
+            ["endpoint", "method"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+
+    def install(self, app: FastAPI) -> None:
+        """Count requests by route and status with a pure ASGI middleware: Starlette's
+        BaseHTTPMiddleware (``@app.middleware("http")``) runs every request in an extra task
+        behind memory streams, which cost more CPU than a BM25 query."""
+        app.add_middleware(CountRequests, counter=self.requests)
+
+    def observe(self, endpoint: str, method: str, started: float, n_queries: int) -> None:
+        self.latency.labels(endpoint, method).observe(time.perf_counter() - started)
+        self.queries.labels(endpoint, method).inc(n_queries)
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def install_health(app: FastAPI, metrics: Metrics, state: Callable[[], str]) -> None:
+    """/healthz, /readyz and /metrics, the same on both services (openapi.yaml describes them
+    once for both). ``state`` is "ready", or why not ("loading", "failed")."""
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    def healthz():
+        """Alive (the process answers)."""
+        return Health(status="ok", worker=os.getpid())
+
+    @app.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "still loading, or failed"}})
+    def readyz():
+        """Ready to answer: the retrieval service's default corpus indexes are loaded, the
+        worker's engine is loaded."""
+        now = state()
+        if now == "ready":
+            return Health(status="ready", worker=os.getpid())
+        return JSONResponse(Health(status=now, worker=os.getpid()).model_dump(), status_code=503)
+
+    @app.get("/metrics", tags=["health"], response_class=JSONResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
+    def prometheus():
+        """Prometheus metrics: request counts and latency histograms per endpoint (and the
+        worker's engine queue and jobs)."""
+        return metrics.response()
