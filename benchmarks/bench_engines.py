@@ -2,7 +2,7 @@
 
 Protocol: ChEBI-20 val-to-test (``icma.evaluation.quality``): database = ChEBI-20 validation (3,301 pairs),
 queries = the first 64 rows of ChEBI-20 test, mol2cap; 2 examples per query from graph retrieval
-(the query's own CID excluded), ICMA prompts written by ``icma.generation.translate`` (answer primed, token
+(the query's own CID excluded), ICMA prompts written by ``icma.generation.pipeline`` (answer primed, token
 budget 2048 counted with the model's tokenizer). Both engines get the same 64 prompts and the
 same parameters: the shipped SmolLM2-135M-Instruct, float32 weights, greedy, at most 64 new
 tokens, ICMA's stop texts. Timed: one engine ``generate`` over all 64 prompts (transformers in
@@ -57,7 +57,8 @@ def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
     from icma.evaluation.quality import N_SHOT, _search_queries, load_protocol
     from icma.retrieval import Exclusion
     from icma.retrieval.cache import cached_index
-    from icma.generation.translate import PromptOptions, translate
+    from icma.generation.options import Options
+    from icma.generation.pipeline import translate
 
     class Capture(Generator):
         """Keeps what translate() would send to the engine."""
@@ -80,8 +81,8 @@ def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
     examples = retrieve_examples(index, _search_queries("mol2cap", queries), N_SHOT["mol2cap"],
                                  exclusions=[Exclusion(cids=frozenset([r.cid])) for r in records])
     capture = Capture()
-    translate("mol2cap", queries, examples, capture, params=params(),
-              prompt=PromptOptions(prime_answer=True))
+    translate("mol2cap", queries, examples, capture,
+              Options(n_shot=N_SHOT["mol2cap"], params=params(), prime_answer=True))
     data = {"protocol": protocol.note, "database_size": len(protocol.database),
             "queries": len(records), "n_shot": N_SHOT["mol2cap"], "retrieval": "graph"}
     return capture.inputs, data
@@ -229,7 +230,7 @@ def render(p: dict, n: int) -> str:
         f"Protocol: ChEBI-20 val-to-test ({p['protocol']}); the first {p['queries']} test "
         f"molecules, mol2cap, {p['n_shot']} examples each from {p['retrieval']} retrieval "
         f"over the {p['database_size']:,}-pair database (own CID excluded); ICMA prompts by "
-        f"`icma.generation.translate`, answer primed. Model: shipped SmolLM2-135M-Instruct, {p['dtype']} "
+        f"`icma.generation.pipeline`, answer primed. Model: shipped SmolLM2-135M-Instruct, {p['dtype']} "
         f"weights in both engines; greedy, at most {p['max_new_tokens']} new tokens, ICMA's "
         "stop texts. Timed: one engine `generate` over all prompts, after a warm-up; median of "
         f"{p['repeats']} runs, engines interleaved; vLLM's prefix cache emptied before each "

@@ -74,9 +74,10 @@ def latency(worker: str, test) -> dict:
 
 
 def job_overhead(worker: str, retrieval: str, test) -> dict:
-    from icma.generation.engines import GenerationParams, load_engine
-    from icma.generation.retrievers import HttpRetriever, RetrievalOptions
-    from icma.generation.translate import PromptOptions, translate
+    from icma.generation.engines import load_engine
+    from icma.generation.options import RetrievalOptions, build_options
+    from icma.generation.pipeline import translate
+    from icma.generation.retrievers import HttpRetriever
 
     recs = test.records[:JOB_ITEMS]
     queries = [r.smiles for r in recs]
@@ -86,7 +87,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
     examples = retriever.examples("mol2cap", queries, 2,
                                   RetrievalOptions(exclude_cids=excluded))
     engine = load_engine("transformers")
-    gp = GenerationParams.for_task("mol2cap", **params)
+    options = build_options("mol2cap", {"generation": params, "prime_answer": True})
     times: dict[str, list[float]] = {"job": [], "direct": []}
     answers: dict[str, list[str]] = {}
     def run_direct() -> None:
@@ -94,8 +95,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
         direct = []
         for lo in range(0, len(queries), JOB_BATCH):
             direct += translate("mol2cap", queries[lo:lo + JOB_BATCH],
-                                examples[lo:lo + JOB_BATCH], engine, params=gp,
-                                prompt=PromptOptions(prime_answer=True))
+                                examples[lo:lo + JOB_BATCH], engine, options)
         times["direct"].append(time.perf_counter() - t0)
         answers["direct"] = [t.answer for t in direct]
 
@@ -163,7 +163,7 @@ def report(lat: dict, jobs: dict, started: str) -> str:
         f"{jobs['n']} ChEBI-20 test molecules, mol2cap, 2 examples each (graph retrieval from "
         "the retrieval service; every query's CID excluded), greedy, at most 64 new tokens, "
         f"{JOB_BATCH} prompts per engine call (the worker's `ICMA_JOB_BATCH_SIZE`; transformers "
-        "generates them 8 at a time, `ICMA_GENERATION_BATCH_SIZE`). Direct: `icma.generation.translate` on "
+        "generates them 8 at a time, `ICMA_GENERATION_BATCH_SIZE`). Direct: `icma.generation.pipeline` on "
         "the same examples with the engine in the benchmark's process. Job: `POST /v1/jobs`, "
         "timed until the last result line was read from `GET /v1/jobs/{id}/results` "
         "(retrieval, SQLite writes and HTTP included). "

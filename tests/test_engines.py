@@ -11,7 +11,8 @@ import torch
 from icma.generation.engines import Adapter, GenerationInput, GenerationParams, cut_at_stop, load_engine
 from icma.core.errors import InputError
 from icma.core.prompts import Example
-from icma.generation.translate import PromptOptions, translate
+from icma.generation.options import Options
+from icma.generation.pipeline import translate
 
 ETHANOL = Example("CCO", "The molecule is ethanol.", cid="702", score=0.9)
 ACETIC = Example("CC(=O)O", "The molecule is acetic acid.", cid="176", score=0.8)
@@ -142,7 +143,7 @@ def test_shipped_smollm2_converts_and_answers_with_priming(smollm2, chebi_val):
     recs = chebi_val.records[:3]
     examples = [[Example(r.smiles, r.description) for r in chebi_val.records[10:12]]] * 3
     params = GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=48)
-    primed = translate("mol2cap", [r.smiles for r in recs], examples, eng, params=params,
-                       prompt=PromptOptions(prime_answer=True))
+    primed = translate("mol2cap", [r.smiles for r in recs], examples, eng,
+                       Options(n_shot=2, params=params, prime_answer=True))
     assert all(t.answer for t in primed), [t.raw for t in primed]
     assert all(t.prompt_tokens > 100 for t in primed)

@@ -138,7 +138,7 @@ def test_cancel_stops_the_training_process(worker, tiny_learner, train32):
         "options": options(tiny_learner, train32, "cancelled", max_steps=100000)})
     job_id = r.json()["id"]
     wait_for(worker, job_id, until=lambda j: (j["tuning"] or {}).get("step", 0) >= 2)
-    proc = worker.app.state.tuner._proc
+    proc = worker.app.state.service.tuner._proc
     assert proc is not None and proc.poll() is None
     r = httpx.delete(f"{worker.url}/v1/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
@@ -155,15 +155,15 @@ def test_killed_training_process_resumes_from_its_checkpoint(worker, tiny_learne
         "kind": "tune", "task": "mol2cap",
         "options": options(tiny_learner, train32, "survivor", max_steps=150, save_steps=10)})
     job_id = r.json()["id"]
-    root = Path(worker.app.state.settings.data_dir) / "tuning" / "survivor" / "checkpoints"
+    root = Path(worker.app.state.service.settings.data_dir) / "tuning" / "survivor" / "checkpoints"
     deadline = time.monotonic() + 300
     while not list(root.glob("step-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc = worker.app.state.tuner._proc
+    proc = worker.app.state.service.tuner._proc
     os.kill(proc.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     done = wait_for(worker, job_id, timeout=600)
     assert done["state"] == "succeeded", done
-    manifest = (Path(worker.app.state.settings.adapters_path()) / "survivor" /
+    manifest = (Path(worker.app.state.service.settings.adapters_path()) / "survivor" /
                 "icma-adapter.json").read_text()
     training = json.loads(manifest)["training"]
     assert training["resumed_from_step"] >= 10 and training["steps"] == 150

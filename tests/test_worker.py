@@ -327,7 +327,8 @@ def test_sigkilled_worker_resumes_its_job_with_one_result_per_input(retrieval, t
 
 
 def _results_now(data: Path, job_id: str) -> list[str]:
-    from icma.jobs.store import JobStore, iter_results
+    from icma.jobs.results import iter_results
+    from icma.jobs.store import JobStore
 
     store = JobStore(data / "jobs.sqlite3")
     try:

@@ -97,14 +97,15 @@ def tiny_checks(spec: dict) -> dict:
 def smollm2_checks(spec: dict) -> dict:
     from icma.generation.engines import GenerationParams, load_engine
     from icma.core.prompts import Example
-    from icma.generation.translate import PromptOptions, translate
+    from icma.generation.options import Options
+    from icma.generation.pipeline import translate
 
     eng = load_engine("vllm", model=spec["model"])
     examples = [Example(s, c) for s, c in spec["examples"]]
     params = GenerationParams.for_task("mol2cap", decoding="greedy",
                                        max_new_tokens=spec["max_new_tokens"])
     out = translate("mol2cap", spec["queries"], [examples] * len(spec["queries"]), eng,
-                    params=params, prompt=PromptOptions(prime_answer=True))
+                    Options(n_shot=len(examples), params=params, prime_answer=True))
     result = {"answers": [t.answer for t in out], "raw": [t.raw for t in out],
               "prompt_tokens": [t.prompt_tokens for t in out],
               "count_tokens": eng.count_tokens(spec["count_text"])}

@@ -8,33 +8,31 @@ written in ``order`` (default: reversed, the best example last, right before the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 from icma.core.errors import InputError, PromptTooLongError
 from icma.core.rerank import Order, prompt_order
+from icma.core.tasks import Task, check_task, spec
 
-Task = Literal["mol2cap", "cap2mol"]
-TASKS: tuple[Task, ...] = ("mol2cap", "cap2mol")
 PROMPT_FORMAT_VERSION = "icma-1"
 DEFAULT_EOS = "</s>"
 MAX_QUERY_CHARS = 8192
 
-# Per task: (example block, final line with examples, zero-shot line, answer marker).
-# {q} is the query side (SMILES for mol2cap, caption for cap2mol), {a} the answer side.
-TEMPLATES: dict[str, tuple[str, str, str, str]] = {
+# Per task: (example block, final line with examples, zero-shot line); the answer marker is
+# the task's (icma.core.tasks). {q} is the query side (SMILES for mol2cap, caption for
+# cap2mol), {a} the answer side.
+TEMPLATES: dict[str, tuple[str, str, str]] = {
     "mol2cap": (
         "Generate a caption for the molecule: {q}\nCaption: {a}\n\n",
         "Based on the above examples, analyse the similarities and differences between the "
         "examples and finally generate a caption for the molecule: {q}. \n",
         "Generate a caption for the molecule: {q}\n",
-        "Caption:",
     ),
     "cap2mol": (
         "Generate a molecule for the caption: {q}\nMolecule: {a}\n\n",
         "Based on the above examples, analyse the similarities and differences between the "
         "examples and finally generate a molecule for the caption: {q}\n",
         "Generate a molecule for the caption: {q}\n",
-        "Molecule:",
     ),
 }
 
@@ -66,14 +64,8 @@ class Prompt:
         return len(self.examples)
 
 
-def check_task(task: str) -> Task:
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; use mol2cap or cap2mol", field="task")
-    return task  # type: ignore[return-value]
-
-
 def check_query(task: Task, query: str) -> str:
-    name = "smiles" if task == "mol2cap" else "caption"
+    name = spec(task).query
     if not isinstance(query, str) or not query.strip():
         raise InputError(f"empty {name}", field=name)
     if len(query) > MAX_QUERY_CHARS:
@@ -82,12 +74,12 @@ def check_query(task: Task, query: str) -> str:
 
 
 def marker(task: Task) -> str:
-    return TEMPLATES[check_task(task)][3]
+    return spec(task).marker
 
 
 def render(task: Task, query: str, examples: Sequence[Example], order: Order = "reversed") -> str:
     """The unstripped ICMA prompt for a query and its examples (given best first)."""
-    block, final, zero_shot, _ = TEMPLATES[check_task(task)]
+    block, final, zero_shot = TEMPLATES[check_task(task)]
     check_query(task, query)
     if not examples:
         return zero_shot.format(q=query)
@@ -137,10 +129,9 @@ def build_prompt(
         if n + reserve <= cutoff:
             return Prompt(text, raw, used, len(examples), n, dropped)
         if not used:
-            field = "smiles" if task == "mol2cap" else "caption"
             raise PromptTooLongError(
                 f"the query alone takes {n} tokens; with {reserve} reserved for the answer it "
-                f"exceeds the cutoff of {cutoff}", field=field)
+                f"exceeds the cutoff of {cutoff}", field=spec(task).query)
         dropped.insert(0, used.pop())
 
 

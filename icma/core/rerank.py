@@ -13,11 +13,21 @@ from dataclasses import dataclass
 from typing import Literal, Sequence, TypeVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from icma.core.errors import InputError
 
 T = TypeVar("T")
 Order = Literal["reversed", "ranked"]
+
+
+# One schema for the retrieval service's requests, the worker's and ``icma tune``'s configs.
+class RandomWalk(BaseModel):
+    """Skip each ranked candidate with this probability (walking the top max(10, k))."""
+
+    model_config = ConfigDict(extra="forbid")
+    skip_probability: float = Field(ge=0.0, lt=1.0, description="chance to skip a candidate")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
 
 
 def top(candidates: Sequence[T], n: int) -> list[T]:

@@ -29,22 +29,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from icma.core.corpus import EMBEDDED_DIR, Corpus, read_corpus
-from icma.generation.engines import GenerationParams, Generator, load_engine
+from icma.generation.engines import Generator, load_engine
 from icma.core.errors import InputError
 from icma.retrieval.examples import retrieve_examples
 from icma.evaluation.metrics import REPORT_ROWS
-from icma.core.prompts import Example, Task
+from icma.core.prompts import Example
+from icma.core.tasks import TASK_SPECS, Task
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
-from icma.generation.translate import PromptOptions, translate
+from icma.generation.options import build_options
+from icma.generation.pipeline import translate
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("chebi20-val-test", "pubchem324k-iupac")
-#: Retrieval methods of the nearest-neighbour rows, the default (used for LLM prompts) first.
-NN_METHODS: dict[str, tuple[str, ...]] = {"mol2cap": ("graph", "morgan", "rdkit", "random"),
-                                          "cap2mol": ("bm25", "random")}
-N_SHOT = {"mol2cap": 2, "cap2mol": 4}  # ICMA's released settings
+#: Retrieval methods of the nearest-neighbour rows, the default (used for LLM prompts) first:
+#: every method of the task but sentence embeddings (they need a model folder of their own).
+NN_METHODS: dict[str, tuple[str, ...]] = {t: tuple(m for m in s.methods if m != "sentence")
+                                          for t, s in TASK_SPECS.items()}
+N_SHOT = {t: s.n_shot for t, s in TASK_SPECS.items()}  # ICMA's released settings
 SAMPLES = 3  # answers of each LLM row shown in the report
 
 
@@ -155,7 +158,7 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
         report(_line(rows[-1]))
         if llm_engine is None:
             llm_engine = load_engine(engine, model=model, **(engine_options or {}))
-        params = GenerationParams.for_task(task, max_new_tokens=max_new_tokens)
+        request = {"n_shot": N_SHOT[task], "generation": {"max_new_tokens": max_new_tokens}}
         shots = [e[:N_SHOT[task]] for e in examples_of[default_method][:n]]
         runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, shots,
                  True)]
@@ -167,8 +170,9 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
                                      **(engine_options or {})), shots, False))
         for system, eng, ex, prime in runs:
             t0 = time.perf_counter()
-            out = translate(task, sub_q, ex, eng, params=params,
-                            prompt=PromptOptions(prime_answer=prime))
+            options = build_options(task, {**request, "prime_answer": prime})
+            params = options.params
+            out = translate(task, sub_q, ex, eng, options)
             secs = time.perf_counter() - t0
             extra = {"completion_tokens": sum(t.completion_tokens for t in out),
                      "stopped_by_length": sum(t.finish_reason == "length" for t in out),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icma.generation.engines import Adapter
-from icma.core.errors import IcmaError, InputError, NotFoundError
+from icma.core.errors import InputError, NotFoundError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST = "icma-adapter.json"
@@ -38,6 +38,17 @@ class AdapterInfo:
     def as_adapter(self) -> Adapter:
         return Adapter(self.name, self.path)
 
+    @property
+    def tuned_prompt(self) -> dict:
+        """The prompt form it was tuned on (the manifest's ``prompt``; empty when unknown)."""
+        prompt = self.manifest.get("prompt")
+        return prompt if isinstance(prompt, dict) else {}
+
+    @property
+    def prime_answer(self) -> bool | None:
+        value = self.tuned_prompt.get("prime_answer")
+        return value if isinstance(value, bool) else None
+
 
 class AdapterRegistry:
     def __init__(self, root: Path):
@@ -49,7 +60,7 @@ class AdapterRegistry:
         out = []
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and NAME.match(folder.name):
-                info = _read(folder)
+                info = read_adapter(folder)
                 if info is not None:
                     out.append(info)
         return out
@@ -58,7 +69,7 @@ class AdapterRegistry:
         if not isinstance(name, str) or not NAME.match(name):
             raise InputError(f"adapter names are 1-64 letters, digits, '.', '_' or '-', "
                              f"got {name!r}", field="adapter")
-        info = _read(self.root / name) if (self.root / name).is_dir() else None
+        info = read_adapter(self.root / name) if (self.root / name).is_dir() else None
         if info is None:
             known = ", ".join(a.name for a in self.list()) or "none"
             raise UnknownAdapterError(f"no adapter named {name!r} in {self.root} (known: "
@@ -66,7 +77,8 @@ class AdapterRegistry:
         return info
 
 
-def _read(folder: Path) -> AdapterInfo | None:
+def read_adapter(folder: Path) -> AdapterInfo | None:
+    """The adapter in ``folder``, or None when it is not (or not yet completely) one."""
     try:
         config = json.loads((folder / "adapter_config.json").read_text())
     except (OSError, ValueError):

@@ -1,43 +1,45 @@
-"""A translation request end to end: retrieve examples -> prompt -> engine -> answer.
+"""A translation end to end: retrieve examples -> prompt within the token budget -> engine ->
+answer (+ an RDKit check for cap2mol).
 
-The worker's endpoints, its batch jobs and ``icma translate`` all run ``run_batch``, so an
-answer does not depend on which door it came in by. Retrieval is a ``Retriever`` (the service
-over HTTP, or local indexes); the engine is any ``Generator`` (in the worker, one that queues
-for the engine thread).
+The worker's endpoints, its batch jobs, ``icma translate``, tuning evaluation and the
+benchmarks all come through here, so an answer does not depend on which door it came in by.
+``run_batch`` retrieves with a ``Retriever`` (the service over HTTP, or local indexes) and
+calls ``translate``; callers that hold their examples already (the quality benchmark) call
+``translate`` directly. The engine is any ``Generator`` (in the worker, one that queues for the
+engine thread).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 from icma.core import chem
-from icma.generation.engines import Adapter, GenerationParams, Generator
-from icma.core.errors import IcmaError
-from icma.core.prompts import Task, check_query, check_task
-from icma.generation.retrievers import RetrievalOptions, Retriever
-from icma.generation.translate import PromptOptions, Translation, translate
-
-#: ICMA's released settings: 2 examples for mol2cap, 4 for cap2mol.
-DEFAULT_SHOTS = {"mol2cap": 2, "cap2mol": 4}
+from icma.core.errors import IcmaError, InputError, UnavailableError
+from icma.core.prompts import Example, build_prompt, check_query, extract_answer
+from icma.core.tasks import Task, check_task
+from icma.generation.engines import GenerationInput, Generator
+from icma.generation.options import Options, build_options
+from icma.generation.retrievers import Retriever
 
 
-@dataclass(frozen=True)
-class Options:
-    """Everything about a translation but its input."""
-
-    n_shot: int
-    retrieval: RetrievalOptions = RetrievalOptions()
-    params: GenerationParams | None = None  # None: ICMA's sampling for the task
-    adapter: Adapter | None = None
-    prime_answer: bool | None = None  # None: on without an adapter, off with one
-    cutoff: int = 2048
-    num_candidates: int = 1  # cap2mol: sample until one is valid, at most this many
-
-    def prompt_options(self) -> PromptOptions:
-        prime = self.adapter is None if self.prime_answer is None else self.prime_answer
-        return PromptOptions(prime_answer=prime, cutoff=self.cutoff)
+@dataclass
+class Translation:
+    task: Task
+    query: str
+    answer: str
+    raw: str  # the engine's continuation
+    examples: list[Example]  # used, best first
+    n_requested: int
+    dropped: int  # examples dropped to fit the budget
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    valid: bool | None = None  # cap2mol: RDKit parses the answer
+    canonical: str | None = None  # cap2mol: its canonical SMILES when valid
+    timings: dict[str, float] = field(default_factory=dict)
+    prompt: str = ""  # what the engine received
 
 
 @dataclass
@@ -49,6 +51,46 @@ class Outcome:
     candidates_tried: int = 0
     prompt: str | None = None  # what the engine received
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Example]],
+              engine: Generator, options: Options | None = None) -> list[Translation]:
+    """Translate each query with its examples (best first; empty lists for zero-shot).
+    ``options``: default, the task's defaults (``build_options``)."""
+    task = check_task(task)
+    options = options or build_options(task)
+    if len(queries) != len(examples):
+        raise InputError(f"{len(queries)} queries but {len(examples)} example lists",
+                         field="examples")
+    params = options.params
+    t0 = time.perf_counter()
+    count = engine.count_tokens if engine.count_tokens("x") is not None else None  # budget?
+    prompts = []
+    for i, (q, ex) in enumerate(zip(queries, examples)):
+        try:
+            check_query(task, q)
+        except InputError as exc:
+            raise exc.at(f"{exc.field}[{i}]" if len(queries) > 1 else exc.field) from None
+        prompts.append(build_prompt(task, q, ex, order=options.order,
+                                    prime_answer=options.prime_answer, count_tokens=count,
+                                    cutoff=options.cutoff, reserve=params.max_new_tokens))
+    t1 = time.perf_counter()
+    gens = engine.generate([GenerationInput(task, p.text, p.examples) for p in prompts], params,
+                           adapter=options.adapter)
+    t2 = time.perf_counter()
+    out = []
+    per_query = {"prompt_ms": (t1 - t0) * 1e3 / max(len(queries), 1),
+                 "generate_ms": (t2 - t1) * 1e3 / max(len(queries), 1)}
+    for q, p, g in zip(queries, prompts, gens):
+        answer = extract_answer(task, g.text, stop=params.stop)
+        t = Translation(task, q, answer, g.text, p.examples, p.n_requested, len(p.dropped),
+                        g.prompt_tokens or (p.n_tokens or 0), g.completion_tokens,
+                        g.finish_reason, timings=dict(per_query), prompt=p.text)
+        if task == "cap2mol":
+            t.canonical = chem.try_canonical(answer)[0] if answer else None
+            t.valid = t.canonical is not None
+        out.append(t)
+    return out
 
 
 def check_input(task: Task, query: str) -> str:
@@ -80,7 +122,7 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
     examples = retriever.examples(task, [queries[i] for i in ok], options.n_shot,
                                   options.retrieval)
     retrieval_ms = (time.perf_counter() - t0) * 1e3 / len(ok)
-    params = options.params or GenerationParams.for_task(task)
+    params = options.params
     todo = list(ok)
     ex_of = dict(zip(ok, examples))
     for attempt in range(max(1, options.num_candidates)):
@@ -89,7 +131,7 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
         # Each further candidate is a fresh sample: the same prompt under the next seed.
         p = params if attempt == 0 else replace(params, seed=params.seed + attempt)
         done = translate(task, [queries[i] for i in todo], [ex_of[i] for i in todo], engine,
-                         params=p, prompt=options.prompt_options(), adapter=options.adapter)
+                         replace(options, params=p))
         still = []
         for i, t in zip(todo, done):
             o, prev = out[i], out[i].timings
@@ -110,12 +152,9 @@ def run_isolating(task: str, queries: Sequence[str], options: Options, retriever
     """``run_batch``, but when the batch is refused as a whole (the retrieval service rejects
     one input that ``check_input`` let through), halve it until the bad inputs stand alone.
     Failures that concern every input (service down, engine not loaded) still raise."""
-    from icma.generation.retrievers import RetrievalUnavailable
-    from icma.generation.scheduler import EngineNotReady
-
     try:
         return run_batch(task, queries, options, retriever, engine)
-    except (RetrievalUnavailable, EngineNotReady):
+    except UnavailableError:
         raise
     except IcmaError as exc:
         if len(queries) == 1:
@@ -123,25 +162,3 @@ def run_isolating(task: str, queries: Sequence[str], options: Options, retriever
         mid = len(queries) // 2
         return (run_isolating(task, queries[:mid], options, retriever, engine)
                 + run_isolating(task, queries[mid:], options, retriever, engine))
-
-
-def batch_translator(retriever: Retriever, engine: Generator,
-                     options_for: Callable[[str, dict], Options]):
-    """The job runner's batch function (``icma.jobs.store.BatchFn``): a job's stored options ->
-    ``Options`` by ``options_for``, then ``run_isolating``; a dependency that is down makes the
-    runner wait and retry (``TransientError``) instead of failing items."""
-    from icma.jobs.store import TransientError, result_line
-    from icma.generation.retrievers import RetrievalUnavailable
-    from icma.generation.scheduler import EngineNotReady
-
-    def run(task: str, items, raw: dict) -> list[dict]:
-        try:
-            outs = run_isolating(task, [it.input for _, it in items], options_for(task, raw),
-                                 retriever, engine)
-        except (RetrievalUnavailable, EngineNotReady) as exc:
-            raise TransientError(str(exc)) from None
-        except IcmaError as exc:  # e.g. an adapter removed after the job was queued
-            outs = [Outcome(error=exc) for _ in items]
-        return [result_line(task, idx, it, o) for (idx, it), o in zip(items, outs)]
-
-    return run

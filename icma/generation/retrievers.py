@@ -18,15 +18,9 @@ from typing import Protocol, Sequence
 import httpx
 
 from icma.core.errors import IcmaError, UnavailableError
-from icma.core.prompts import Example, Task
-
-#: Retrieval methods per task (the retrieval service's names).
-METHODS: dict[str, tuple[str, ...]] = {
-    "mol2cap": ("graph", "morgan", "rdkit", "random"),
-    "cap2mol": ("bm25", "sentence", "random"),
-}
-DEFAULT_METHOD = {"mol2cap": "graph", "cap2mol": "bm25"}
-
+from icma.core.prompts import Example
+from icma.core.tasks import Task, spec
+from icma.generation.options import RetrievalOptions
 
 class RetrievalUnavailable(UnavailableError):
     """The retrieval service cannot be reached or keeps failing (a 503 for the worker's callers)."""
@@ -38,20 +32,6 @@ class RetrievalRefused(IcmaError):
     def __init__(self, status: int, code: str, message: str, field: str | None = None):
         super().__init__(message, field=field)
         self.status, self.code = status, code
-
-
-@dataclass(frozen=True)
-class RetrievalOptions:
-    """What the retrieval service takes besides the queries (see its request schemas)."""
-
-    method: str | None = None  # default per task: graph | bm25
-    corpus: str | None = None
-    exclude_cids: tuple[str, ...] = ()
-    exclude_same: bool = False  # same structure (mol2cap) or same caption (cap2mol)
-    random_walk: tuple[float, int] | None = None  # (skip probability, seed)
-
-    def method_for(self, task: Task) -> str:
-        return self.method or DEFAULT_METHOD[task]
 
 
 class Retriever(Protocol):
@@ -91,13 +71,13 @@ class HttpRetriever:
         if k == 0:
             return [[] for _ in queries]
         path = "/v1/retrieve/molecules" if task == "mol2cap" else "/v1/retrieve/captions"
-        body: dict = {("smiles" if task == "mol2cap" else "caption"): list(queries), "k": k,
+        body: dict = {spec(task).query: list(queries), "k": k,
                       "method": options.method_for(task), "order": "ranked",
                       "exclude_cids": list(options.exclude_cids)}
         if options.corpus:
             body["corpus"] = options.corpus
         if options.exclude_same:
-            body["exclude_same_structure" if task == "mol2cap" else "exclude_same_caption"] = True
+            body[spec(task).exclude_same] = True
         if options.random_walk is not None:
             body["random_walk"] = {"skip_probability": options.random_walk[0],
                                    "seed": options.random_walk[1]}

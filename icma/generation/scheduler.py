@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from icma.generation.engines import Adapter, Generation, GenerationInput, GenerationParams, Generator
-from icma.core.errors import IcmaError, UnavailableError
+from icma.core.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,10 @@
-"""Batch translation jobs: a durable SQLite store and the runner that works through it.
+"""The durable job store: jobs and their items in one SQLite file.
 
 Durability is the store's: a job and all its items are written in one transaction when it is
 created; every batch's results are written in one transaction as they are produced, each only
 if that item has none yet. A worker killed at any instant therefore leaves every item either
 done or not, never half; on restart, jobs that were running are queued again and carry on with
 the items still without a result, so a job ends with exactly one result per input.
-
-Result lines (``GET /v1/jobs/{id}/results``, ``icma translate --output``) are JSON objects in
-input order: ``index``, ``id``, ``input``, ``reference`` (when given), ``prediction`` (``""`` when
-the item failed), for cap2mol ``valid``, ``canonical_smiles`` and ``candidates_tried``, the
-examples' CIDs, and ``error`` (``null`` or ``{code, message, field}``). ``icma eval --format
-jsonl`` reads them directly.
 """
 
 from __future__ import annotations
@@ -23,10 +17,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
-from icma.core.errors import ConflictError, IcmaError, InputError, NotFoundError, \
-    QueueFullError, UnavailableError
+from icma.core.errors import ConflictError, NotFoundError, QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -98,67 +91,6 @@ class Job:
     def active(self) -> bool:
         return self.state in ACTIVE
 
-
-# --- reading job inputs ------------------------------------------------------------------------
-
-def parse_items(task: str, text: str, fmt: str, where: str = "file") -> list[Item]:
-    """Items from an uploaded file. ``jsonl``: one object per line, ``{"input", "id",
-    "reference"}`` or a corpus record ``{"cid", "smiles", "description"}``, or a bare JSON
-    string. ``tsv``: a corpus file (``CID SMILES description`` header): the input is the SMILES
-    for mol2cap and the description for cap2mol, the other side is the reference. A malformed
-    line refuses the whole file (naming the line); a bad value (an invalid SMILES, an empty
-    caption) is that item's error when the job runs."""
-    if fmt == "jsonl":
-        items = []
-        for n, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"line {n}: invalid JSON ({exc.msg})", field=where) from None
-            items.append(_item(task, obj, f"{where} line {n}"))
-    elif fmt == "tsv":
-        from icma.core.corpus import parse_corpus_text
-
-        corpus, report = parse_corpus_text(text, fmt="tsv", name=where, on_invalid="keep")
-        if report.malformed:
-            line, why = report.malformed[0]
-            raise InputError(f"line {line}: {why}", field=where)
-        smiles_side = task == "mol2cap"
-        items = [Item(r.smiles if smiles_side else r.description, r.cid,
-                      (r.description or None) if smiles_side else r.smiles)
-                 for r in corpus.records]
-    else:
-        raise InputError(f"unknown input format {fmt!r}; use jsonl or tsv", field="format")
-    if not items:
-        raise InputError("no items in the file", field=where)
-    return items
-
-
-def _item(task: str, obj, where: str) -> Item:
-    if isinstance(obj, str):
-        return Item(obj)
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object or string", field="items")
-    keys = {k.lower(): k for k in obj}
-    if "input" in keys:
-        value, ref = obj[keys["input"]], obj.get(keys.get("reference", ""), None)
-    elif task == "mol2cap" and "smiles" in keys:
-        value, ref = obj[keys["smiles"]], obj.get(keys.get("description", ""), None)
-    elif task == "cap2mol" and "description" in keys:
-        value, ref = obj[keys["description"]], obj.get(keys.get("smiles", ""), None)
-    else:
-        side = "smiles" if task == "mol2cap" else "description"
-        raise InputError(f"{where}: needs 'input' (or '{side}')", field="items")
-    ident = obj.get(keys.get("id", keys.get("cid", "")), None)
-    if not isinstance(value, str):
-        raise InputError(f"{where}: 'input' must be a string", field="items")
-    return Item(value, None if ident is None else str(ident),
-                None if ref in (None, "") else str(ref))
-
-
-# --- the store ---------------------------------------------------------------------------------
 
 class JobStore:
     """Jobs and their items in one SQLite file. Safe to share between threads (one connection
@@ -339,126 +271,3 @@ class _Transaction:
             self.lock.release()
 
 
-# --- result lines ------------------------------------------------------------------------------
-
-def error_json(exc: IcmaError) -> dict:
-    return {"code": exc.code, "message": exc.message, "field": exc.field}
-
-
-def result_line(task: str, idx: int, item: Item, outcome=None, error: dict | None = None) -> dict:
-    """One result line. ``outcome``: an ``icma.generation.pipeline.Outcome``."""
-    line: dict = {"index": idx, "id": item.id, "input": item.input}
-    if item.reference is not None:
-        line["reference"] = item.reference
-    t = outcome.translation if outcome is not None else None
-    if outcome is not None and outcome.error is not None:
-        error = error_json(outcome.error)
-    line["prediction"] = t.answer if t is not None else ""
-    if task == "cap2mol":
-        line["valid"] = bool(t and t.valid)
-        line["canonical_smiles"] = t.canonical if t is not None else None
-        line["candidates_tried"] = outcome.candidates_tried if outcome is not None else 0
-    line["examples"] = [e.cid for e in t.examples] if t is not None else []
-    line["finish_reason"] = t.finish_reason if t is not None else None
-    line["error"] = error
-    return line
-
-
-def iter_results(store: JobStore, job_id: str, follow: bool = True,
-                 poll: float = 0.5) -> Iterator[str]:
-    """Result lines in input order, one per input. ``follow``: wait for items still being
-    worked on (like ``tail -f``) until the job ends; otherwise stop at the first unfinished
-    item. Items a cancelled or failed job never reached get an error line."""
-    idx = 0
-    while True:
-        rows = store.results(job_id, idx)
-        if not rows:
-            return
-        for i, item, line in rows:
-            while line is None:
-                job = store.get(job_id)
-                if not job.active:
-                    line = store.results(job_id, i, 1)[0][2] or result_line(
-                        job.task, i, item, error={"code": job.state, "field": None,
-                                                  "message": f"not translated: the job "
-                                                             f"{job.state}"})
-                    break
-                if not follow:
-                    return
-                time.sleep(poll)
-                line = store.results(job_id, i, 1)[0][2]
-            yield json.dumps(line, ensure_ascii=False) + "\n"
-            idx = i + 1
-
-
-# --- the runner --------------------------------------------------------------------------------
-
-#: Translates one batch: (task, items, options) -> one result line per item, in order.
-BatchFn = Callable[[str, list[tuple[int, Item]], dict], list[dict]]
-
-
-class TransientError(UnavailableError):
-    """A failure that waiting may fix (the retrieval service is down): the batch is retried."""
-
-
-class JobRunner:
-    """One thread working through queued jobs in submission order, a batch at a time."""
-
-    def __init__(self, store: JobStore, run_batch: BatchFn, batch_size: int = 16,
-                 retry_wait: float = 2.0, on_progress: Callable[[Job], None] | None = None):
-        self.store, self.run_batch, self.batch_size = store, run_batch, batch_size
-        self.retry_wait = retry_wait
-        self.on_progress = on_progress
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
-
-    def start(self) -> None:
-        n = self.store.requeue_interrupted()
-        if n:
-            log.info("resuming %d interrupted job(s)", n)
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=60)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            job = self.store.next_queued()
-            if job is None:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            try:
-                self.run_job(job)
-            except Exception:  # a bug in a job must not stop the runner
-                log.exception("job %s failed", job.id)
-                self.store.set_state(job.id, "failed", "internal error (see the worker's log)")
-
-    def run_job(self, job: Job) -> Job:
-        """Run ``job`` to its end (also used in-process by ``icma translate``)."""
-        if not self.store.set_state(job.id, "running", None, only_from=("queued",)):
-            return self.store.get(job.id)  # cancelled meanwhile
-        while not self._stop.is_set():
-            if self.store.get(job.id).state != "running":
-                return self.store.get(job.id)  # cancelled
-            batch = self.store.pending(job.id, self.batch_size)
-            if not batch:
-                self.store.set_state(job.id, "succeeded", None, only_from=("running",))
-                break
-            try:
-                lines = self.run_batch(job.task, batch, job.options)
-            except TransientError as exc:
-                self.store.set_message(job.id, f"waiting: {exc}")
-                self._stop.wait(self.retry_wait)
-                continue
-            self.store.record(job.id, [(idx, line) for (idx, _), line in zip(batch, lines)])
-            self.store.set_message(job.id, None)
-            if self.on_progress:
-                self.on_progress(self.store.get(job.id))
-        return self.store.get(job.id)

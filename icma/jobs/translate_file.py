@@ -13,16 +13,27 @@ import json
 import os
 from pathlib import Path
 
-from icma.generation.engines import GenerationParams, load_engine
 from icma.core.errors import InputError
-from icma.jobs.store import JobRunner, JobStore, iter_results, parse_items
-from icma.generation.pipeline import DEFAULT_SHOTS, Options, batch_translator
-from icma.generation.retrievers import METHODS, HttpRetriever, LocalRetriever, RetrievalOptions
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
+from icma.generation.adapters import AdapterInfo, AdapterRegistry, read_adapter
+from icma.generation.options import build_options
+from icma.generation.engines import load_engine
+from icma.generation.retrievers import HttpRetriever, LocalRetriever
+from icma.jobs.items import parse_items
+from icma.jobs.results import iter_results
+from icma.jobs.runner import JobRunner, batch_translator
+from icma.jobs.store import JobStore
 
 
-def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
-                   engine: str | None = None, model: str | None = None,
+#: Request fields as ``icma translate`` calls them, for its error messages.
+FLAGS = {"n_shot": "--n-shot", "num_candidates": "--num-candidates", "adapter": "--adapter",
+         "prime_answer": "--prime-answer", "retrieval.method": "--method",
+         "retrieval.corpus": "--corpus", "generation.decoding": "--decoding",
+         "generation.max_new_tokens": "--max-new-tokens", "generation.seed": "--seed"}
+
+
+def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
+                   fmt: str = "jsonl", engine: str | None = None, model: str | None = None,
                    adapter: str | None = None, n_shot: int | None = None,
                    method: str | None = None, corpus: str | None = None,
                    retrieval_url: str | None = None, decoding: str = "sample",
@@ -30,7 +41,6 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
                    prime_answer: bool | None = None, batch_size: int | None = None,
                    progress: bool | None = None) -> str:
     """Translate ``input`` into ``output`` (JSON lines, input order); returns a summary."""
-    settings = get_settings()
     try:
         text = Path(input).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -38,31 +48,26 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
     except UnicodeDecodeError as exc:
         raise InputError(f"{input} is not UTF-8 (byte {exc.start})", field="--input") from None
     items = parse_items(task, text, fmt, where=str(input))
-    n_shot = DEFAULT_SHOTS[task] if n_shot is None else n_shot
-    if not 0 <= n_shot <= settings.max_k:
-        raise InputError(f"must be between 0 and {settings.max_k}", field="--n-shot")
-    if method is not None and method not in METHODS[task]:
-        raise InputError(f"{method!r} does not retrieve for {task}; use one of "
-                         f"{', '.join(METHODS[task])}", field="--method")
-    if not 1 <= num_candidates <= settings.max_candidates:
-        raise InputError(f"must be between 1 and {settings.max_candidates}",
-                         field="--num-candidates")
-    params = GenerationParams.for_task(task, decoding=decoding, max_new_tokens=max_new_tokens,
-                                       seed=seed)
-    adapter_ref = _adapter(adapter)
-    options = Options(n_shot=n_shot, retrieval=RetrievalOptions(method=method, corpus=corpus),
-                      params=params, adapter=adapter_ref, prime_answer=prime_answer,
-                      num_candidates=num_candidates)
+    request = {"n_shot": n_shot, "retrieval": {"method": method, "corpus": corpus},
+               "generation": {"decoding": decoding, "max_new_tokens": max_new_tokens,
+                              "seed": seed},
+               "adapter": adapter, "prime_answer": prime_answer,
+               "num_candidates": num_candidates}
+    try:
+        options = build_options(task, request, max_k=settings.max_k,
+                                max_candidates=settings.max_candidates,
+                                adapters=lambda name: _adapter(name, settings))
+    except InputError as exc:
+        raise exc.at(FLAGS.get(exc.field, exc.field)) from None
     output = Path(output)
     if output.is_dir():
         raise InputError(f"{output} is a directory", field="--output")
     output.parent.mkdir(parents=True, exist_ok=True)
 
     # Same input, same settings -> same job id: a second run picks up the first one's results.
-    fingerprint = json.dumps([task, hashlib.sha256(text.encode()).hexdigest(), n_shot, method,
-                              corpus, retrieval_url, engine or settings.engine,
-                              model or settings.llm_model, str(adapter_ref and adapter_ref.path),
-                              params.__dict__, prime_answer, num_candidates], default=str)
+    fingerprint = json.dumps([task, hashlib.sha256(text.encode()).hexdigest(), retrieval_url,
+                              engine or settings.engine, model or settings.llm_model,
+                              repr(options)])
     job_id = "cli-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     partial = output.with_name(output.name + ".partial.sqlite3")
     store = JobStore(partial)
@@ -101,16 +106,16 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
             f"{job.failed} failed)")
 
 
-def _adapter(spec: str | None):
-    from icma.generation.adapters import AdapterRegistry
-    from icma.generation.engines import Adapter
-
-    if spec is None:
-        return None
+def _adapter(spec: str, settings: Settings) -> AdapterInfo:
+    """A folder (the operator's own files), or a name in the registry."""
     path = Path(spec)
     if path.is_dir():
-        return Adapter(path.name, path)
-    return AdapterRegistry(get_settings().adapters_path()).get(spec).as_adapter()
+        info = read_adapter(path)
+        if info is None:
+            raise InputError(f"{path} is not a peft adapter folder (no adapter_config.json)",
+                             field="adapter")
+        return info
+    return AdapterRegistry(settings.adapters_path()).get(spec)
 
 
 def _bar(job, enabled: bool):

@@ -19,22 +19,13 @@ from icma.generation.adapters import NAME
 from icma.core.errors import InputError
 from icma.generation.models import DEFAULT_LLM
 from icma.core.prompts import DEFAULT_EOS
+from icma.core.rerank import RandomWalk
+from icma.core.tasks import ALL_METHODS, TASKS, check_method, per_task, spec
 
-Method = Literal["graph", "morgan", "rdkit", "bm25", "random"]
-#: The retrieval kinds that take each task's query (a molecule, or a caption).
-METHODS_FOR = {"mol2cap": ("graph", "morgan", "rdkit", "random"),
-               "cap2mol": ("bm25", "random")}
-DEFAULT_METHOD = {"mol2cap": "graph", "cap2mol": "bm25"}
-DEFAULT_SHOTS = {"mol2cap": 2, "cap2mol": 4}
+Method = Literal[ALL_METHODS]
 #: ICMA's warm-up: 1000 of its about 8000 steps. Shorter runs keep the proportion (an eighth).
 ICMA_WARMUP = 1000
 WARMUP_SHARE = 8
-
-
-class RandomWalk(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    skip_probability: float = Field(ge=0.0, lt=1.0, description="chance to skip a candidate")
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
 
 
 class TuneOptions(BaseModel):
@@ -60,9 +51,9 @@ class TuneOptions(BaseModel):
                                              "excluded)")
     # prompts
     retrieval: Method | None = Field(default=None,
-                                     description="default: graph (mol2cap), bm25 (cap2mol)")
+                                     description="default: " + per_task("default_method"))
     n_shot: int | None = Field(default=None, ge=0, le=16,
-                               description="examples per prompt; default 2 mol2cap, 4 cap2mol")
+                               description="examples per prompt; default " + per_task("n_shot"))
     cutoff: int = Field(default=2048, ge=16, le=32768,
                         description="tokens of prompt + answer; lowest-ranked examples are "
                                     "dropped to fit, examples that cannot fit at all are skipped")
@@ -123,7 +114,7 @@ class TuneOptions(BaseModel):
 class TuneConfig(TuneOptions):
     """A whole run: the task and its options."""
 
-    task: Literal["mol2cap", "cap2mol"]
+    task: Literal[TASKS]
 
     @model_validator(mode="after")
     def _consistent(self) -> "TuneConfig":
@@ -131,10 +122,7 @@ class TuneConfig(TuneOptions):
         if not NAME.match(self.name):
             raise InputError(f"adapter names are 1-64 letters, digits, '.', '_' or '-' "
                              f"starting with a letter or digit, got {self.name!r}", field="name")
-        if self.retrieval and self.retrieval not in METHODS_FOR[self.task]:
-            raise InputError(f"{self.retrieval} does not take {self.task}'s queries; "
-                             f"use one of {', '.join(METHODS_FOR[self.task])}",
-                             field="retrieval")
+        check_method(self.task, self.retrieval, field="retrieval")
         if self.method == "full" and self.quantization != "none":
             raise InputError("8/4-bit loading is for LoRA (a quantised model cannot be fully "
                              "fine-tuned)", field="quantization")
@@ -143,11 +131,11 @@ class TuneConfig(TuneOptions):
     # resolved defaults
     @property
     def method_for_contexts(self) -> str:
-        return self.retrieval or DEFAULT_METHOD[self.task]
+        return check_method(self.task, self.retrieval, field="retrieval")
 
     @property
     def shots(self) -> int:
-        return DEFAULT_SHOTS[self.task] if self.n_shot is None else self.n_shot
+        return spec(self.task).n_shot if self.n_shot is None else self.n_shot
 
     def warmup_for(self, total_steps: int) -> int:
         if self.warmup_steps is not None:

@@ -195,11 +195,13 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
                      report: ProgressFn) -> dict:
     """The evaluation split through the serving path (retrieval with the same options, the
     prompt, the transformers engine with the adapter), scored by ``icma.evaluation.metrics``."""
-    from icma.generation.engines import Adapter, GenerationParams, load_engine
-    from icma.jobs.store import Item, result_line
     from icma.evaluation.metrics import evaluate
-    from icma.generation.pipeline import Options, run_batch
-    from icma.generation.retrievers import IndexRetriever, RetrievalOptions
+    from icma.generation.engines import Adapter, load_engine
+    from icma.generation.options import build_options
+    from icma.generation.pipeline import run_batch
+    from icma.generation.retrievers import IndexRetriever
+    from icma.jobs.results import result_line
+    from icma.jobs.store import Item
     from icma.tuning.data import answer_side
 
     records = corpus.records[:cfg.eval_limit] if cfg.eval_limit else corpus.records
@@ -209,14 +211,14 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
     else:
         engine = load_engine("transformers", model=str(plan.target), device=device)
         adapter = None
-    options = Options(
-        n_shot=cfg.shots, adapter=adapter, prime_answer=cfg.prime_answer, cutoff=cfg.cutoff,
-        params=GenerationParams.for_task(cfg.task, decoding=cfg.eval_decoding,
-                                         max_new_tokens=cfg.eval_max_new_tokens),
-        retrieval=RetrievalOptions(
-            method=cfg.method_for_contexts, exclude_same=False,
-            random_walk=((cfg.random_walk.skip_probability, cfg.random_walk.seed)
-                         if cfg.random_walk else None)))
+    # Served as a request would be: the prompt form the adapter is tuned on, the same retrieval.
+    options = build_options(cfg.task, {
+        "n_shot": cfg.shots, "prime_answer": cfg.prime_answer, "order": cfg.order,
+        "cutoff": cfg.cutoff,
+        "generation": {"decoding": cfg.eval_decoding, "max_new_tokens": cfg.eval_max_new_tokens},
+        "retrieval": {"method": cfg.method_for_contexts,
+                      "random_walk": cfg.random_walk and cfg.random_walk.model_dump()}},
+        adapter=adapter)
     retriever = IndexRetriever({cfg.method_for_contexts: index})
     lines, t0 = [], time.perf_counter()
     batch = get_settings().job_batch_size

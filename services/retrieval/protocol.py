@@ -8,17 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icma.core.chem import MAX_SMILES_CHARS
 from icma.core.prompts import MAX_QUERY_CHARS
+from icma.core.rerank import Order, RandomWalk
+from icma.core.tasks import TASK_SPECS
 
 Smiles = str
-Order = Literal["reversed", "ranked"]
-
-
-class RandomWalk(BaseModel):
-    """Skip each ranked candidate with this probability (walking the top max(10, k))."""
-
-    model_config = ConfigDict(extra="forbid")
-    skip_probability: float = Field(ge=0.0, lt=1.0, description="chance to skip a candidate")
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+MOL2CAP, CAP2MOL = TASK_SPECS["mol2cap"], TASK_SPECS["cap2mol"]
 
 
 class _RetrieveCommon(BaseModel):
@@ -36,8 +30,8 @@ class _RetrieveCommon(BaseModel):
 class MoleculeRequest(_RetrieveCommon):
     smiles: Smiles | list[Smiles] = Field(
         description="one SMILES or a batch", examples=["CC(=O)Oc1ccccc1C(=O)O"])
-    k: int = Field(default=2, ge=1, description="examples per query")
-    method: Literal["graph", "morgan", "rdkit", "random"] = "graph"
+    k: int = Field(default=MOL2CAP.n_shot, ge=1, description="examples per query")
+    method: Literal[MOL2CAP.methods] = MOL2CAP.default_method
     exclude_same_structure: bool = Field(
         default=False, description="also drop examples with the query's canonical structure")
 
@@ -47,8 +41,8 @@ class CaptionRequest(_RetrieveCommon):
         description="one caption or a batch",
         examples=["The molecule is a monocarboxylic acid that is acetic acid substituted by a "
                   "phenyl group."])
-    k: int = Field(default=4, ge=1, description="examples per query")
-    method: Literal["bm25", "sentence", "random"] = "bm25"
+    k: int = Field(default=CAP2MOL.n_shot, ge=1, description="examples per query")
+    method: Literal[CAP2MOL.methods] = CAP2MOL.default_method
     exclude_same_caption: bool = Field(
         default=False, description="also drop examples whose caption equals the query")
 

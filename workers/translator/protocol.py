@@ -8,10 +8,15 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from icma.core.chem import MAX_SMILES_CHARS
 from icma.core.prompts import MAX_QUERY_CHARS
-from icma.tuning.config import TuneOptions
+from icma.core.tasks import ALL_METHODS, TASK_SPECS, TASKS, per_task
+from icma.generation.engines import BOUNDS, DECODINGS, GenerationParams
+from icma.generation.options import DEFAULT_CUTOFF
 from icma.services.retrieval.protocol import RandomWalk
+from icma.tuning.config import TuneOptions
 
-Method = Literal["graph", "morgan", "rdkit", "random", "bm25", "sentence"]
+Method = Literal[ALL_METHODS]
+TaskName = Literal[TASKS]
+_DEFAULT = GenerationParams()
 
 
 class Strict(BaseModel):
@@ -22,8 +27,9 @@ class Retrieval(Strict):
     """Passed on to the retrieval service (its names; ``k`` is ``n_shot``)."""
 
     method: Method | None = Field(
-        default=None, description="mol2cap: graph (default) | morgan | rdkit | random; "
-                                  "cap2mol: bm25 (default) | sentence | random")
+        default=None, description="; ".join(f"{t}: {' | '.join(s.methods)}"
+                                            for t, s in TASK_SPECS.items())
+        + "; default " + per_task("default_method"))
     corpus: str | None = Field(default=None, max_length=64,
                                description="the retrieval service's corpus; default its own")
     exclude_cids: list[str] = Field(default_factory=list, max_length=1000,
@@ -41,15 +47,17 @@ class Generation(Strict):
     0.85, top_k 40, 256 new tokens, seed 42; repetition penalty 0.8 for cap2mol, 1.0 for
     mol2cap)."""
 
-    decoding: Literal["sample", "greedy", "beam"] = "sample"
-    temperature: float = Field(default=0.7, gt=0, le=10)
-    top_p: float = Field(default=0.85, gt=0, le=1)
-    top_k: int = Field(default=40, ge=0, description="0: no top-k cut")
-    num_beams: int = Field(default=4, ge=1, le=16, description="beam search only")
-    max_new_tokens: int = Field(default=256, ge=1, le=4096)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10,
-                                             description="default: 0.8 cap2mol, 1.0 mol2cap")
-    seed: int = Field(default=42, ge=0, le=2**63 - 1)
+    decoding: Literal[DECODINGS] = _DEFAULT.decoding
+    temperature: float = Field(default=_DEFAULT.temperature, **BOUNDS["temperature"])
+    top_p: float = Field(default=_DEFAULT.top_p, **BOUNDS["top_p"])
+    top_k: int = Field(default=_DEFAULT.top_k, **BOUNDS["top_k"], description="0: no top-k cut")
+    num_beams: int = Field(default=_DEFAULT.num_beams, **BOUNDS["num_beams"],
+                           description="beam search only")
+    max_new_tokens: int = Field(default=_DEFAULT.max_new_tokens, **BOUNDS["max_new_tokens"])
+    repetition_penalty: float | None = Field(
+        default=None, **BOUNDS["repetition_penalty"],
+        description="default: " + per_task("repetition_penalty"))
+    seed: int = Field(default=_DEFAULT.seed, **BOUNDS["seed"])
 
 
 class _Translate(Strict):
@@ -62,7 +70,7 @@ class _Translate(Strict):
         default=None, description="end the prompt with the answer marker ('Caption:' / "
                                   "'Molecule:'); default: on for the base model, off with an "
                                   "adapter (ICMA-tuned models write it themselves)")
-    cutoff: int = Field(default=2048, ge=64, le=32768,
+    cutoff: int = Field(default=DEFAULT_CUTOFF, ge=64, le=32768,
                         description="token budget of prompt + answer; the lowest-ranked "
                                     "examples are dropped to fit")
     return_prompt: bool = Field(default=False, description="include the prompt the engine got")
@@ -71,7 +79,8 @@ class _Translate(Strict):
 class Mol2CapRequest(_Translate):
     smiles: str = Field(min_length=1, max_length=MAX_SMILES_CHARS,
                         examples=["CC(=O)Oc1ccccc1C(=O)O"])
-    n_shot: int = Field(default=2, ge=0, description="examples in the prompt (ICMA: 2)")
+    n_shot: int = Field(default=TASK_SPECS["mol2cap"].n_shot, ge=0,
+                        description=f"examples in the prompt (ICMA: {TASK_SPECS['mol2cap'].n_shot})")
 
 
 class Cap2MolRequest(_Translate):
@@ -79,7 +88,8 @@ class Cap2MolRequest(_Translate):
                          examples=["The molecule is a member of the class of benzoic acids "
                                    "that is salicylic acid in which the hydroxy group has "
                                    "been acetylated."])
-    n_shot: int = Field(default=4, ge=0, description="examples in the prompt (ICMA: 4)")
+    n_shot: int = Field(default=TASK_SPECS["cap2mol"].n_shot, ge=0,
+                        description=f"examples in the prompt (ICMA: {TASK_SPECS['cap2mol'].n_shot})")
     num_candidates: int = Field(
         default=1, ge=1, description="sample up to this many molecules (seeds seed, seed+1, "
                                      "...) and return the first that RDKit parses")
@@ -139,7 +149,7 @@ class JobItem(Strict):
 
 
 class JobOptions(_Translate):
-    n_shot: int | None = Field(default=None, ge=0, description="default: 2 mol2cap, 4 cap2mol")
+    n_shot: int | None = Field(default=None, ge=0, description="default: " + per_task("n_shot"))
     num_candidates: int = Field(default=1, ge=1, description="cap2mol only")
     return_prompt: bool = Field(default=False, description="ignored for jobs")
 
@@ -148,7 +158,7 @@ class JobCreate(Strict):
     """A batch translation job."""
 
     kind: Literal["translate"] = "translate"
-    task: Literal["mol2cap", "cap2mol"]
+    task: TaskName
     items: list[JobItem | str] = Field(min_length=1, description="inputs, or objects with "
                                                                 "an input, id and reference")
     options: JobOptions = Field(default_factory=JobOptions)
@@ -159,7 +169,7 @@ class TuneJobCreate(Strict):
     when it succeeds."""
 
     kind: Literal["tune"]
-    task: Literal["mol2cap", "cap2mol"]
+    task: TaskName
     options: TuneOptions
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from icma.generation.engines.base import (
+    BOUNDS,
     DECODINGS,
     Adapter,
     Generation,
@@ -17,7 +18,7 @@ from icma.core.errors import InputError
 
 ENGINES = ("transformers", "vllm", "nearest-neighbour")
 
-__all__ = ["Adapter", "DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
+__all__ = ["Adapter", "BOUNDS", "DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
            "Generator", "cut_at_stop", "load_engine"]
 
 

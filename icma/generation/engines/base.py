@@ -8,17 +8,32 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from icma.core.errors import InputError
-from icma.core.prompts import DEFAULT_EOS, Example, Task
+from icma.core.prompts import DEFAULT_EOS, Example
+from icma.core.tasks import Task, spec
 
 Decoding = Literal["sample", "greedy", "beam"]
 DECODINGS: tuple[str, ...] = ("sample", "greedy", "beam")
 
 
+#: The range of each decoding setting, defined once: ``GenerationParams.checked`` enforces it
+#: and the worker's request schema declares it (pydantic's gt/ge/le).
+BOUNDS: dict[str, dict[str, float]] = {
+    "max_new_tokens": {"ge": 1, "le": 4096},
+    "temperature": {"gt": 0, "le": 10},
+    "top_p": {"gt": 0, "le": 1},
+    "top_k": {"ge": 0},  # 0: no top-k cut
+    "num_beams": {"ge": 1, "le": 16},
+    "repetition_penalty": {"gt": 0, "le": 10},
+    "seed": {"ge": 0, "le": 2**63 - 1},
+}
+_WORDS = {"gt": "above", "ge": "at least", "le": "at most"}
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Decoding settings. The defaults are ICMA's inference: sampling at temperature 0.7,
-    top_p 0.85, top_k 40, one beam, 256 new tokens, seed 42 (``for_task`` adds its repetition
-    penalty of 0.8 for cap2mol)."""
+    top_p 0.85, top_k 40, one beam, 256 new tokens, seed 42 (``for_task`` adds the task's
+    repetition penalty: 0.8 for cap2mol)."""
 
     max_new_tokens: int = 256
     decoding: Decoding = "sample"
@@ -33,28 +48,23 @@ class GenerationParams:
 
     @classmethod
     def for_task(cls, task: Task, **overrides) -> "GenerationParams":
-        base = {"repetition_penalty": 0.8} if task == "cap2mol" else {}
+        base = {"repetition_penalty": spec(task).repetition_penalty}
         return cls(**{**base, **overrides}).checked()
 
     def checked(self) -> "GenerationParams":
-        def bad(name, why):
-            raise InputError(f"{name} {why}, got {getattr(self, name)!r}", field=name)
-
-        if not 1 <= self.max_new_tokens <= 4096:
-            bad("max_new_tokens", "must be between 1 and 4096")
         if self.decoding not in DECODINGS:
-            bad("decoding", f"must be one of {', '.join(DECODINGS)}")
-        if not 0 < self.temperature <= 10:
-            bad("temperature", "must be above 0 and at most 10")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be above 0 and at most 1")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 = no top-k cut)")
-        if not 1 <= self.num_beams <= 16:
-            bad("num_beams", "must be between 1 and 16")
-        if not 0 < self.repetition_penalty <= 10:
-            bad("repetition_penalty", "must be above 0 and at most 10")
+            raise InputError(f"decoding must be one of {', '.join(DECODINGS)}, got "
+                             f"{self.decoding!r}", field="decoding")
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if not all(_holds(op, value, limit) for op, limit in bound.items()):
+                rule = " and ".join(f"{_WORDS[op]} {limit}" for op, limit in bound.items())
+                raise InputError(f"{name} must be {rule}, got {value!r}", field=name)
         return self
+
+
+def _holds(op: str, value, limit) -> bool:
+    return value > limit if op == "gt" else value >= limit if op == "ge" else value <= limit
 
 
 @dataclass(frozen=True)

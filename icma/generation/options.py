@@ -1,0 +1,134 @@
+"""Everything about a translation but its input, and the one builder that makes it.
+
+A request to the worker, a job's stored options, ``icma translate``'s flags, a tuning run's
+evaluation and the quality benchmark all describe a translation in the request's shape (below)
+and go through ``build_options``, so defaults and checks are the same whichever door a
+translation came in by::
+
+    {"n_shot": 2, "retrieval": {"method", "corpus", "exclude_cids", "exclude_same_structure" |
+     "exclude_same_caption", "random_walk": {"skip_probability", "seed"}},
+     "generation": {"decoding", "temperature", "top_p", "top_k", "num_beams",
+                    "max_new_tokens", "repetition_penalty", "seed"},
+     "adapter": "name", "prime_answer": null, "order": "reversed", "cutoff": 2048,
+     "num_candidates": 1}
+
+Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``).
+Errors name the request's fields (``n_shot``, ``retrieval.method``); the CLI renames them to
+its flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from icma.core.errors import InputError
+from icma.core.rerank import Order
+from icma.core.tasks import Task, check_method, spec
+from icma.generation.adapters import AdapterInfo
+from icma.generation.engines import Adapter, GenerationParams
+
+#: ICMA's token budget of prompt + answer.
+DEFAULT_CUTOFF = 2048
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """What the retrieval service takes besides the queries (see its request schemas)."""
+
+    method: str | None = None  # None: the task's default
+    corpus: str | None = None
+    exclude_cids: tuple[str, ...] = ()
+    exclude_same: bool = False  # same structure (mol2cap) or same caption (cap2mol)
+    random_walk: tuple[float, int] | None = None  # (skip probability, seed)
+
+    def method_for(self, task: Task) -> str:
+        return self.method or spec(task).default_method
+
+
+@dataclass(frozen=True)
+class Options:
+    """A translation's settings. ``prime_answer``: end the prompt with the answer marker (on for
+    untuned models, off for ICMA-tuned checkpoints, which write it themselves); ``cutoff``: the
+    token budget of prompt + answer; ``num_candidates``: cap2mol samples until RDKit parses one,
+    at most this many times."""
+
+    n_shot: int
+    params: GenerationParams
+    retrieval: RetrievalOptions = RetrievalOptions()
+    adapter: Adapter | None = None
+    prime_answer: bool = True
+    order: Order = "reversed"
+    cutoff: int = DEFAULT_CUTOFF
+    num_candidates: int = 1
+
+
+#: Finds an adapter by the name a request gives (the worker's registry; the CLI also takes
+#: folders).
+AdapterLookup = Callable[[str], AdapterInfo]
+
+
+def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
+                  max_candidates: int | None = None, adapters: AdapterLookup | None = None,
+                  adapter: Adapter | None = None) -> Options:
+    """``Options`` for ``task`` from a request-shaped mapping (see the module docstring).
+
+    ``max_k`` and ``max_candidates`` are a server's limits (None: unbounded, for local
+    callers). ``adapters`` resolves ``request["adapter"]`` by name; ``adapter`` gives one
+    directly (a tuning run evaluates the adapter it just wrote) and then priming defaults to
+    off, as for any adapter without a manifest.
+    """
+    s = spec(task)
+    n_shot = _bounded(_get(request, "n_shot", s.n_shot), 0, max_k, "n_shot")
+    num_candidates = _bounded(_get(request, "num_candidates", 1), 1, max_candidates,
+                              "num_candidates")
+    generation = {k: v for k, v in (request.get("generation") or {}).items() if v is not None}
+    try:
+        params = GenerationParams.for_task(task, **generation)
+    except TypeError as exc:  # a key GenerationParams does not have
+        raise InputError(str(exc), field="generation") from None
+    except InputError as exc:
+        raise exc.at(f"generation.{exc.field}") from None
+    if num_candidates > 1 and params.decoding != "sample":
+        raise InputError("more than one candidate needs decoding 'sample' (greedy and beam "
+                         "search give the same molecule every time)", field="num_candidates")
+    r = request.get("retrieval") or {}
+    walk = r.get("random_walk")
+    retrieval = RetrievalOptions(
+        method=check_method(task, r.get("method")), corpus=r.get("corpus") or None,
+        exclude_cids=tuple(r.get("exclude_cids") or ()),
+        exclude_same=bool(r.get(s.exclude_same)),
+        random_walk=None if walk is None else (walk["skip_probability"], walk.get("seed", 0)))
+    prime, order = request.get("prime_answer"), request.get("order")
+    name = request.get("adapter")
+    if name and adapter is None:
+        if adapters is None:
+            raise InputError("adapters are not served here", field="adapter")
+        info = adapters(name)
+        if info.task and info.task != task:
+            raise InputError(f"adapter {info.name!r} was tuned for {info.task}, not {task}",
+                             field="adapter")
+        adapter = info.as_adapter()
+        # Serve it with the prompt form it learned.
+        prime = info.prime_answer if prime is None else prime
+        order = info.tuned_prompt.get("order") if order is None else order
+    if prime is None:
+        prime = adapter is None
+    if order not in (None, "reversed", "ranked"):
+        raise InputError(f"must be reversed or ranked, got {order!r}", field="order")
+    return Options(n_shot=n_shot, params=params, retrieval=retrieval, adapter=adapter,
+                   prime_answer=prime, order=order or "reversed",
+                   cutoff=_get(request, "cutoff", DEFAULT_CUTOFF),
+                   num_candidates=num_candidates)
+
+
+def _bounded(value: int, low: int, high: int | None, field: str) -> int:
+    if value < low or (high is not None and value > high):
+        rule = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InputError(f"must be {rule}, got {value}", field=field)
+    return value
+
+
+def _get(request: Mapping, key: str, default):
+    value = request.get(key)
+    return default if value is None else value

@@ -1,0 +1,107 @@
+"""The job runner: one thread working through queued jobs, a batch at a time, and the batch
+function that translates a batch through ``icma.generation.pipeline``.
+
+A dependency that is down (the retrieval service, the engine still loading) makes the runner
+wait and retry the batch instead of failing its items.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from icma.core.errors import IcmaError, UnavailableError
+from icma.generation.engines import Generator
+from icma.generation.options import Options
+from icma.generation.pipeline import Outcome, run_isolating
+from icma.generation.retrievers import Retriever
+from icma.jobs.results import result_line
+from icma.jobs.store import Item, Job, JobStore
+
+log = logging.getLogger(__name__)
+
+
+#: Translates one batch: (task, items, options) -> one result line per item, in order.
+BatchFn = Callable[[str, list[tuple[int, Item]], dict], list[dict]]
+
+
+class JobRunner:
+    """One thread working through queued jobs in submission order, a batch at a time."""
+
+    def __init__(self, store: JobStore, run_batch: BatchFn, batch_size: int = 16,
+                 retry_wait: float = 2.0, on_progress: Callable[[Job], None] | None = None):
+        self.store, self.run_batch, self.batch_size = store, run_batch, batch_size
+        self.retry_wait = retry_wait
+        self.on_progress = on_progress
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
+
+    def start(self) -> None:
+        n = self.store.requeue_interrupted()
+        if n:
+            log.info("resuming %d interrupted job(s)", n)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.next_queued()
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.run_job(job)
+            except Exception:  # a bug in a job must not stop the runner
+                log.exception("job %s failed", job.id)
+                self.store.set_state(job.id, "failed", "internal error (see the worker's log)")
+
+    def run_job(self, job: Job) -> Job:
+        """Run ``job`` to its end (also used in-process by ``icma translate``)."""
+        if not self.store.set_state(job.id, "running", None, only_from=("queued",)):
+            return self.store.get(job.id)  # cancelled meanwhile
+        while not self._stop.is_set():
+            if self.store.get(job.id).state != "running":
+                return self.store.get(job.id)  # cancelled
+            batch = self.store.pending(job.id, self.batch_size)
+            if not batch:
+                self.store.set_state(job.id, "succeeded", None, only_from=("running",))
+                break
+            try:
+                lines = self.run_batch(job.task, batch, job.options)
+            except UnavailableError as exc:  # waiting may fix it (retrieval down, engine loading)
+                self.store.set_message(job.id, f"waiting: {exc}")
+                self._stop.wait(self.retry_wait)
+                continue
+            self.store.record(job.id, [(idx, line) for (idx, _), line in zip(batch, lines)])
+            self.store.set_message(job.id, None)
+            if self.on_progress:
+                self.on_progress(self.store.get(job.id))
+        return self.store.get(job.id)
+
+
+def batch_translator(retriever: Retriever, engine: Generator,
+                     options_for: Callable[[str, dict], Options]) -> BatchFn:
+    """The runner's batch function: a job's stored options -> ``Options`` by ``options_for``,
+    then ``run_isolating``. ``UnavailableError`` goes up to the runner, which waits."""
+
+    def run(task: str, items, raw: dict) -> list[dict]:
+        try:
+            outs = run_isolating(task, [it.input for _, it in items], options_for(task, raw),
+                                 retriever, engine)
+        except UnavailableError:
+            raise
+        except IcmaError as exc:  # e.g. an adapter removed after the job was queued
+            outs = [Outcome(error=exc) for _ in items]
+        return [result_line(task, idx, it, o) for (idx, it), o in zip(items, outs)]
+
+    return run

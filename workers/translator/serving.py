@@ -1,0 +1,278 @@
+"""The translation worker's state and operations, without HTTP (vLLM's serving classes are the
+model): ``app.py`` routes each endpoint to one method here, and tests call them directly.
+
+One engine per process, owned by one thread (``GenerationQueue``); requests and job batches
+wait for it, interactive requests first. Retrieval is the retrieval service's, over HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+from prometheus_client import Gauge
+from pydantic import ValidationError
+
+from icma.core.errors import InputError
+from icma.core.settings import Settings
+from icma.core.tasks import check_task
+from icma.generation.adapters import AdapterInfo, AdapterRegistry
+from icma.generation.engines import Adapter, Generation, GenerationInput, GenerationParams, \
+    Generator, load_engine
+from icma.generation.options import Options, build_options
+from icma.generation.pipeline import Outcome, run_batch
+from icma.generation.retrievers import HttpRetriever, Retriever
+from icma.generation.scheduler import BATCH, INTERACTIVE, GenerationQueue
+from icma.jobs.items import parse_items
+from icma.jobs.results import iter_results
+from icma.jobs.runner import JobRunner, batch_translator
+from icma.jobs.store import Item, JobConflict, JobStore
+from icma.jobs.tune import TuneRunner
+from icma.server.http import Metrics
+from icma.tuning import parse_config
+from icma.tuning.run import check_sources
+from icma.workers.translator.protocol import (
+    AdapterOut,
+    Adapters,
+    Cap2MolRequest,
+    Cap2MolResponse,
+    ExampleUsed,
+    Job,
+    JobCreate,
+    JobList,
+    JobOptions,
+    Mol2CapRequest,
+    Mol2CapResponse,
+    TranslationTimings,
+    TuneJobCreate,
+    Usage,
+)
+
+JOBS_PATH = "/v1/jobs"
+
+
+class QueuedEngine(Generator):
+    """The engine as seen by one caller: ``generate`` waits in the engine thread's queue at
+    ``priority``. Token counting (for the prompt budget) runs in the caller's thread."""
+
+    supports_adapters = True
+
+    def __init__(self, queue: GenerationQueue, priority: int):
+        self.queue, self.priority = queue, priority
+
+    def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
+                 adapter: Adapter | None = None) -> list[Generation]:
+        return self.queue.generate(inputs, params, adapter, self.priority)
+
+    def count_tokens(self, text: str) -> int | None:
+        return self.queue.check_ready().count_tokens(text)
+
+
+class TranslatorService:
+    """Translation, batch jobs, tune jobs and the adapter registry of one worker process."""
+
+    def __init__(self, settings: Settings, retriever: Retriever | None = None,
+                 engine_loader=None):
+        self.settings = settings
+        self.retriever = retriever or HttpRetriever.from_settings(settings)
+        self.queue = GenerationQueue(
+            engine_loader or (lambda: load_engine(settings.engine, model=settings.llm_model)),
+            max_batch=max(settings.job_batch_size, 64))
+        self.registry = AdapterRegistry(settings.adapters_path())
+        self.store = JobStore(settings.jobs_path())
+        self.metrics = Metrics("icma_worker")
+        for name, text, value in [
+                ("engine_queue_prompts", "Prompts waiting for the engine", self.queue.depth),
+                ("engine_busy_seconds", "Seconds the engine spent generating",
+                 lambda: self.queue.busy_seconds),
+                ("jobs_active", "Queued and running jobs", self.store.count_active)]:
+            Gauge(f"icma_worker_{name}", text, registry=self.metrics.registry) \
+                .set_function(value)
+        self.interactive = QueuedEngine(self.queue, INTERACTIVE)
+        self.runner = JobRunner(self.store, batch_translator(self.retriever,
+                                                             QueuedEngine(self.queue, BATCH),
+                                                             self.job_options),
+                                batch_size=settings.job_batch_size)
+        self.tuner = TuneRunner(self.store, settings.data_dir, settings.adapters_path())
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.queue.start()
+        self.runner.start()  # (also queues jobs left running by a stopped worker again)
+        self.tuner.start()
+
+    def stop(self) -> None:
+        self.tuner.stop()
+        self.runner.stop()
+        self.queue.stop()
+        self.store.close()
+
+    def state(self) -> str:
+        """"ready", or why not: "loading" or "failed" (the engine)."""
+        return "ready" if self.queue.ready else ("failed" if self.queue.error else "loading")
+
+    # --- translation ---------------------------------------------------------------------------
+
+    def options(self, task: str, request: dict) -> Options:
+        """A request's (or a job's stored) options, checked against this worker's limits and
+        adapter registry."""
+        return build_options(task, request, max_k=self.settings.max_k,
+                             max_candidates=self.settings.max_candidates,
+                             adapters=self.registry.get)
+
+    def job_options(self, task: str, raw: dict) -> Options:
+        return self.options(task, JobOptions.model_validate(raw).model_dump())
+
+    def mol2cap(self, req: Mol2CapRequest) -> Mol2CapResponse:
+        """A caption for a molecule, written by the LLM from retrieved similar examples."""
+        t0 = time.perf_counter()
+        opts = self.options("mol2cap", req.model_dump())
+        out = self._one("mol2cap", req.smiles, opts)
+        self.metrics.observe("mol2cap", opts.retrieval.method_for("mol2cap"), t0, 1)
+        return Mol2CapResponse(caption=out.translation.answer,
+                               **self._translated(out, opts, t0, req.return_prompt))
+
+    def cap2mol(self, req: Cap2MolRequest) -> Cap2MolResponse:
+        """A molecule for a caption, checked with RDKit; with ``num_candidates`` > 1, sampled
+        again until one is valid."""
+        t0 = time.perf_counter()
+        opts = self.options("cap2mol", req.model_dump())
+        out = self._one("cap2mol", req.caption, opts)
+        t = out.translation
+        self.metrics.observe("cap2mol", opts.retrieval.method_for("cap2mol"), t0, 1)
+        return Cap2MolResponse(smiles=t.answer, canonical_smiles=t.canonical,
+                               valid=bool(t.valid), candidates_tried=out.candidates_tried,
+                               **self._translated(out, opts, t0, req.return_prompt))
+
+    def _one(self, task: str, query: str, opts: Options) -> Outcome:
+        self.queue.check_ready()
+        out = run_batch(task, [query], opts, self.retriever, self.interactive)[0]
+        if out.error is not None:
+            raise out.error
+        return out
+
+    def _translated(self, out: Outcome, opts: Options, t0: float, return_prompt: bool) -> dict:
+        """The response fields both directions share."""
+        t = out.translation
+        engine = self.queue.check_ready()
+        timings = TranslationTimings(**{k: round(v, 3) for k, v in out.timings.items()},
+                                     total_ms=round((time.perf_counter() - t0) * 1e3, 3))
+        return dict(
+            examples=[ExampleUsed(cid=e.cid or "", smiles=e.smiles, description=e.caption,
+                                  score=float(e.score if e.score is not None else 0.0),
+                                  rank=i + 1) for i, e in enumerate(t.examples)],
+            n_examples_dropped=t.dropped, engine=engine.name, model=engine.model,
+            adapter=opts.adapter.name if opts.adapter else None,
+            prime_answer=opts.prime_answer, finish_reason=t.finish_reason,
+            usage=Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens),
+            timings=timings, prompt=out.prompt if return_prompt else None)
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    def adapters(self) -> Adapters:
+        """Adapters this worker can apply (folders of the registry directory; new ones are
+        served at once)."""
+        return Adapters(directory=str(self.registry.root),
+                        adapters=[_adapter_out(a) for a in self.registry.list()])
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def create_job(self, req: JobCreate | TuneJobCreate) -> Job:
+        """Queue a translation job or a tune job."""
+        if isinstance(req, TuneJobCreate):
+            return self._submit_tune(req.task, req.options.model_dump(exclude_unset=True))
+        items = [Item(x) if isinstance(x, str) else Item(x.input, x.id, x.reference)
+                 for x in req.items]
+        return self._submit(req.task, items, req.options)
+
+    def upload_job(self, task: str, filename: str | None, data: bytes,
+                   options_json: str) -> Job:
+        """Queue a translation job from a file: JSON lines or a corpus TSV."""
+        check_task(task)
+        try:
+            opts = JobOptions.model_validate_json(options_json)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InputError(f"{first['msg']}" + (f" (at {where})" if where else ""),
+                             field="options") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"not UTF-8 text (byte {exc.start})", field="file") from None
+        name = (filename or "").lower()
+        fmt = "jsonl" if name.endswith((".jsonl", ".ndjson", ".json")) else "tsv"
+        return self._submit(task, parse_items(task, text, fmt, where="file"), opts)
+
+    def _submit(self, task: str, items: list[Item], opts: JobOptions) -> Job:
+        if len(items) > self.settings.max_job_items:
+            raise InputError(f"{len(items)} items; a job takes at most "
+                             f"{self.settings.max_job_items}", field="items")
+        self.options(task, opts.model_dump())  # refuse bad options now, not when it runs
+        job = self.store.create("translate", task, opts.model_dump(exclude_defaults=True),
+                                items, max_active=self.settings.max_jobs)
+        self.runner.wake()
+        return job_out(job)
+
+    def _submit_tune(self, task: str, raw: dict) -> Job:
+        try:
+            cfg = parse_config({**raw, "task": task})  # cross-field checks, as the CLI's
+            check_sources(cfg, self.settings.data_dir)
+        except InputError as exc:
+            raise exc.at(f"options.{exc.field}") from None
+        if (self.registry.root / cfg.name).exists():
+            raise JobConflict(f"adapter {cfg.name!r} exists already; choose another name",
+                              field="options.name")
+        for other in self.store.list("queued") + self.store.list("running"):
+            if other.kind == "tune" and other.options.get("name") == cfg.name:
+                raise JobConflict(f"job {other.id} is tuning {cfg.name!r} already",
+                                  field="options.name")
+        job = self.store.create("tune", task, raw, [], max_active=self.settings.max_jobs)
+        self.tuner.wake()
+        return job_out(job)
+
+    def list_jobs(self, state: str | None, limit: int) -> JobList:
+        """Jobs, newest first."""
+        return JobList(jobs=[job_out(j) for j in self.store.list(state, limit)])
+
+    def get_job(self, job_id: str) -> Job:
+        """State and progress counts of one job."""
+        return job_out(self.store.get(job_id))
+
+    def job_results(self, job_id: str, follow: bool) -> Iterator[str]:
+        """A translation job's result lines (JSON, input order); checked before the first line,
+        so that an unknown job is a 404 and not a broken stream."""
+        if self.store.get(job_id).kind != "translate":
+            raise JobConflict("a tune job has no result lines: GET /v1/jobs/{id} reports it "
+                              "and its adapter is listed at GET /v1/adapters", field="job_id")
+        return iter_results(self.store, job_id, follow=follow)
+
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a queued or running job (results so far are kept)."""
+        return job_out(self.store.cancel(job_id))
+
+
+def job_out(job) -> Job:
+    return Job(id=job.id, kind=job.kind, task=job.task, state=job.state, total=job.total,
+               done=job.done, failed=job.failed,
+               progress=round(job.done / job.total, 4) if job.total else 1.0,
+               created=job.created, started=job.started, finished=job.finished,
+               message=job.message, options=job.options,
+               results_url=f"{JOBS_PATH}/{job.id}/results" if job.kind == "translate"
+               else None, tuning=job.progress if job.kind == "tune" else None)
+
+
+def _adapter_out(a: AdapterInfo) -> AdapterOut:
+    return AdapterOut(name=a.name, base_model=a.base_model, r=a.r, lora_alpha=a.lora_alpha,
+                      target_modules=a.target_modules, task=a.task,
+                      prime_answer=a.prime_answer, evaluation=_evaluation(a.manifest))
+
+
+def _evaluation(manifest: dict) -> dict | None:
+    ev = manifest.get("evaluation") or {}
+    metrics = ev.get("metrics")
+    if not metrics:
+        return None
+    return {"split": ev.get("split"), "n": ev.get("n"),
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
