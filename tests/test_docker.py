@@ -65,10 +65,18 @@ def check_service_image(ins: list[tuple[str, str]], port: int, service: str) -> 
     """What every service image does: sources that exist, a non-root user, a health check on
     /healthz, the port, and `icma serve SERVICE` listening on every interface."""
     words = [w for w, _ in ins]
+    copied = set()
     for word, rest in ins:
         if word == "COPY":
             for src in rest.split()[:-1]:
                 assert (REPO / src).exists(), f"COPY source {src} is missing"
+                copied.add(src.rstrip("/"))
+    # `pip install .` needs every folder pyproject.toml installs a package from
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"icma", *setup.get("package-dir", {}).values()}
+    assert folders <= copied, f"not copied: {sorted(folders - copied)}"
     user = [rest for word, rest in ins if word == "USER"]
     assert user and user[-1] not in ("root", "0")
     # nothing runs as root after the last switch

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from icma.core.errors import IcmaError, InputError
 from icma.core.settings import PACKAGE_DATA, get_settings
+from icma.core.tasks import check_task
 
 log = logging.getLogger(__name__)
 
@@ -458,21 +459,19 @@ def package_versions(*names: str) -> dict[str, str]:
 def evaluate(task: str, predictions: Sequence[str], references: Sequence[str], *,
              fcd: bool = True) -> dict:
     """Every MolT5 metric for one task, with what produced the numbers (tokenizer, versions)."""
-    if task == "mol2cap":
+    if check_task(task) == "mol2cap":
         scores = caption_scores(predictions, references)
         return {"task": task, **scores, "tokenizer": CAPTION_TOKENIZER, "text2mol": TEXT2MOL,
                 "versions": {**package_versions("nltk", "rouge_score", "transformers"),
                              "wordnet": wordnet_reader().get_version()}}
-    if task == "cap2mol":
-        scores = molecule_scores(predictions, references, fcd=fcd)
-        report = {"task": task, **scores, "text2mol": TEXT2MOL,
-                  "versions": package_versions("nltk", "rdkit", "fcd", "torch")}
-        if scores["fcd"] is None:
-            report["fcd_note"] = ("skipped" if not fcd else
-                                  "not computed: needs 2 or more valid molecules on each side "
-                                  "and non-degenerate ChemNet statistics")
-        return report
-    raise InputError(f"unknown task {task!r}; use mol2cap or cap2mol", field="task")
+    scores = molecule_scores(predictions, references, fcd=fcd)
+    report = {"task": task, **scores, "text2mol": TEXT2MOL,
+              "versions": package_versions("nltk", "rdkit", "fcd", "torch")}
+    if scores["fcd"] is None:
+        report["fcd_note"] = ("skipped" if not fcd else
+                              "not computed: needs 2 or more valid molecules on each side "
+                              "and non-degenerate ChemNet statistics")
+    return report
 
 
 REPORT_ROWS = {

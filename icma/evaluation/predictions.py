@@ -1,5 +1,11 @@
 """Model outputs to score: MolT5's prediction TSV and our JSON lines, read into reference/prediction
-pairs. Every problem is an InputError naming the file and, where it applies, the line."""
+pairs (every problem is an InputError naming the file and, where it applies, the line), and the
+writer of those JSON lines: ``result_line``, used by jobs, ``icma translate`` and tuning
+evaluation.
+
+A line holds ``index``, ``id``, ``input``, ``reference`` (when given), ``prediction`` (``""``
+when the item failed), for cap2mol ``valid``, ``canonical_smiles`` and ``candidates_tried``, the
+examples' CIDs, ``finish_reason`` and ``error`` (``null`` or ``{code, message, field}``)."""
 
 from __future__ import annotations
 
@@ -7,9 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from icma.core.errors import InputError
-
-TASKS = ("mol2cap", "cap2mol")
+from icma.core.errors import IcmaError, InputError
+from icma.core.tasks import TASKS, check_task
 FORMATS = ("molt5", "jsonl")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -70,8 +75,7 @@ def guess_format(path: Path) -> str:
 
 def read_predictions(path: Path, task: str, fmt: str | None = None) -> Predictions:
     """Read a predictions file of ``fmt`` (guessed from the extension when None) for ``task``."""
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; use {' or '.join(TASKS)}", field="task")
+    check_task(task)
     fmt = fmt or guess_format(path)
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; use {' or '.join(FORMATS)}", field="format")
@@ -208,3 +212,30 @@ def _json_type(value) -> str:
         return "null"
     return {bool: "a boolean", int: "a number", float: "a number", list: "an array",
             dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def error_json(exc: IcmaError) -> dict:
+    return {"code": exc.code, "message": exc.message, "field": exc.field}
+
+
+def result_line(task: str, idx: int, input: str, *, id: str | None = None,
+                reference: str | None = None, outcome=None, error: dict | None = None) -> dict:
+    """One line of our JSON-lines format (what ``read_jsonl`` reads). ``outcome``: an
+    ``icma.generation.pipeline.Outcome``; ``error``: what to say when there is none."""
+    line: dict = {"index": idx, "id": id, "input": input}
+    if reference is not None:
+        line["reference"] = reference
+    t = outcome.translation if outcome is not None else None
+    if outcome is not None and outcome.error is not None:
+        error = error_json(outcome.error)
+    line["prediction"] = t.answer if t is not None else ""
+    if task == "cap2mol":
+        line["valid"] = bool(t and t.valid)
+        line["canonical_smiles"] = t.canonical if t is not None else None
+        line["candidates_tried"] = outcome.candidates_tried if outcome is not None else 0
+    line["examples"] = [e.cid for e in t.examples] if t is not None else []
+    line["finish_reason"] = t.finish_reason if t is not None else None
+    line["error"] = error
+    return line

@@ -34,7 +34,7 @@ from icma.core.errors import InputError
 from icma.retrieval.examples import retrieve_examples
 from icma.evaluation.metrics import REPORT_ROWS
 from icma.core.prompts import Example
-from icma.core.tasks import TASK_SPECS, Task
+from icma.core.tasks import TASK_SPECS, Task, check_task
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
 from icma.generation.options import build_options
@@ -124,8 +124,7 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
     nn = load_engine("nearest-neighbour")
     llm_engine: Generator | None = None
     for task in tasks:
-        if task not in N_SHOT:
-            raise InputError(f"unknown task {task!r}", field="task")
+        check_task(task)
         records = protocol.queries.records
         queries = [r.smiles if task == "mol2cap" else r.description for r in records]
         refs = [r.description if task == "mol2cap" else r.smiles for r in records]

@@ -1,9 +1,5 @@
-"""Result lines: what ``GET /v1/jobs/{id}/results`` streams and ``icma translate --output``
-writes, JSON objects in input order: ``index``, ``id``, ``input``, ``reference`` (when given),
-``prediction`` (``""`` when the item failed), for cap2mol ``valid``, ``canonical_smiles`` and
-``candidates_tried``, the examples' CIDs, and ``error`` (``null`` or ``{code, message,
-field}``). ``icma eval --format jsonl`` reads them directly.
-"""
+"""A job's result lines in input order, as ``GET /v1/jobs/{id}/results`` streams them and
+``icma translate --output`` writes them (the line format: ``icma.evaluation.predictions``)."""
 
 from __future__ import annotations
 
@@ -11,31 +7,8 @@ import json
 import time
 from typing import Iterator
 
-from icma.core.errors import IcmaError
-from icma.jobs.store import Item, JobStore
-
-
-def error_json(exc: IcmaError) -> dict:
-    return {"code": exc.code, "message": exc.message, "field": exc.field}
-
-
-def result_line(task: str, idx: int, item: Item, outcome=None, error: dict | None = None) -> dict:
-    """One result line. ``outcome``: an ``icma.generation.pipeline.Outcome``."""
-    line: dict = {"index": idx, "id": item.id, "input": item.input}
-    if item.reference is not None:
-        line["reference"] = item.reference
-    t = outcome.translation if outcome is not None else None
-    if outcome is not None and outcome.error is not None:
-        error = error_json(outcome.error)
-    line["prediction"] = t.answer if t is not None else ""
-    if task == "cap2mol":
-        line["valid"] = bool(t and t.valid)
-        line["canonical_smiles"] = t.canonical if t is not None else None
-        line["candidates_tried"] = outcome.candidates_tried if outcome is not None else 0
-    line["examples"] = [e.cid for e in t.examples] if t is not None else []
-    line["finish_reason"] = t.finish_reason if t is not None else None
-    line["error"] = error
-    return line
+from icma.evaluation.predictions import result_line
+from icma.jobs.store import JobStore
 
 
 def iter_results(store: JobStore, job_id: str, follow: bool = True,
@@ -53,9 +26,9 @@ def iter_results(store: JobStore, job_id: str, follow: bool = True,
                 job = store.get(job_id)
                 if not job.active:
                     line = store.results(job_id, i, 1)[0][2] or result_line(
-                        job.task, i, item, error={"code": job.state, "field": None,
-                                                  "message": f"not translated: the job "
-                                                             f"{job.state}"})
+                        job.task, i, item.input, id=item.id, reference=item.reference,
+                        error={"code": job.state, "field": None,
+                               "message": f"not translated: the job {job.state}"})
                     break
                 if not follow:
                     return

@@ -16,7 +16,7 @@ from icma.generation.engines import Generator
 from icma.generation.options import Options
 from icma.generation.pipeline import Outcome, run_isolating
 from icma.generation.retrievers import Retriever
-from icma.jobs.results import result_line
+from icma.evaluation.predictions import result_line
 from icma.jobs.store import Item, Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def batch_translator(retriever: Retriever, engine: Generator,
             raise
         except IcmaError as exc:  # e.g. an adapter removed after the job was queued
             outs = [Outcome(error=exc) for _ in items]
-        return [result_line(task, idx, it, o) for (idx, it), o in zip(items, outs)]
+        return [result_line(task, idx, it.input, id=it.id, reference=it.reference, outcome=o)
+                for (idx, it), o in zip(items, outs)]
 
     return run

@@ -200,8 +200,7 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
     from icma.generation.options import build_options
     from icma.generation.pipeline import run_batch
     from icma.generation.retrievers import IndexRetriever
-    from icma.jobs.results import result_line
-    from icma.jobs.store import Item
+    from icma.evaluation.predictions import result_line
     from icma.tuning.data import answer_side
 
     records = corpus.records[:cfg.eval_limit] if cfg.eval_limit else corpus.records
@@ -230,7 +229,7 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
                                                   exclude_cids=tuple(r.cid for r in chunk)))
         outs = run_batch(cfg.task, [q for q, _ in pairs], opts, retriever, engine)
         for i, (r, (q, ref), o) in enumerate(zip(chunk, pairs, outs)):
-            lines.append(result_line(cfg.task, lo + i, Item(q, r.cid, ref), o))
+            lines.append(result_line(cfg.task, lo + i, q, id=r.cid, reference=ref, outcome=o))
         report({"phase": "evaluating", "done": min(lo + batch, len(records)),
                 "total": len(records), "elapsed_s": time.perf_counter() - t0})
     engine.close()
