@@ -63,6 +63,12 @@ class NotFoundError(IcmaError):
     status, code = 404, "not_found"
 
 
+class ForbiddenError(IcmaError):
+    """The service is set up to refuse this request (corpus uploads without an API key)."""
+
+    status, code = 403, "forbidden"
+
+
 class ConflictError(IcmaError):
     """The thing exists but its state does not allow the request (not ready, name taken)."""
 
