@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 
 from icma import __version__
-from icma.core.settings import Settings
+from icma.core.settings import Settings, get_settings
 from icma.retrieval.store import CorpusStore
 from icma.server.http import ERROR_RESPONSES, BodyLimit, api_key_dependency, \
     install_error_handlers, install_health
@@ -38,8 +38,8 @@ def service(request: Request) -> RetrievalService:
 def create_app(settings: Settings | None = None, store: CorpusStore | None = None,
                background: bool = True) -> FastAPI:
     """The app. ``background=False`` builds missing indexes before serving (tests, scripts)."""
+    settings = settings or get_settings()
     svc = RetrievalService(settings, store)
-    settings = svc.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

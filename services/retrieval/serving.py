@@ -16,7 +16,7 @@ from icma.core import chem
 from icma.core.errors import ForbiddenError, InputError
 from icma.core.prompts import Example
 from icma.core.rerank import RerankConfig, prompt_order
-from icma.core.settings import Settings, get_settings
+from icma.core.settings import Settings
 from icma.retrieval import Exclusion
 from icma.retrieval.examples import retrieve_examples, select_examples
 from icma.retrieval.store import CorpusStore
@@ -48,9 +48,9 @@ class RetrievalService:
     The retrieve methods are coroutines to be awaited on the service's event loop: small requests
     are answered on the loop itself, larger ones in the thread pool (see the methods)."""
 
-    def __init__(self, settings: Settings | None = None, store: CorpusStore | None = None,
+    def __init__(self, settings: Settings, store: CorpusStore | None = None,
                  metrics: Metrics | None = None):
-        self.settings = settings or get_settings()
+        self.settings = settings
         self.store = store or CorpusStore(self.settings.data_dir, self.settings.retrieval_kinds,
                                           max_uploads=self.settings.max_corpora)
         self.metrics = metrics or Metrics("icma_retrieval")
