@@ -348,7 +348,8 @@ def test_cli_errors_are_one_line(tiny_model, train32, tmp_path):
 
 
 def test_config_file_and_flags(tmp_path):
-    from icma.cli import build_parser, tune_settings
+    from icma.cli import build_parser
+    from icma.cli.tune import tune_settings
 
     f = tmp_path / "run.yaml"
     f.write_text("task: cap2mol\nname: from-file\nlora_r: 16\nrandom_walk:\n  "
