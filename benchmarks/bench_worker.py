@@ -74,6 +74,7 @@ def latency(worker: str, test) -> dict:
 
 
 def job_overhead(worker: str, retrieval: str, test) -> dict:
+    from icma.core.settings import get_settings
     from icma.generation.engines import GenerationParams, load_engine
     from icma.generation.retrievers import HttpRetriever, RetrievalOptions
     from icma.generation.translate import PromptOptions, translate
@@ -85,7 +86,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
     retriever = HttpRetriever(retrieval)
     examples = retriever.examples("mol2cap", queries, 2,
                                   RetrievalOptions(exclude_cids=excluded))
-    engine = load_engine("transformers")
+    engine = load_engine("transformers", settings=get_settings())
     gp = GenerationParams.for_task("mol2cap", **params)
     times: dict[str, list[float]] = {"job": [], "direct": []}
     answers: dict[str, list[str]] = {}

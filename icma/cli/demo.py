@@ -18,14 +18,17 @@ def cmd_demo(args) -> int:
     from icma.core.prompts import build_prompt
     from icma.retrieval import Exclusion
     from icma.retrieval.cache import cached_index
+    from icma.core.settings import get_settings
 
+    settings = get_settings()
     corpus = embedded_corpus()
     print(f"embedded corpus: {corpus.name}, {len(corpus)} molecule-caption pairs (ChEBI-20 "
           "validation + test, CC BY 4.0)")
     indexes = {}
     for kind in ("graph", "bm25"):
         t0 = time.perf_counter()
-        indexes[kind] = cached_index(kind, corpus, args.data_dir)
+        indexes[kind] = cached_index(kind, corpus, args.data_dir or settings.data_dir,
+                                     settings=settings)
         print(f"{kind} index ready in {time.perf_counter() - t0:.1f} s")
     rec = corpus[corpus.position("5354212")] if "5354212" in corpus.cids else corpus[0]
     own = [Exclusion(cids=frozenset([rec.cid]))]

@@ -62,6 +62,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    from icma.core.settings import get_settings
     from icma.evaluation.metrics import evaluate, report_lines
     from icma.evaluation.predictions import read_predictions
 
@@ -69,7 +70,8 @@ def cmd_eval(args) -> int:
         raise InputError("--no-fcd applies to cap2mol only", field="--no-fcd")
     preds = read_predictions(args.predictions, args.task, args.format)
     report = {"predictions": str(preds.path), "format": preds.format,
-              **evaluate(args.task, preds.predictions, preds.references, fcd=not args.no_fcd)}
+              **evaluate(args.task, preds.predictions, preds.references,
+                         data_dir=get_settings().data_dir, fcd=not args.no_fcd)}
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -79,6 +81,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_quality(args) -> int:
+    from icma.core.settings import get_settings
     from icma.evaluation import quality
     from icma.evaluation.machine import git_commit, machine
 
@@ -89,7 +92,8 @@ def cmd_bench_quality(args) -> int:
     options = {"dtype": args.dtype} if args.dtype and args.engine == "transformers" else {}
     t0 = time.perf_counter()
     rows = quality.run_quality(
-        protocol, tasks=tasks, llm_limit=args.limit, engine=args.engine, model=args.model,
+        protocol, settings=get_settings(), tasks=tasks, llm_limit=args.limit, engine=args.engine,
+        model=args.model,
         adapters=args.adapter, zero_shot=not args.no_zero_shot, llm=not args.no_llm,
         max_new_tokens=args.max_new_tokens, engine_options=options,
         report=lambda line: print(line, flush=True))

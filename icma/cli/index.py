@@ -91,6 +91,7 @@ def _report(report) -> None:
 
 
 def cmd_index_build(args) -> int:
+    from icma.core.settings import get_settings
     from icma.retrieval import build_index, index_class
 
     cls = index_class(args.kind)  # unknown kinds and misplaced flags fail before any work
@@ -105,7 +106,7 @@ def cmd_index_build(args) -> int:
     _report(report)
     params = {f[2:].replace("-", "_"): v for f, (_, v) in flags.items() if v is not None}
     t0 = time.perf_counter()
-    index = build_index(args.kind, corpus, **params)
+    index = build_index(args.kind, corpus, settings=get_settings(), **params)
     index.save(args.out)
     print(f"built {args.kind} index over {len(corpus)} records in "
           f"{time.perf_counter() - t0:.1f} s -> {args.out}", file=sys.stderr)
@@ -121,9 +122,10 @@ def cmd_index_info(args) -> int:
 
 def cmd_retrieve(args) -> int:
     from icma.core.corpus import read_corpus
+    from icma.core.settings import get_settings
     from icma.retrieval import ExclusionRule, load_index
 
-    index = load_index(args.index)
+    index = load_index(args.index, settings=get_settings())
     on_invalid = "keep" if index.modality == "caption" else "skip"
     queries, report = read_corpus(args.queries, on_invalid=on_invalid)
     if report.invalid_smiles or report.malformed or report.empty_descriptions:
@@ -156,16 +158,19 @@ def cmd_prompt(args) -> int:
     from icma.core.rerank import RerankConfig
     from icma.retrieval import Exclusion, load_index
     from icma.retrieval.cache import cached_index
+    from icma.core.settings import get_settings
 
+    settings = get_settings()
     task = args.task
     query = args.smiles if task == "mol2cap" else args.caption
     if query is None:
         need = "--smiles" if task == "mol2cap" else "--caption"
         raise InputError(f"task {task} takes its query from {need}", field=need)
     if args.index:
-        index = load_index(args.index)
+        index = load_index(args.index, settings=settings)
     else:
-        index = cached_index("graph" if task == "mol2cap" else "bm25")
+        index = cached_index("graph" if task == "mol2cap" else "bm25", None, settings.data_dir,
+                             settings=settings)
     want = "molecule" if task == "mol2cap" else "caption"
     if index.modality != want:
         raise InputError(f"{task} retrieves by {want}, but {args.index} is a {index.kind} index "

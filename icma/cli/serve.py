@@ -54,40 +54,31 @@ def cmd_serve_retrieval(args) -> int:
 
 
 def cmd_serve_worker(args) -> int:
-    import os
+    from functools import partial
 
+    from icma.core.settings import get_settings
     from icma.server.supervisor import serve
+    from icma.workers.translator.app import create_app
 
-    # The app factory reads the settings in the serving process: pass flags as settings.
-    for flag, name in ((args.retrieval_url, "ICMA_RETRIEVAL_URL"), (args.engine, "ICMA_ENGINE"),
-                       (args.model, "ICMA_LLM_MODEL")):
-        if flag:
-            os.environ[name] = flag
-    _settings_fresh()
+    settings = _with_flags(get_settings(), retrieval_url=args.retrieval_url, engine=args.engine,
+                           llm_model=args.model)
     # One process: the engine holds the model once, and its thread batches all requests.
-    return serve("icma.workers.translator.app:create_app", host=args.host, port=args.port,
-                 workers=1, log_level=args.log_level)
+    return serve(partial(create_app, settings), host=args.host, port=args.port, workers=1,
+                 log_level=args.log_level)
 
 
 def cmd_serve_all(args) -> int:
-    import os
-
+    from icma.core.settings import get_settings
     from icma.server.launcher import run_stack
 
-    for flag, name in ((args.engine, "ICMA_ENGINE"), (args.model, "ICMA_LLM_MODEL")):
-        if flag:
-            os.environ[name] = flag
-    _settings_fresh()
-    return run_stack(args.host, args.retrieval_port, args.port, once=args.once,
+    settings = _with_flags(get_settings(), engine=args.engine, llm_model=args.model)
+    return run_stack(settings, args.host, args.retrieval_port, args.port, once=args.once,
                      say=lambda m: print(m, flush=True))
 
 
-def _settings_fresh():
-    from icma.core.settings import get_settings
-
-    get_settings.cache_clear()
-    return get_settings()
-
+def _with_flags(settings, **flags):
+    """A copy of ``settings`` with the flags that were given (an empty flag keeps the setting)."""
+    return settings.model_copy(update={name: value for name, value in flags.items() if value})
 
 
 def cmd_openapi(args) -> int:

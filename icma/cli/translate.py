@@ -41,13 +41,15 @@ def add_parser(sub) -> None:
 
 
 def cmd_translate(args) -> int:
+    from icma.core.settings import get_settings
     from icma.jobs.translate_file import translate_file
 
     fmt = args.format or ("jsonl" if args.input.suffix.lower() in (".jsonl", ".ndjson")
                           else "tsv")
     prime = {"auto": None, "on": True, "off": False}[args.prime_answer]
     summary = translate_file(
-        args.task, args.input, args.output, fmt=fmt, engine=args.engine, model=args.model,
+        args.task, args.input, args.output, settings=get_settings(), fmt=fmt, engine=args.engine,
+        model=args.model,
         adapter=args.adapter, n_shot=args.n_shot, method=args.method, corpus=args.corpus,
         retrieval_url=args.retrieval_url, decoding=args.decoding,
         max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,

@@ -92,14 +92,14 @@ def cmd_tune(args) -> int:
 
             store = JobStore(args.jobs_db or settings.jobs_path())
             try:
-                return run_job(store, args.job, data_dir=Path(data_dir),
+                return run_job(store, args.job, settings=settings, data_dir=Path(data_dir),
                                adapters_dir=Path(adapters_dir), stop=stop)
             finally:
                 store.close()
         cfg = parse_config(tune_settings(args))
         progress = _TuneProgress(settings.progress)
         try:
-            manifest = tune(cfg, data_dir=data_dir, adapters_dir=adapters_dir,
+            manifest = tune(cfg, settings=settings, data_dir=data_dir, adapters_dir=adapters_dir,
                             on_progress=progress, should_stop=stop.is_set, restart=args.restart)
         except Stopped as exc:
             progress.close()

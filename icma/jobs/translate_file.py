@@ -18,10 +18,11 @@ from icma.core.errors import InputError
 from icma.jobs.store import JobRunner, JobStore, iter_results, parse_items
 from icma.generation.pipeline import DEFAULT_SHOTS, Options, batch_translator
 from icma.generation.retrievers import METHODS, HttpRetriever, LocalRetriever, RetrievalOptions
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
 
 
-def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
+def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
+                   fmt: str = "jsonl",
                    engine: str | None = None, model: str | None = None,
                    adapter: str | None = None, n_shot: int | None = None,
                    method: str | None = None, corpus: str | None = None,
@@ -29,8 +30,8 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
                    max_new_tokens: int = 256, seed: int = 42, num_candidates: int = 1,
                    prime_answer: bool | None = None, batch_size: int | None = None,
                    progress: bool | None = None) -> str:
-    """Translate ``input`` into ``output`` (JSON lines, input order); returns a summary."""
-    settings = get_settings()
+    """Translate ``input`` into ``output`` (JSON lines, input order); returns a summary.
+    ``settings`` give the limits and whatever the arguments leave out."""
     try:
         text = Path(input).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -49,7 +50,7 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
                          field="--num-candidates")
     params = GenerationParams.for_task(task, decoding=decoding, max_new_tokens=max_new_tokens,
                                        seed=seed)
-    adapter_ref = _adapter(adapter)
+    adapter_ref = _adapter(adapter, settings)
     options = Options(n_shot=n_shot, retrieval=RetrievalOptions(method=method, corpus=corpus),
                       params=params, adapter=adapter_ref, prime_answer=prime_answer,
                       num_candidates=num_candidates)
@@ -75,11 +76,12 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
         elif job.state != "succeeded":
             store.set_state(job_id, "queued", "resumed", only_from=("running", "cancelled",
                                                                     "failed", "queued"))
-        eng = load_engine(engine, model=model) if job.done < job.total else None
+        eng = (load_engine(engine or settings.engine, settings=settings, model=model)
+               if job.done < job.total else None)
         if retrieval_url:
             retriever = HttpRetriever.from_settings(settings, base_url=retrieval_url)
         else:
-            retriever = LocalRetriever(settings.data_dir, [options.retrieval.method_for(task)])
+            retriever = LocalRetriever(settings, [options.retrieval.method_for(task)])
         bar = _bar(job, progress if progress is not None else settings.progress)
         runner = JobRunner(store, batch_translator(retriever, eng, lambda t, raw: options),
                            batch_size=batch_size or settings.job_batch_size,
@@ -101,7 +103,7 @@ def translate_file(task: str, input: Path, output: Path, *, fmt: str = "jsonl",
             f"{job.failed} failed)")
 
 
-def _adapter(spec: str | None):
+def _adapter(spec: str | None, settings: Settings):
     from icma.generation.adapters import AdapterRegistry
     from icma.generation.engines import Adapter
 
@@ -110,7 +112,7 @@ def _adapter(spec: str | None):
     path = Path(spec)
     if path.is_dir():
         return Adapter(path.name, path)
-    return AdapterRegistry(get_settings().adapters_path()).get(spec).as_adapter()
+    return AdapterRegistry(settings.adapters_path()).get(spec).as_adapter()
 
 
 def _bar(job, enabled: bool):

@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
     """The app. ``background=False`` builds missing indexes before serving (tests, scripts)."""
     settings = settings or get_settings()
     store = store or CorpusStore(settings.data_dir, settings.retrieval_kinds,
-                                 max_uploads=settings.max_corpora)
+                                 max_uploads=settings.max_corpora, settings=settings)
     metrics = Metrics("icma_retrieval")
 
     @asynccontextmanager

@@ -78,8 +78,8 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
                engine_loader=None) -> FastAPI:
     settings = settings or get_settings()
     retriever = retriever or HttpRetriever.from_settings(settings)
-    queue = GenerationQueue(engine_loader or (lambda: load_engine(settings.engine,
-                                                                  model=settings.llm_model)),
+    queue = GenerationQueue(engine_loader or (lambda: load_engine(
+                                settings.engine, settings=settings, model=settings.llm_model)),
                             max_batch=max(settings.job_batch_size, 64))
     registry = AdapterRegistry(settings.adapters_path())
     store = JobStore(settings.jobs_path())
