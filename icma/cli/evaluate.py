@@ -93,9 +93,8 @@ def cmd_bench_quality(args) -> int:
     t0 = time.perf_counter()
     rows = quality.run_quality(
         protocol, settings=get_settings(), tasks=tasks, llm_limit=args.limit, engine=args.engine,
-        model=args.model,
-        adapters=args.adapter, zero_shot=not args.no_zero_shot, llm=not args.no_llm,
-        max_new_tokens=args.max_new_tokens, engine_options=options,
+        model=args.model, adapters=args.adapter, zero_shot=not args.no_zero_shot,
+        llm=not args.no_llm, max_new_tokens=args.max_new_tokens, engine_options=options,
         report=lambda line: print(line, flush=True))
     llm = next((r for r in rows if r.engine != "nearest-neighbour"), None)
     meta = {"engine": llm.engine if llm else "none", "model": llm.model if llm else "none",

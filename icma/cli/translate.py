@@ -49,9 +49,8 @@ def cmd_translate(args) -> int:
     prime = {"auto": None, "on": True, "off": False}[args.prime_answer]
     summary = translate_file(
         args.task, args.input, args.output, settings=get_settings(), fmt=fmt, engine=args.engine,
-        model=args.model,
-        adapter=args.adapter, n_shot=args.n_shot, method=args.method, corpus=args.corpus,
-        retrieval_url=args.retrieval_url, decoding=args.decoding,
+        model=args.model, adapter=args.adapter, n_shot=args.n_shot, method=args.method,
+        corpus=args.corpus, retrieval_url=args.retrieval_url, decoding=args.decoding,
         max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,
         prime_answer=prime, batch_size=args.batch_size)
     print(summary, file=sys.stderr)
