@@ -59,6 +59,7 @@ def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
     from icma.retrieval.cache import cached_index
     from icma.generation.options import Options
     from icma.generation.pipeline import translate
+    from icma.core.settings import get_settings
 
     class Capture(Generator):
         """Keeps what translate() would send to the engine."""
@@ -77,7 +78,8 @@ def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
     protocol = load_protocol("chebi20-val-test", SHARED / "data/chebi20")
     records = protocol.queries.records[:n_queries]
     queries = [r.smiles for r in records]
-    index = cached_index("graph", protocol.database)
+    settings = get_settings()
+    index = cached_index("graph", protocol.database, settings.data_dir, settings=settings)
     examples = retrieve_examples(index, _search_queries("mol2cap", queries), N_SHOT["mol2cap"],
                                  exclusions=[Exclusion(cids=frozenset([r.cid])) for r in records])
     capture = Capture()
@@ -97,10 +99,11 @@ def summary(gens, seconds: float) -> dict:
 
 def serve_vllm(prompts_file: str) -> None:
     """In .venv-vllm: load the vllm engine, then time one generate() per "run" line on stdin."""
+    from icma.core.settings import get_settings
     from icma.generation.engines import GenerationInput, load_engine
 
     inputs = [GenerationInput("mol2cap", p) for p in json.loads(Path(prompts_file).read_text())]
-    eng = load_engine("vllm", dtype=DTYPE)
+    eng = load_engine("vllm", settings=get_settings(), dtype=DTYPE)
     eng.generate(inputs[:WARM_UP], params())
     import torch
     import vllm
@@ -171,7 +174,7 @@ def main() -> None:
     from icma.core.settings import get_settings
 
     load = os.getloadavg()[0]  # before any work of ours: what else runs here
-    hf = load_engine("transformers", device="cpu", dtype=DTYPE)
+    hf = load_engine("transformers", settings=get_settings(), device="cpu", dtype=DTYPE)
     inputs, data = build_prompts(args.queries, hf.count_tokens)
     hf.generate(inputs[:WARM_UP], params())
     tmp = Path(tempfile.mkdtemp(prefix="bench-engines-"))

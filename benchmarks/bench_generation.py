@@ -32,9 +32,10 @@ def main() -> None:
     from icma.core.corpus import read_corpus
     from icma.generation.models import converted_default
     from icma.core.prompts import Example, build_prompt
+    from icma.core.settings import get_settings
 
     torch.set_num_threads(2)
-    path = converted_default()
+    path = converted_default(get_settings().data_dir)
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     db, _ = read_corpus(SHARED / "data/chebi20/validation.txt")

@@ -94,15 +94,18 @@ def run_encoder(label: str, spec: str, arch: str | None, corpus, queries: list[s
                 threads: int, batch_size: int) -> dict:
     import torch
 
+    from icma.core.settings import get_settings
     from icma.retrieval.encoders import load_encoder
     from icma.retrieval.graph import GraphIndex
 
     torch.set_num_threads(threads)
-    enc = load_encoder(spec, arch)
+    settings = get_settings()
+    enc = load_encoder(spec, arch, settings=settings)
     enc.embed_smiles(corpus.canonical[:batch_size], progress=False)  # warm-up
     gc.collect()
     t0 = time.perf_counter()
-    index = GraphIndex.build(corpus, encoder=enc, batch_size=batch_size, progress=False)
+    index = GraphIndex.build(corpus, encoder=enc, batch_size=batch_size, progress=False,
+                             settings=settings)
     build_s = time.perf_counter() - t0
     gc.collect()
     unique = list(dict.fromkeys(corpus.canonical))

@@ -83,6 +83,7 @@ def env_for(d: Path, **extra) -> dict:
 # --- 1. throughput -------------------------------------------------------------------------
 
 def throughput(d: Path) -> dict:
+    from icma.core.settings import get_settings
     from icma.tuning import parse_config, tune
 
     os.environ.update({k: v for k, v in env_for(d).items() if k.startswith("ICMA_")})
@@ -97,7 +98,7 @@ def throughput(d: Path) -> dict:
             cfg = parse_config({**TUNE, "name": name, "max_steps": THROUGHPUT_STEPS,
                                 "grad_accum": 1, "warmup_steps": 0, "precision": precision,
                                 "save_steps": 1000})
-            m = tune(cfg, data_dir=d, adapters_dir=d / "adapters")
+            m = tune(cfg, settings=get_settings(), data_dir=d, adapters_dir=d / "adapters")
             s = m["training"]["this_session"]
             runs[precision].append({"steps_per_s": s["steps_per_s"],
                                     "tokens_per_s": s["tokens_per_s"], "wall_s": s["wall_s"],
@@ -149,6 +150,7 @@ def ask(url: str, test, adapter: str | None) -> dict:
 
 def evaluate_systems(d: Path) -> dict:
     from icma.core.corpus import read_corpus
+    from icma.core.settings import get_settings
     from icma.evaluation.metrics import evaluate
 
     started = time.strftime("%Y-%m-%d %H:%M")
@@ -173,7 +175,8 @@ def evaluate_systems(d: Path) -> dict:
             got = ask(url, test, adapter)
             preds = [a["caption"] for a in got["answers"]]
             out[name] = {
-                "metrics": evaluate("mol2cap", preds, refs), "wall_s": got["wall_s"],
+                "metrics": evaluate("mol2cap", preds, refs, data_dir=get_settings().data_dir),
+                "wall_s": got["wall_s"],
                 "completion_tokens": statistics.median(a["usage"]["completion_tokens"]
                                                        for a in got["answers"]),
                 "hit_length_limit": sum(a["finish_reason"] == "length" for a in got["answers"]),

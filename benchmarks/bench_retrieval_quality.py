@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, SHARED, machine, write  # noqa: E402
 from icma.core.corpus import read_corpus  # noqa: E402
+from icma.core.settings import get_settings  # noqa: E402
 from icma.evaluation.metrics import CAPTION_TOKENIZER, caption_scores  # noqa: E402
 from icma.retrieval import build_index  # noqa: E402
 
@@ -49,16 +50,18 @@ def main() -> None:
     test, _ = read_corpus(SHARED / "data/chebi20/test.txt")
     queries = test.records[: args.limit] if args.limit else test.records
     refs = [r.description for r in queries]
+    settings = get_settings()
     rows = []
     for label, kind, params in methods():
         t0 = time.perf_counter()
-        index = build_index(kind, db, **({"progress": False} if kind == "graph" else {}), **params)
+        index = build_index(kind, db, settings=settings,
+                            **({"progress": False} if kind == "graph" else {}), **params)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         hits = index.search([r.smiles for r in queries], 1)
         search_s = time.perf_counter() - t0
         preds = [db.descriptions[h[0].row] for h in hits]
-        s = caption_scores(preds, refs)
+        s = caption_scores(preds, refs, data_dir=settings.data_dir)
         rows.append({"method": label, "kind": kind, **s, "build_s": build_s,
                      "search_ms_per_query": 1000 * search_s / len(queries)})
         print(f"{label}: " + ", ".join(f"{k} {s[k]:.3f}" for k in KEYS))

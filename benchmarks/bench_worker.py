@@ -77,6 +77,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
     from icma.generation.engines import load_engine
     from icma.generation.options import RetrievalOptions, build_options
     from icma.generation.pipeline import translate
+    from icma.core.settings import get_settings
     from icma.generation.retrievers import HttpRetriever
 
     recs = test.records[:JOB_ITEMS]
@@ -86,7 +87,7 @@ def job_overhead(worker: str, retrieval: str, test) -> dict:
     retriever = HttpRetriever(retrieval)
     examples = retriever.examples("mol2cap", queries, 2,
                                   RetrievalOptions(exclude_cids=excluded))
-    engine = load_engine("transformers")
+    engine = load_engine("transformers", settings=get_settings())
     options = build_options("mol2cap", {"generation": params, "prime_answer": True})
     times: dict[str, list[float]] = {"job": [], "direct": []}
     answers: dict[str, list[str]] = {}

@@ -109,9 +109,10 @@ SERVICE_KINDS = ["graph", "morgan", "rdkit", "bm25"]
 @pytest.fixture(scope="session")
 def svc_dir(tmp_path_factory):
     """A data directory with the embedded corpus's indexes built once for the whole session."""
+    from icma.core.settings import get_settings
     from icma.retrieval.store import CorpusStore
 
     d = tmp_path_factory.mktemp("retrieval-data")
-    CorpusStore(d, SERVICE_KINDS).start(background=False)
+    CorpusStore(d, SERVICE_KINDS, settings=get_settings()).start(background=False)
     return d
 

@@ -14,6 +14,7 @@ from torch_geometric.utils import softmax as pyg_softmax
 from icma.core import chem
 from icma.retrieval.encoders import DENSE_MAX_ATOMS, MAX_BATCH_ATOMS, load_encoder
 from icma.core.errors import CheckpointError, InputError
+from icma.core.settings import get_settings
 
 CHECKPOINTS = {  # file -> arch
     "gcn_contextpred.pth": "gcn",
@@ -36,7 +37,8 @@ MOLECULES = [
 
 @pytest.fixture(scope="module")
 def encoders(pretrain_gnns):
-    return {name: load_encoder(pretrain_gnns / name) for name in CHECKPOINTS}
+    return {name: load_encoder(pretrain_gnns / name, settings=get_settings())
+            for name in CHECKPOINTS}
 
 
 # --- an independent, literal per-edge port of pretrain-gnns chem/model.py (float64) ------------
@@ -152,9 +154,9 @@ def test_checkpoint_loads_and_embeds(encoders, name):
 
 
 def test_default_encoder_is_shipped():
-    enc = load_encoder()
+    enc = load_encoder(settings=get_settings())
     assert enc.name == "gcn_supervised_contextpred" and enc.arch == "gcn" and enc.dim == 300
-    assert enc is load_encoder("gcn_supervised_contextpred")  # cached
+    assert enc is load_encoder("gcn_supervised_contextpred", settings=get_settings())  # cached
 
 
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
@@ -215,7 +217,7 @@ def test_prefixed_checkpoint_loads_the_same(encoders, pretrain_gnns, tmp_path):
     wrapped["graph_pred_linear.bias"] = torch.randn(1)
     path = tmp_path / "finetuned_gat.pth"
     torch.save(wrapped, path)
-    enc = load_encoder(path)
+    enc = load_encoder(path, settings=get_settings())
     assert enc.arch == "gat" and enc.name == str(path.resolve())
     np.testing.assert_array_equal(enc.embed_smiles(MOLECULES),
                                   encoders["gat_contextpred.pth"].embed_smiles(MOLECULES))
@@ -225,7 +227,7 @@ def test_random_mole_bert_shaped_gin(tmp_path):
     state = random_gin_state()
     path = tmp_path / "Mole-BERT.pth"  # no arch in the name: GIN is told by its mlp keys
     torch.save({f"gnn.{k}": v for k, v in state.items()}, path)
-    enc = load_encoder(path)
+    enc = load_encoder(path, settings=get_settings())
     assert (enc.arch, enc.num_layer, enc.dim) == ("gin", 5, 300)
     out = enc.embed_smiles(MOLECULES, batch_size=4)
     assert np.isfinite(out).all()
@@ -237,7 +239,7 @@ def test_layers_and_width_come_from_the_state_dict(tmp_path):
     state = random_gin_state(emb_dim=16, num_layer=2, seed=3)
     path = tmp_path / "small_gin.pth"
     torch.save(state, path)
-    enc = load_encoder(path)
+    enc = load_encoder(path, settings=get_settings())
     assert (enc.num_layer, enc.dim) == (2, 16)
     assert_close_to(enc.embed_smiles(["CC(=O)O"])[0],
                     reference_embed(state, "gin", chem.parse_smiles("CC(=O)O")))
@@ -271,7 +273,7 @@ def test_formaldehyde_by_hand(arch, tmp_path):
     s = _one_layer_state(arch)
     path = tmp_path / f"tiny_{arch}.pth"
     torch.save({k: torch.tensor(v, dtype=torch.float32) for k, v in s.items()}, path)
-    got = load_encoder(path).embed_smiles(["C=O"])[0]
+    got = load_encoder(path, settings=get_settings()).embed_smiles(["C=O"])[0]
 
     w = {k: v.astype(np.float32).astype(np.float64) for k, v in s.items()}  # the stored values
     atoms = [w["x_embedding1.weight"][5] + w["x_embedding2.weight"][0],  # carbon: Z 6 -> row 5
@@ -317,23 +319,23 @@ def gcn_state(pretrain_gnns):
 
 def test_missing_file_and_unknown_name(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        load_encoder(tmp_path / "nope_gcn.pth")
+        load_encoder(tmp_path / "nope_gcn.pth", settings=get_settings())
     with pytest.raises(CheckpointError, match="gcn_supervised_contextpred"):
-        load_encoder("no_such_encoder")
+        load_encoder("no_such_encoder", settings=get_settings())
     with pytest.raises(InputError, match="unknown encoder arch"):
-        load_encoder("gcn_supervised_contextpred", arch="transformer")
+        load_encoder("gcn_supervised_contextpred", arch="transformer", settings=get_settings())
 
 
 def test_corrupt_file(tmp_path):
     path = tmp_path / "random_gcn.pth"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint") as err:
-        load_encoder(path)
+        load_encoder(path, settings=get_settings())
     assert str(path) in str(err.value)
     empty = tmp_path / "empty_gcn.pth"
     empty.write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty"):
-        load_encoder(empty)
+        load_encoder(empty, settings=get_settings())
 
 
 def test_truncated_file(pretrain_gnns, tmp_path):
@@ -341,7 +343,7 @@ def test_truncated_file(pretrain_gnns, tmp_path):
     path = tmp_path / "truncated_gcn.pth"
     path.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
-        load_encoder(path)
+        load_encoder(path, settings=get_settings())
     assert str(path) in str(err.value)
 
 
@@ -350,38 +352,39 @@ def test_wrong_shape(gcn_state, tmp_path):
     state["gnns.2.linear.weight"] = torch.zeros(300, 200)
     with pytest.raises(CheckpointError,
                        match=r"shape mismatch.*gnns\.2\.linear\.weight is \(300, 200\)"):
-        load_encoder(_save(state, tmp_path / "wrong_gcn.pth"))
+        load_encoder(_save(state, tmp_path / "wrong_gcn.pth"), settings=get_settings())
 
 
 def test_missing_and_unexpected_keys(gcn_state, tmp_path):
     state = dict(gcn_state)
     del state["batch_norms.4.running_var"]
     with pytest.raises(CheckpointError, match=r"missing keys batch_norms\.4\.running_var"):
-        load_encoder(_save(state, tmp_path / "missing_gcn.pth"))
+        load_encoder(_save(state, tmp_path / "missing_gcn.pth"), settings=get_settings())
     state = dict(gcn_state)
     state["gnns.1.extra.weight"] = torch.zeros(3)
     with pytest.raises(CheckpointError, match=r"unexpected keys gnns\.1\.extra\.weight"):
-        load_encoder(_save(state, tmp_path / "extra_gcn.pth"))
+        load_encoder(_save(state, tmp_path / "extra_gcn.pth"), settings=get_settings())
     with pytest.raises(CheckpointError, match="not a pretrain-gnns"):
-        load_encoder(_save({"weight": torch.zeros(3)}, tmp_path / "other_gcn.pth"))
+        load_encoder(_save({"weight": torch.zeros(3)}, tmp_path / "other_gcn.pth"),
+                     settings=get_settings())
     with pytest.raises(CheckpointError, match="does not hold a state dict"):
-        load_encoder(_save([1, 2, 3], tmp_path / "list_gcn.pth"))
+        load_encoder(_save([1, 2, 3], tmp_path / "list_gcn.pth"), settings=get_settings())
 
 
 def test_gcn_or_graphsage_needs_a_name_or_arch(pretrain_gnns, tmp_path):
     path = tmp_path / "encoder.pth"
     shutil.copy(pretrain_gnns / "graphsage_contextpred.pth", path)
     with pytest.raises(CheckpointError, match="arch='gcn' or arch='graphsage'") as err:
-        load_encoder(path)
+        load_encoder(path, settings=get_settings())
     assert str(path) in str(err.value)
-    enc = load_encoder(path, arch="graphsage")
+    enc = load_encoder(path, arch="graphsage", settings=get_settings())
     assert enc.arch == "graphsage"
-    reference = load_encoder(pretrain_gnns / "graphsage_contextpred.pth")
+    reference = load_encoder(pretrain_gnns / "graphsage_contextpred.pth", settings=get_settings())
     np.testing.assert_array_equal(enc.embed_smiles(MOLECULES[:3]),
                                   reference.embed_smiles(MOLECULES[:3]))
     with pytest.raises(CheckpointError, match="conflicts"):
-        load_encoder(path, arch="gin")
+        load_encoder(path, arch="gin", settings=get_settings())
     misnamed = tmp_path / "my_gat.pth"
     shutil.copy(pretrain_gnns / "gcn_contextpred.pth", misnamed)
     with pytest.raises(CheckpointError, match="file name says 'gat'"):
-        load_encoder(misnamed)
+        load_encoder(misnamed, settings=get_settings())

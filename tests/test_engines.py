@@ -13,13 +13,14 @@ from icma.core.errors import InputError
 from icma.core.prompts import Example
 from icma.generation.options import Options
 from icma.generation.pipeline import translate
+from icma.core.settings import get_settings
 
 ETHANOL = Example("CCO", "The molecule is ethanol.", cid="702", score=0.9)
 ACETIC = Example("CC(=O)O", "The molecule is acetic acid.", cid="176", score=0.8)
 
 
 def test_nearest_neighbour_returns_the_best_examples_answer():
-    nn = load_engine("nearest-neighbour")
+    nn = load_engine("nearest-neighbour", settings=get_settings())
     out = translate("mol2cap", ["CCCO", "CCN"], [[ETHANOL, ACETIC], []], nn)
     assert [t.answer for t in out] == ["The molecule is ethanol.", ""]
     assert out[0].examples == [ETHANOL, ACETIC] and out[0].n_requested == 2
@@ -29,7 +30,7 @@ def test_nearest_neighbour_returns_the_best_examples_answer():
 
 
 def test_translate_rejects_bad_input():
-    nn = load_engine("nearest-neighbour")
+    nn = load_engine("nearest-neighbour", settings=get_settings())
     with pytest.raises(InputError) as e:
         translate("mol2cap", ["CCO"], [], nn)
     assert e.value.field == "examples"
@@ -40,7 +41,7 @@ def test_translate_rejects_bad_input():
         translate("caption2smiles", ["x"], [[]], nn)
     assert e.value.field == "task"
     with pytest.raises(InputError) as e:
-        load_engine("llama.cpp")
+        load_engine("llama.cpp", settings=get_settings())
     assert e.value.field == "engine"
 
 
@@ -60,7 +61,8 @@ def test_cut_at_stop_takes_the_earliest():
 
 
 def test_transformers_engine_batches_like_it_runs_alone(tiny_model):
-    eng = load_engine("transformers", model=str(tiny_model), device="cpu", batch_size=4)
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu", batch_size=4,
+                      settings=get_settings())
     prompts = ["the molecule is", "a much longer prompt about the conjugate base of an acid",
                "ethanol", "the"]
     items = [GenerationInput("mol2cap", p) for p in prompts]
@@ -78,7 +80,7 @@ def test_transformers_engine_batches_like_it_runs_alone(tiny_model):
 
 
 def test_transformers_engine_stops_at_stop_text(tiny_model):
-    eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu", settings=get_settings())
     free = eng.generate([GenerationInput("mol2cap", "the molecule")],
                         GenerationParams(decoding="greedy", max_new_tokens=12, stop=()))[0]
     assert free.finish_reason in ("length", "stop") and free.text.strip()
@@ -92,10 +94,11 @@ def test_transformers_engine_stops_at_stop_text(tiny_model):
 
 def test_model_folder_errors(tmp_path):
     with pytest.raises(InputError, match="config.json") as e:
-        load_engine("transformers", model=str(tmp_path), device="cpu")
+        load_engine("transformers", model=str(tmp_path), device="cpu", settings=get_settings())
     assert e.value.field == "model"
     with pytest.raises(InputError, match="does not exist"):
-        load_engine("transformers", model=str(tmp_path / "nope"), device="cpu")
+        load_engine("transformers", model=str(tmp_path / "nope"), device="cpu",
+                    settings=get_settings())
     with pytest.raises(InputError, match="adapter_config") as e:
         from icma.generation.engines.hf import _check_adapter
 
@@ -117,7 +120,7 @@ def _random_lora(base: Path, out: Path, seed: int) -> Adapter:
 
 
 def test_adapters_switch_per_call_over_one_base_model(tiny_model, tmp_path):
-    eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu", settings=get_settings())
     a = _random_lora(tiny_model, tmp_path / "a", 1)
     b = _random_lora(tiny_model, tmp_path / "b.v2", 2)
     items = [GenerationInput("mol2cap", "the molecule is an acid")]
@@ -129,8 +132,8 @@ def test_adapters_switch_per_call_over_one_base_model(tiny_model, tmp_path):
     assert eng.generate(items, greedy)[0].text == base  # adapters off again
     assert eng.generate(items, greedy, adapter=a)[0].text == with_a
     # the same adapter given at construction
-    assert load_engine("transformers", model=str(tiny_model), device="cpu",
-                       adapter=a.path).generate(items, greedy)[0].text == with_a
+    assert load_engine("transformers", model=str(tiny_model), device="cpu", adapter=a.path,
+                       settings=get_settings()).generate(items, greedy)[0].text == with_a
     with pytest.raises(InputError, match="adapter_config") as e:
         eng.generate(items, greedy, adapter=Adapter("x", tmp_path / "missing"))
     assert e.value.field == "adapter"
@@ -139,7 +142,7 @@ def test_adapters_switch_per_call_over_one_base_model(tiny_model, tmp_path):
 def test_shipped_smollm2_converts_and_answers_with_priming(smollm2, chebi_val):
     config = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
-    eng = load_engine("transformers", model=str(smollm2), device="cpu")
+    eng = load_engine("transformers", model=str(smollm2), device="cpu", settings=get_settings())
     recs = chebi_val.records[:3]
     examples = [[Example(r.smiles, r.description) for r in chebi_val.records[10:12]]] * 3
     params = GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=48)

@@ -10,6 +10,7 @@ import pytest
 
 from icma.evaluation import metrics
 from icma.core.errors import InputError
+from icma.core.settings import get_settings
 from icma.evaluation.metrics import (
     LEXNAMES,
     WordNetMissingError,
@@ -47,7 +48,8 @@ def no_downloads(monkeypatch):
 @pytest.fixture(scope="module")
 def molt5_caption_scores(shared):
     rows = molt5_rows(shared, "molt5-large-smiles2caption.txt")
-    return caption_scores([r[2] for r in rows], [r[1] for r in rows])
+    return caption_scores([r[2] for r in rows], [r[1] for r in rows],
+                          data_dir=get_settings().data_dir)
 
 
 def test_scibert_word_pieces():
@@ -74,21 +76,23 @@ def test_molt5_large_caption_scores(molt5_caption_scores):
 
 def test_identical_and_disjoint():
     caption = "The molecule is an alkane with five carbons."
-    same = caption_scores([caption] * 2, [caption] * 2)
+    same = caption_scores([caption] * 2, [caption] * 2, data_dir=get_settings().data_dir)
     assert same["bleu2"] == pytest.approx(1.0) and same["bleu4"] == pytest.approx(1.0)
     assert same["rouge1"] == pytest.approx(1.0) and same["rougeL"] == pytest.approx(1.0)
     # METEOR's fragmentation penalty keeps even a perfect match just under 1: 0.5 * (1/10)^3.
     assert same["meteor"] == pytest.approx(1 - 0.5 * (1 / 10) ** 3, abs=1e-3)
-    none = caption_scores(["zzz qqq"], ["The molecule is ethanol."])
+    none = caption_scores(["zzz qqq"], ["The molecule is ethanol."],
+                          data_dir=get_settings().data_dir)
     assert none["bleu2"] == 0.0 and none["rouge1"] == 0.0 and none["meteor"] == 0.0
     with pytest.raises(InputError, match="predictions"):
-        caption_scores(["a"], [])
+        caption_scores(["a"], [], data_dir=get_settings().data_dir)
     with pytest.raises(InputError, match="no predictions"):
-        caption_scores([], [])
+        caption_scores([], [], data_dir=get_settings().data_dir)
 
 
 def test_empty_caption_scores_zero():
-    s = caption_scores(["", "The molecule is ethanol."], ["The molecule is ethanol."] * 2)
+    s = caption_scores(["", "The molecule is ethanol."], ["The molecule is ethanol."] * 2,
+                       data_dir=get_settings().data_dir)
     assert 0.45 < s["meteor"] < 0.5  # (0 + just under 1) / 2
     assert s["rouge1"] == pytest.approx(0.5)
 
@@ -102,7 +106,7 @@ def test_meteor_matches_wordnet_synonyms():
     # "hound" shares a WordNet synset with "dog" (a cad): only WordNet can match the two.
     from nltk.translate.meteor_score import meteor_score
 
-    wn = metrics.wordnet_reader()
+    wn = metrics.wordnet_reader(get_settings().data_dir)
     ref = ["the", "dog", "is", "hot"]
     synonym = meteor_score([ref], ["the", "hound", "is", "hot"], wordnet=wn)
     unrelated = meteor_score([ref], ["the", "zzyzx", "is", "hot"], wordnet=wn)
@@ -171,9 +175,9 @@ def test_missing_debian_wordnet_names_the_apt_command(tmp_path):
 def test_nltk_finds_our_wordnet():
     import nltk
 
-    metrics.wordnet_reader()
+    metrics.wordnet_reader(get_settings().data_dir)
     found = Path(str(nltk.data.find("corpora/wordnet")))
-    assert found == metrics.nltk_data_dir() / "corpora" / "wordnet"
+    assert found == metrics.nltk_data_dir(get_settings().data_dir) / "corpora" / "wordnet"
 
 
 # --- molecules -----------------------------------------------------------------------------------

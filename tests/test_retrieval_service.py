@@ -40,7 +40,8 @@ def test_real_http_molecules_and_captions_equal_the_library(svc_dir):
         assert r.status_code == 200, r.text
         body = r.json()
         got = [(e["cid"], e["score"]) for e in body["results"][0]["examples"]]
-        lib = retrieve_examples(cached_index("graph", corpus, svc_dir), [ASPIRIN], 3)[0]
+        lib = retrieve_examples(cached_index("graph", corpus, svc_dir, settings=settings(svc_dir)),
+                                [ASPIRIN], 3)[0]
         assert got == [(e.cid, e.score) for e in lib]
         assert [e["rank"] for e in body["results"][0]["examples"]] == [1, 2, 3]
         assert body["results"][0]["canonical_smiles"] == "CC(=O)Oc1ccccc1C(=O)O"

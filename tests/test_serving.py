@@ -110,10 +110,11 @@ def test_processes_sharing_a_data_directory_build_an_index_once(tmp_path, chebi_
 
 def test_stores_sharing_a_data_directory_agree_on_uploads(tmp_path, monkeypatch):
     import icma.retrieval.store as corpora
+    from icma.core.settings import get_settings
 
     monkeypatch.setattr(corpora, "DISCOVER_SECONDS", 0.1)
-    a = CorpusStore(tmp_path, ["morgan", "bm25"])
-    b = CorpusStore(tmp_path, ["morgan", "bm25"])
+    a = CorpusStore(tmp_path, ["morgan", "bm25"], settings=get_settings())
+    b = CorpusStore(tmp_path, ["morgan", "bm25"], settings=get_settings())
     a.start(background=False)
     b.start(background=True)
     a.add("tiny", SMALL)

@@ -43,7 +43,7 @@ def worker(retrieval, tiny_learner, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune-worker")
     settings = Settings(data_dir=tmp, retrieval_url=retrieval.url, jobs_db=tmp / "jobs.sqlite3",
                         adapters_dir=tmp / "adapters", progress=False, max_jobs=4)
-    engine = load_engine("transformers", model=str(tiny_learner), device="cpu")
+    engine = load_engine("transformers", settings=settings, model=str(tiny_learner), device="cpu")
     with LiveServer(worker_app(settings, engine_loader=lambda: engine)) as w:
         w.wait_ready()
         w.app = w.server.config.app

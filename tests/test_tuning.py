@@ -20,6 +20,7 @@ from icma.generation.engines import GenerationParams, load_engine
 from icma.core.errors import InputError
 from icma.generation.pipeline import Options, run_batch
 from icma.core.prompts import training_text
+from icma.core.settings import Settings, get_settings
 from icma.retrieval import ExclusionRule, build_index
 from icma.retrieval.cache import cached_index
 from icma.generation.retrievers import LocalRetriever, RetrievalOptions
@@ -120,14 +121,16 @@ def test_training_text_is_servings_prompt_plus_answer_and_eos(task, prime, svc_d
 
     corpus = embedded_corpus()
     kind = "graph" if task == "mol2cap" else "bm25"
-    index = cached_index(kind, corpus, svc_dir)  # the service's own index of this corpus
+    # the service's own index of this corpus
+    index = cached_index(kind, corpus, svc_dir, settings=get_settings())
     records = corpus.records[3300:3320]  # ChEBI-20 test molecules, searched against all
     data = build_training_set(task, records, index, Tokens(tiny_tok, "</s>"), n_shot=2,
                               cutoff=2048, prime_answer=prime)
     assert len(data.examples) == 20
 
-    engine = Recording(load_engine("transformers", model=str(tiny_model), device="cpu"))
-    retriever = LocalRetriever(svc_dir, SERVICE_KINDS)
+    engine = Recording(load_engine("transformers", model=str(tiny_model), device="cpu",
+                                   settings=get_settings()))
+    retriever = LocalRetriever(Settings(data_dir=svc_dir), SERVICE_KINDS)
     for rec, ex in zip(records, data.examples):
         query = rec.canonical if task == "mol2cap" else rec.description
         answer = rec.description if task == "mol2cap" else rec.smiles
@@ -168,7 +171,8 @@ def test_cutoff_drops_lowest_ranked_examples_then_skips(chebi_val, tiny_tok):
 def test_collate_left_pads_with_generation_positions(chebi_val, tiny_tok, tiny_model):
     from icma.tuning.model import config_eos_id
 
-    eos = config_eos_id(str(tiny_model))  # BERT's tokenizer has no EOS; the model's config has
+    # BERT's tokenizer has no EOS; the model's config has
+    eos = config_eos_id(str(tiny_model), get_settings().data_dir)
     assert eos == tiny_tok.sep_token_id
     index = build_index("morgan", chebi_val.subset(range(100)))
     data = build_training_set("mol2cap", chebi_val.records[:2], index,
@@ -203,7 +207,7 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
                       eval_decoding="greedy", eval_max_new_tokens=8)
     seen = []
     manifest = tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters",
-                    on_progress=seen.append)
+                    on_progress=seen.append, settings=get_settings())
     losses = manifest["training"]["losses"]
     assert len(losses) == 24
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.5, losses  # nats per answer token
@@ -226,7 +230,7 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
     assert sorted(info.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj",
                                            "q_proj", "up_proj", "v_proj"]
     # The transformers engine applies it: greedy output changes.
-    eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+    eng = load_engine("transformers", model=str(tiny_model), device="cpu", settings=get_settings())
     from icma.generation.engines import GenerationInput
 
     items = [GenerationInput("mol2cap", "the molecule is")]
@@ -235,7 +239,7 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
         eng.generate(items, greedy, adapter=info.as_adapter())[0].text
     # The name is taken now.
     with pytest.raises(InputError) as e:
-        tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters")
+        tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters", settings=get_settings())
     assert e.value.field == "name"
 
 
@@ -261,11 +265,12 @@ def test_output_head_on_labelled_positions_matches_the_full_loss(tiny_model, che
 def test_full_fine_tuning_writes_a_model_folder(tiny_model, train32, tmp_path):
     cfg = tiny_config(tiny_model, train32, "tiny-full", method="full", max_steps=3,
                       learning_rate=1e-3)
-    manifest = tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters")
+    manifest = tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters",
+                    settings=get_settings())
     folder = tmp_path / "models" / "tiny-full"
     assert (folder / "config.json").is_file() and (folder / MANIFEST).is_file()
     assert manifest["method"] == "full" and not (tmp_path / "adapters" / "tiny-full").exists()
-    eng = load_engine("transformers", model=str(folder), device="cpu")
+    eng = load_engine("transformers", model=str(folder), device="cpu", settings=get_settings())
     assert eng.count_tokens("the molecule") > 0
 
 
@@ -301,7 +306,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_llama_wide, train32, t
     assert resumed["training"]["resumed_from_step"] == int(kept[-1].split("-")[1])
     assert resumed["training"]["steps"] == 60
     straight = tune(parse_config({**resumed["hyperparameters"], "name": "straight"}),
-                    data_dir=tmp_path / "other", adapters_dir=tmp_path / "other" / "adapters")
+                    data_dir=tmp_path / "other", adapters_dir=tmp_path / "other" / "adapters",
+                    settings=get_settings())
     assert resumed["training"]["losses"] == pytest.approx(straight["training"]["losses"],
                                                           rel=1e-4)
 
@@ -329,7 +335,8 @@ def test_bad_input_fails_before_any_training(tiny_model, train32, tmp_path):
     for change, field in cases:
         cfg = tiny_config(tiny_model, train32, "bad", **change)
         with pytest.raises(InputError) as e:
-            tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters")
+            tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters",
+                 settings=get_settings())
         assert e.value.field == field, (change, str(e.value))
         assert not list((tmp_path / "tuning").glob("bad/checkpoints/step-*")), change
     assert not (tmp_path / "adapters" / "bad").exists()
@@ -348,7 +355,8 @@ def test_cli_errors_are_one_line(tiny_model, train32, tmp_path):
 
 
 def test_config_file_and_flags(tmp_path):
-    from icma.cli import build_parser, tune_settings
+    from icma.cli import build_parser
+    from icma.cli.tune import tune_settings
 
     f = tmp_path / "run.yaml"
     f.write_text("task: cap2mol\nname: from-file\nlora_r: 16\nrandom_walk:\n  "
@@ -373,7 +381,8 @@ def test_adapter_of_another_base_model_is_a_clear_error(tiny_model, tiny_llama_w
     items = [GenerationInput("mol2cap", "the molecule is")]
     greedy = GenerationParams(decoding="greedy", max_new_tokens=6, stop=())
     for first in (None, right):
-        eng = load_engine("transformers", model=str(tiny_model), device="cpu")
+        eng = load_engine("transformers", model=str(tiny_model), device="cpu",
+                          settings=get_settings())
         if first is not None:
             eng.generate(items, greedy, adapter=first)
         with pytest.raises(InputError) as e:

@@ -19,6 +19,7 @@ import torch
 
 from icma.generation.engines import Adapter, GenerationInput, GenerationParams, load_engine
 from icma.core.errors import InputError
+from icma.core.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm/bin/python"
@@ -84,7 +85,7 @@ def icmt_adapter(tiny_llama_wide, chebi_val, tmp_path_factory) -> tuple[Adapter,
                         "n_shot": 1, "cutoff": 400, "lora_r": 8, "lora_alpha": 16,
                         "learning_rate": 1e-2, "warmup_steps": 0, "max_steps": 30,
                         "batch_size": 8, "grad_accum": 1, "seed": 0})
-    tune(cfg, data_dir=root, adapters_dir=root / "adapters")
+    tune(cfg, data_dir=root, adapters_dir=root / "adapters", settings=get_settings())
     preview = [json.loads(x) for x in (root / "tuning/icmt/examples-preview.jsonl")
                .read_text().splitlines()]
     return Adapter("icmt", root / "adapters" / "icmt"), [p["prompt"] for p in preview[:2]]
@@ -134,7 +135,8 @@ def test_adapter_applied_as_trained(vllm_report, tiny_llama_wide, adapters):
     # The transformers engine (peft for the adapter) writes the same tokens, base and adapted:
     # both run float32 here, and a float32 rounding difference between their kernels is far
     # below the gap between the best and second-best logits of these models.
-    hf = load_engine("transformers", model=str(tiny_llama_wide), device="cpu")
+    hf = load_engine("transformers", model=str(tiny_llama_wide), device="cpu",
+                     settings=get_settings())
     greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
     items = [GenerationInput("mol2cap", p) for p in PROMPTS]
     assert [g.text for g in hf.generate(items, greedy)] == tiny["base"]
@@ -149,7 +151,8 @@ def test_adapter_from_icma_tune_served_by_vllm(vllm_report, tiny_llama_wide, icm
     adapter, prompts = icmt_adapter
     tiny = vllm_report["tiny"]
     assert tiny["icmt"] != tiny["icmt_base"]
-    hf = load_engine("transformers", model=str(tiny_llama_wide), device="cpu")
+    hf = load_engine("transformers", model=str(tiny_llama_wide), device="cpu",
+                     settings=get_settings())
     greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
     items = [GenerationInput("mol2cap", p) for p in prompts]
     assert [g.text for g in hf.generate(items, greedy, adapter=adapter)] == tiny["icmt"]
@@ -194,5 +197,5 @@ def test_shipped_smollm2_answers_an_icma_prompt(vllm_report, smollm2, chebi_val)
 def test_without_vllm_the_engine_is_unavailable_not_broken():
     assert importlib.util.find_spec("vllm") is None  # vLLM lives in .venv-vllm only
     with pytest.raises(InputError, match="not available") as e:
-        load_engine("vllm")
+        load_engine("vllm", settings=get_settings())
     assert e.value.field == "engine"

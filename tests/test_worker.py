@@ -41,8 +41,10 @@ def worker_settings(tmp: Path, retrieval_url: str, **kw) -> Settings:
 @pytest.fixture(scope="module")
 def smol_worker(retrieval, smollm2, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("worker")
-    engine = Recording(load_engine("transformers", model=str(smollm2), device="cpu"))
-    app = worker_app(worker_settings(tmp, retrieval.url), engine_loader=lambda: engine)
+    settings = worker_settings(tmp, retrieval.url)
+    engine = Recording(load_engine("transformers", settings=settings, model=str(smollm2),
+                                   device="cpu"))
+    app = worker_app(settings, engine_loader=lambda: engine)
     with LiveServer(app) as w:
         w.wait_ready()
         w.engine = engine
@@ -124,8 +126,9 @@ def test_bad_input_is_a_clear_4xx(nn_worker, path, body, status, field):
 
 
 def test_prompt_too_long_for_the_budget_is_422(retrieval, smollm2, tmp_path):
-    engine = load_engine("transformers", model=str(smollm2), device="cpu")
-    app = worker_app(worker_settings(tmp_path, retrieval.url), engine_loader=lambda: engine)
+    settings = worker_settings(tmp_path, retrieval.url)
+    engine = load_engine("transformers", settings=settings, model=str(smollm2), device="cpu")
+    app = worker_app(settings, engine_loader=lambda: engine)
     with LiveServer(app) as w:
         w.wait_ready()
         long = "The molecule is " + "a very long caption " * 300

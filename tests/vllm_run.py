@@ -34,10 +34,11 @@ def in_thread(fn):
 def tiny_checks(spec: dict) -> dict:
     from icma.generation.engines import Adapter, GenerationInput, GenerationParams, load_engine
     from icma.core.errors import InputError
+    from icma.core.settings import get_settings
 
     # As the worker does: the engine built in one background thread, generate() called from
     # another one.
-    eng = in_thread(lambda: load_engine("vllm", model=spec["model"]))
+    eng = in_thread(lambda: load_engine("vllm", model=spec["model"], settings=get_settings()))
     items = [GenerationInput("mol2cap", p) for p in spec["prompts"]]
     greedy = GenerationParams(decoding="greedy", max_new_tokens=spec["max_new_tokens"], stop=())
     first, second = (Adapter(spec["adapter_name"], Path(p)) for p in spec["adapters"])
@@ -99,8 +100,9 @@ def smollm2_checks(spec: dict) -> dict:
     from icma.core.prompts import Example
     from icma.generation.options import Options
     from icma.generation.pipeline import translate
+    from icma.core.settings import get_settings
 
-    eng = load_engine("vllm", model=spec["model"])
+    eng = load_engine("vllm", model=spec["model"], settings=get_settings())
     examples = [Example(s, c) for s, c in spec["examples"]]
     params = GenerationParams.for_task("mol2cap", decoding="greedy",
                                        max_new_tokens=spec["max_new_tokens"])

@@ -7,7 +7,8 @@ cap2mol: character BLEU, exact match by InChI, Levenshtein, validity, MACCS/RDK/
 FCD. Text2Mol needs weights that are not available; it is reported as not computed.
 
 METEOR needs WordNet 3.0. It comes from Debian's ``wordnet-base`` and ``wordnet-sense-index``,
-copied into an nltk_data folder by :func:`prepare_wordnet`; nothing is ever downloaded.
+copied into an nltk_data folder of the data directory by :func:`prepare_wordnet`; nothing is
+ever downloaded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from icma.core.errors import IcmaError, InputError
-from icma.core.settings import PACKAGE_DATA, get_settings
+from icma.core.settings import PACKAGE_DATA
 from icma.core.tasks import check_task
 
 log = logging.getLogger(__name__)
@@ -92,19 +93,24 @@ def rouge_means(predictions: Sequence[str], references: Sequence[str]) -> dict[s
     return {key: total / len(predictions) for key, total in totals.items()}
 
 
-def meteor_mean(hypotheses: list[list[str]], references: list[list[str]]) -> float:
-    """Mean nltk METEOR per sample on word pieces (MolT5: ``meteor_score([gt_tokens], out_tokens)``)."""
+def meteor_mean(hypotheses: list[list[str]], references: list[list[str]],
+                data_dir: str | Path) -> float:
+    """Mean nltk METEOR per sample on word pieces (MolT5: ``meteor_score([gt_tokens], out_tokens)``),
+    with the WordNet copy in ``data_dir``."""
     from nltk.translate.meteor_score import meteor_score
 
-    wordnet = wordnet_reader()
+    wordnet = wordnet_reader(data_dir)
     total = sum(meteor_score([r], h, wordnet=wordnet) for h, r in zip(hypotheses, references))
     return total / len(hypotheses)
 
 
 def caption_scores(predictions: Sequence[str], references: Sequence[str], *,
-                   meteor: bool = True) -> dict[str, float]:
+                   data_dir: str | Path | None = None, meteor: bool = True) -> dict[str, float]:
     """BLEU-2/4 (nltk corpus_bleu, no smoothing) and METEOR on SciBERT word pieces, and mean
-    ROUGE-1/2/L F-measure (no stemmer); ``meteor=False`` leaves METEOR (and WordNet) out."""
+    ROUGE-1/2/L F-measure (no stemmer); ``meteor=False`` leaves METEOR (and WordNet) out.
+    METEOR's WordNet copy is kept in ``data_dir`` (see :func:`nltk_data_dir`)."""
+    if meteor and data_dir is None:
+        raise TypeError("METEOR needs data_dir= (where its WordNet copy is kept)")
     _check_pairs(predictions, references)
     hyps = [caption_tokens(p) for p in predictions]
     refs = [caption_tokens(r) for r in references]
@@ -114,7 +120,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str], *,
         **rouge_means(predictions, references),
     }
     if meteor:
-        scores["meteor"] = meteor_mean(hyps, refs)
+        scores["meteor"] = meteor_mean(hyps, refs, data_dir)
     scores["n"] = len(predictions)
     return scores
 
@@ -155,9 +161,9 @@ class WordNetMissingError(IcmaError):
     """Debian's WordNet 3.0 files are not installed, so METEOR cannot be computed."""
 
 
-def nltk_data_dir() -> Path:
-    """Where the WordNet copy lives: ``<ICMA_DATA_DIR>/nltk_data``."""
-    return get_settings().data_dir / "nltk_data"
+def nltk_data_dir(data_dir: str | Path) -> Path:
+    """Where the WordNet copy of a data directory lives: ``<data_dir>/nltk_data``."""
+    return Path(data_dir) / "nltk_data"
 
 
 def lexnames_text() -> str:
@@ -184,14 +190,15 @@ def _check_debian_wordnet(source: Path) -> None:
                                   "used", field="wordnet")
 
 
-def prepare_wordnet(target: Path | None = None, source: Path | None = None) -> Path:
+def prepare_wordnet(target: Path, source: Path | None = None) -> Path:
     """Build ``<target>/corpora/wordnet`` (nltk's layout) from Debian's WordNet 3.0; return target.
 
-    ``target`` defaults to :func:`nltk_data_dir`, ``source`` to /usr/share/wordnet. Idempotent: a complete folder is left alone.
+    ``target`` is usually :func:`nltk_data_dir`, ``source`` defaults to /usr/share/wordnet.
+    Idempotent: a complete folder is left alone.
     Atomic: the copy is built beside its final place and renamed in, so a reader never sees a
     half-written folder and two processes building at once both end with a complete one.
     """
-    target = Path(target) if target is not None else nltk_data_dir()
+    target = Path(target)
     final = target / "corpora" / "wordnet"
     if _wordnet_complete(final):
         return target
@@ -237,11 +244,12 @@ def use_nltk_data(folder: Path) -> None:
 
 
 @lru_cache(maxsize=1)
-def wordnet_reader():
-    """nltk's WordNet 3.0 reader over our copy (built from Debian's files on first use)."""
+def wordnet_reader(data_dir: str | Path):
+    """nltk's WordNet 3.0 reader over our copy in ``data_dir`` (built from Debian's files on
+    first use)."""
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    folder = prepare_wordnet()
+    folder = prepare_wordnet(nltk_data_dir(data_dir))
     # The reader maps sense keys through nltk's "wordnet" corpus by name, so the path matters too.
     use_nltk_data(folder)
     with warnings.catch_warnings():
@@ -457,13 +465,14 @@ def package_versions(*names: str) -> dict[str, str]:
 
 
 def evaluate(task: str, predictions: Sequence[str], references: Sequence[str], *,
-             fcd: bool = True) -> dict:
-    """Every MolT5 metric for one task, with what produced the numbers (tokenizer, versions)."""
+             data_dir: str | Path | None = None, fcd: bool = True) -> dict:
+    """Every MolT5 metric for one task, with what produced the numbers (tokenizer, versions).
+    mol2cap needs ``data_dir``, where METEOR's WordNet copy is kept."""
     if check_task(task) == "mol2cap":
-        scores = caption_scores(predictions, references)
+        scores = caption_scores(predictions, references, data_dir=data_dir)
         return {"task": task, **scores, "tokenizer": CAPTION_TOKENIZER, "text2mol": TEXT2MOL,
                 "versions": {**package_versions("nltk", "rouge_score", "transformers"),
-                             "wordnet": wordnet_reader().get_version()}}
+                             "wordnet": wordnet_reader(data_dir).get_version()}}
     scores = molecule_scores(predictions, references, fcd=fcd)
     report = {"task": task, **scores, "text2mol": TEXT2MOL,
               "versions": package_versions("nltk", "rdkit", "fcd", "torch")}

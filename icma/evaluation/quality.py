@@ -34,6 +34,7 @@ from icma.core.errors import InputError
 from icma.retrieval.examples import retrieve_examples
 from icma.evaluation.metrics import REPORT_ROWS
 from icma.core.prompts import Example
+from icma.core.settings import Settings
 from icma.core.tasks import TASK_SPECS, Task, check_task
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
@@ -111,17 +112,20 @@ def _load_protocol(name: str, data: str | Path | None) -> Protocol:
                      field="protocol")
 
 
-def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2mol"),
+def run_quality(protocol: Protocol, *, settings: Settings,
+                tasks: Sequence[str] = ("mol2cap", "cap2mol"),
                 llm_limit: int = 300, engine: str = "transformers", model: str | None = None,
                 adapters: Sequence[str] = (), zero_shot: bool = True, llm: bool = True,
                 data_dir: str | Path | None = None, max_new_tokens: int = 256,
                 engine_options: dict | None = None,
                 report: Callable[[str], None] = print) -> list[Row]:
-    """Every row of the benchmark for ``protocol`` (see the module docstring)."""
+    """Every row of the benchmark for ``protocol`` (see the module docstring). Indexes are
+    cached in ``data_dir`` (default: the settings'); the engines load with ``settings``."""
     from icma.evaluation.metrics import evaluate
 
+    data_dir = data_dir or settings.data_dir
     rows: list[Row] = []
-    nn = load_engine("nearest-neighbour")
+    nn = load_engine("nearest-neighbour", settings=settings)
     llm_engine: Generator | None = None
     for task in tasks:
         check_task(task)
@@ -133,7 +137,7 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
         examples_of: dict[str, list[list[Example]]] = {}
         for method in NN_METHODS[task]:
             t0 = time.perf_counter()
-            index = cached_index(method, protocol.database, data_dir,
+            index = cached_index(method, protocol.database, data_dir, settings=settings,
                                  **({"seed": 0} if method == "random" else {}))
             search_q = _search_queries(task, queries)
             k = max(N_SHOT[task], 1)
@@ -141,7 +145,8 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
             preds = [t.answer for t in translate(task, queries, [e[:1] for e in
                                                                  examples_of[method]], nn)]
             rows.append(Row(task, f"nearest neighbour ({method})", nn.name, nn.model, None,
-                            method, 1, len(preds), evaluate(task, preds, refs),
+                            method, 1, len(preds),
+                            evaluate(task, preds, refs, data_dir=settings.data_dir),
                             time.perf_counter() - t0))
             report(_line(rows[-1]))
         if not llm:
@@ -152,11 +157,13 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
         t0 = time.perf_counter()
         preds = [t.answer for t in translate(task, sub_q, nn_sub, nn)]
         rows.append(Row(task, f"nearest neighbour ({default_method}), first {n}", nn.name,
-                        nn.model, None, default_method, 1, n, evaluate(task, preds, sub_refs),
+                        nn.model, None, default_method, 1, n,
+                        evaluate(task, preds, sub_refs, data_dir=settings.data_dir),
                         time.perf_counter() - t0))
         report(_line(rows[-1]))
         if llm_engine is None:
-            llm_engine = load_engine(engine, model=model, **(engine_options or {}))
+            llm_engine = load_engine(engine, settings=settings, model=model,
+                                     **(engine_options or {}))
         request = {"n_shot": N_SHOT[task], "generation": {"max_new_tokens": max_new_tokens}}
         shots = [e[:N_SHOT[task]] for e in examples_of[default_method][:n]]
         runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, shots,
@@ -165,7 +172,7 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
             runs.append(("LLM zero-shot, untuned", llm_engine, [[] for _ in range(n)], True))
         for adapter in adapters:
             runs.append((f"LLM {N_SHOT[task]}-shot + adapter {Path(adapter).name}",
-                         load_engine(engine, model=model, adapter=adapter,
+                         load_engine(engine, settings=settings, model=model, adapter=adapter,
                                      **(engine_options or {})), shots, False))
         for system, eng, ex, prime in runs:
             t0 = time.perf_counter()
@@ -182,7 +189,8 @@ def run_quality(protocol: Protocol, *, tasks: Sequence[str] = ("mol2cap", "cap2m
                                  for t, ref in zip(out[:SAMPLES], sub_refs)]}
             rows.append(Row(task, system, eng.name, eng.model, eng.adapter, default_method
                             if ex and ex[0] else None, len(ex[0]) if ex and ex[0] else 0, n,
-                            evaluate(task, [t.answer for t in out], sub_refs), secs, extra))
+                            evaluate(task, [t.answer for t in out], sub_refs,
+                                     data_dir=settings.data_dir), secs, extra))
             report(_line(rows[-1]))
     return rows
 

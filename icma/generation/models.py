@@ -19,7 +19,6 @@ from pathlib import Path
 
 from icma.core.errors import InputError
 from icma.core.filelock import locked
-from icma.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,9 @@ def shipped_gguf() -> Path:
     return path
 
 
-def resolve_model(model: str | Path | None = None, data_dir: str | Path | None = None) -> str:
-    """A name transformers can load: the converted default (``None`` or ``DEFAULT_LLM``), a local
-    folder, or, as a last resort, a hub id (never used by the tests)."""
-    model = model or get_settings().llm_model
+def resolve_model(model: str | Path, data_dir: str | Path) -> str:
+    """A name transformers can load: the default (``DEFAULT_LLM``, converted into ``data_dir``),
+    a local folder, or, as a last resort, a hub id (never used by the tests)."""
     if str(model) == DEFAULT_LLM:
         return str(converted_default(data_dir))
     path = Path(model).expanduser()
@@ -57,9 +55,10 @@ def resolve_model(model: str | Path | None = None, data_dir: str | Path | None =
     return str(model)
 
 
-def converted_default(data_dir: str | Path | None = None) -> Path:
-    """The default LLM as a transformers folder, converting the shipped GGUF on first use."""
-    root = Path(data_dir or get_settings().data_dir) / "models"
+def converted_default(data_dir: str | Path) -> Path:
+    """The default LLM as a transformers folder in ``<data_dir>/models``, converting the shipped
+    GGUF on first use."""
+    root = Path(data_dir) / "models"
     target = root / DEFAULT_LLM
     if (target / "config.json").is_file():
         return target

@@ -19,6 +19,7 @@ import httpx
 
 from icma.core.errors import IcmaError, UnavailableError
 from icma.core.prompts import Example
+from icma.core.settings import Settings
 from icma.core.tasks import Task, spec
 from icma.generation.options import RetrievalOptions
 
@@ -58,13 +59,10 @@ class HttpRetriever:
                                                                                    3.0)))
 
     @classmethod
-    def from_settings(cls, settings=None, base_url: str | None = None) -> "HttpRetriever":
-        from icma.core.settings import get_settings
-
-        s = settings or get_settings()
-        key = s.retrieval_api_key or s.api_key
-        return cls(base_url or s.retrieval_url, key.get_secret_value() if key else None,
-                   s.retrieval_timeout, s.retrieval_retries)
+    def from_settings(cls, settings: Settings, base_url: str | None = None) -> "HttpRetriever":
+        key = settings.retrieval_api_key or settings.api_key
+        return cls(base_url or settings.retrieval_url, key.get_secret_value() if key else None,
+                   settings.retrieval_timeout, settings.retrieval_retries)
 
     def examples(self, task: Task, queries: Sequence[str], k: int,
                  options: RetrievalOptions) -> list[list[Example]]:
@@ -160,12 +158,12 @@ def _field(err: dict) -> str | None:
 
 class LocalRetriever:
     """Indexes in this process (``icma translate`` without a service): the same corpora the
-    retrieval service holds, built or loaded from the data directory's cache."""
+    retrieval service holds, built or loaded from the settings' data directory's cache."""
 
-    def __init__(self, data_dir, kinds: Sequence[str]):
+    def __init__(self, settings: Settings, kinds: Sequence[str]):
         from icma.retrieval.store import CorpusStore
 
-        self.store = CorpusStore(data_dir, list(kinds))
+        self.store = CorpusStore(settings.data_dir, list(kinds), settings=settings)
         self.store.start(background=False)
 
     def examples(self, task: Task, queries: Sequence[str], k: int,

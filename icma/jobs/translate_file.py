@@ -80,11 +80,12 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
         elif job.state != "succeeded":
             store.set_state(job_id, "queued", "resumed", only_from=("running", "cancelled",
                                                                     "failed", "queued"))
-        eng = load_engine(engine, model=model) if job.done < job.total else None
+        eng = (load_engine(engine or settings.engine, settings=settings, model=model)
+               if job.done < job.total else None)
         if retrieval_url:
             retriever = HttpRetriever.from_settings(settings, base_url=retrieval_url)
         else:
-            retriever = LocalRetriever(settings.data_dir, [options.retrieval.method_for(task)])
+            retriever = LocalRetriever(settings, [options.retrieval.method_for(task)])
         bar = _bar(job, progress if progress is not None else settings.progress)
         runner = JobRunner(store, batch_translator(retriever, eng, lambda t, raw: options),
                            batch_size=batch_size or settings.job_batch_size,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from icma.core.errors import IcmaError
+from icma.core.settings import Settings
 from icma.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,10 @@ class TuneRunner:
             self._proc = None
 
 
-def run_job(store: JobStore, job_id: str, *, data_dir: Path, adapters_dir: Path,
-            stop: threading.Event) -> int:
-    """The child's side: run the job's config, report into the store, set the final state.
-    Exit code 0 whenever the job's state says what happened."""
+def run_job(store: JobStore, job_id: str, *, settings: Settings, data_dir: Path,
+            adapters_dir: Path, stop: threading.Event) -> int:
+    """The child's side: run the job's config (``tune`` with ``settings``), report into the
+    store, set the final state. Exit code 0 whenever the job's state says what happened."""
     from icma.tuning import Stopped, parse_config, tune
 
     job = store.get(job_id)
@@ -158,7 +159,7 @@ def run_job(store: JobStore, job_id: str, *, data_dir: Path, adapters_dir: Path,
 
     try:
         cfg = parse_config({**job.options, "task": job.task})
-        manifest = tune(cfg, data_dir=data_dir, adapters_dir=adapters_dir,
+        manifest = tune(cfg, settings=settings, data_dir=data_dir, adapters_dir=adapters_dir,
                         on_progress=progress, should_stop=should_stop)
     except Stopped as exc:
         log.info("tune job %s: %s", job_id, exc)

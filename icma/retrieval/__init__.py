@@ -13,6 +13,7 @@ from pathlib import Path
 
 from icma.core.corpus import Corpus
 from icma.core.errors import IndexMismatchError, InputError
+from icma.core.settings import Settings
 from icma.retrieval.base import (  # noqa: F401  (re-exported)
     CORPUS_FILE,
     FORMAT_VERSION,
@@ -42,9 +43,20 @@ def index_class(kind: str) -> type[Index]:
     return getattr(importlib.import_module(module), name)
 
 
-def build_index(kind: str, corpus: Corpus, **params) -> Index:
-    """Build an index of ``kind`` over ``corpus``; params are kind-specific (see each class)."""
-    return index_class(kind).build(corpus, **params)
+def build_index(kind: str, corpus: Corpus, *, settings: Settings | None = None,
+                **params) -> Index:
+    """Build an index of ``kind`` over ``corpus``; params are kind-specific (see each class).
+    ``settings`` are needed by the kinds that take them (graph) and ignored by the others."""
+    cls = index_class(kind)
+    return cls.build(corpus, **_settings_for(cls, settings), **params)
+
+
+def _settings_for(cls: type[Index], settings: Settings | None) -> dict:
+    if not cls.takes_settings:
+        return {}
+    if settings is None:
+        raise TypeError(f"a {cls.kind} index is built and loaded with settings=")
+    return {"settings": settings}
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -63,13 +75,15 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def load_index(directory: str | Path, *, kind: str | None = None,
-               corpus: Corpus | None = None, **options) -> Index:
+               corpus: Corpus | None = None, settings: Settings | None = None,
+               **options) -> Index:
     """Load a saved index, checking its manifest.
 
     ``kind``: fail unless the index is of this kind. ``corpus``: fail unless the index was built
     over exactly this corpus (same records, same order). The stored corpus is always checked
     against the checksum in the manifest, so an edited directory is caught too. ``options`` go to
     the kind's loader (a graph index takes ``encoder``, which must be the one it was built with).
+    ``settings`` are needed by the kinds that take them (graph) and ignored by the others.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -92,4 +106,5 @@ def load_index(directory: str | Path, *, kind: str | None = None,
             f"({manifest['corpus']['size']} records, sha256 {want[:12]}), not over "
             f"{corpus.name!r} ({len(corpus)} records, sha256 {corpus.checksum[:12]})",
             field="index")
-    return index_class(found)._load_data(directory, stored, manifest, **options)
+    cls = index_class(found)
+    return cls._load_data(directory, stored, manifest, **_settings_for(cls, settings), **options)

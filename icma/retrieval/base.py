@@ -74,6 +74,9 @@ class Index(ABC):
 
     kind: ClassVar[str]
     modality: ClassVar[Modality]  # what a query is: a SMILES or a caption
+    #: Whether ``build`` and ``_load_data`` need ``settings=`` (the graph index loads its
+    #: encoder with them); ``build_index`` and ``load_index`` pass them on to those kinds only.
+    takes_settings: ClassVar[bool] = False
 
     def __init__(self, corpus: Corpus, params: dict | None = None):
         self.corpus = corpus

@@ -16,27 +16,28 @@ from icma.core.errors import IndexMismatchError
 from icma.core.filelock import locked
 from icma.retrieval import build_index, load_index
 from icma.retrieval.base import Index
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def cached_index(kind: str, corpus: Corpus | None = None, data_dir: str | Path | None = None,
-                 **params) -> Index:
-    """Load ``kind`` over ``corpus`` (default: the embedded one) from the data directory, or
-    build and save it there. A stale cache (another corpus, encoder or format) is rebuilt."""
+def cached_index(kind: str, corpus: Corpus | None, data_dir: str | Path, *,
+                 settings: Settings | None = None, **params) -> Index:
+    """Load ``kind`` over ``corpus`` (None: the embedded one) from ``<data_dir>/indexes``, or
+    build and save it there. A stale cache (another corpus, encoder or format) is rebuilt.
+    ``settings`` go to the kinds that take them (see ``build_index``)."""
     corpus = corpus or embedded_corpus()
-    root = Path(data_dir or get_settings().data_dir) / "indexes"
+    root = Path(data_dir) / "indexes"
     suffix = f"-{params['encoder']}" if params.get("encoder") else ""
     directory = root / f"{corpus.name}-{kind}{Path(suffix).name}"
     with locked(directory.parent / ".locks" / directory.name):
         if (directory / "manifest.json").exists():
             try:
-                return load_index(directory, kind=kind, corpus=corpus)
+                return load_index(directory, kind=kind, corpus=corpus, settings=settings)
             except IndexMismatchError as exc:
                 log.warning("rebuilding %s: %s", directory, exc)
         log.info("building the %s index over %s (%d records) in %s", kind, corpus.name,
                  len(corpus), directory)
-        index = build_index(kind, corpus, **params)
+        index = build_index(kind, corpus, settings=settings, **params)
         index.save(directory)
         return index

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from icma.core import chem
 from icma.core.errors import CheckpointError, InputError
-from icma.core.settings import PACKAGE_DATA, get_settings
+from icma.core.settings import PACKAGE_DATA, Settings
 
 ARCHS = ("gin", "gcn", "graphsage", "gat")
 SHIPPED_DIR = PACKAGE_DATA / "encoders"
@@ -330,7 +330,8 @@ class GNN(nn.Module):
 class Encoder:
     """A loaded checkpoint: SMILES or RDKit molecules -> float32 embeddings (n, dim).
 
-    Molecules are embedded ``batch_size`` at a time (default: the settings' embed_batch_size),
+    Molecules are embedded ``batch_size`` at a time (default: the encoder's own, the
+    embed_batch_size of the settings it was loaded with),
     cut further into forward passes of at most MAX_BATCH_ATOMS atoms, each one disconnected
     graph; nothing is padded, so sorting by size would gain nothing. The
     embedding of a SMILES depends on how it is written through the chiral tags and bond
@@ -339,8 +340,11 @@ class Encoder:
     on a small machine serving single queries, 1 thread is fastest (benchmarks/results/graph.md).
     """
 
-    def __init__(self, model: GNN, *, name: str, path: Path, sha256: str):
+    def __init__(self, model: GNN, *, name: str, path: Path, sha256: str, batch_size: int,
+                 progress: bool):
         self.model = model.eval()
+        self.batch_size = batch_size
+        self.progress = progress
         self.name = name  # a shipped name, or the checkpoint's absolute path
         self.path = path
         self.sha256 = sha256
@@ -380,11 +384,10 @@ class Encoder:
             return self.model.embed(self.model.collate(graphs)).numpy()
 
     def _embed(self, n: int, mols_of, batch_size, progress) -> np.ndarray:
-        settings = get_settings()
-        batch_size = batch_size or settings.embed_batch_size
+        batch_size = batch_size or self.batch_size
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
-        progress = settings.progress if progress is None else progress
+        progress = self.progress if progress is None else progress
         out = np.empty((n, self.dim), dtype=np.float32)
         bar = None
         if progress and n >= _PROGRESS_MIN:
@@ -428,15 +431,17 @@ def shipped_encoders() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.pth"))
 
 
-def load_encoder(spec: str | Path | None = None, arch: str | None = None) -> Encoder:
-    """Load a checkpoint: a shipped name (``icma/data/encoders/NAME.pth``), a path to a ``.pth``,
-    or None for the settings' encoder (and encoder_arch).
+def load_encoder(spec: str | Path | None = None, arch: str | None = None, *,
+                 settings: Settings) -> Encoder:
+    """Load a checkpoint: a shipped name (``icma/data/encoders/NAME.pth``, or NAME.pth in
+    ``<data_dir>/encoders``), a path to a ``.pth``, or None for the settings' encoder (and
+    encoder_arch). The settings also give the encoder its batch size and progress default, and
+    torch its threads.
 
     ``arch`` (gin|gcn|gat|graphsage) is needed only for a GCN or GraphSAGE checkpoint whose file
     name says neither: their state dicts have the same keys. Loaded encoders are cached by path,
-    file size and modification time.
+    file size and modification time (and the batch size and progress default).
     """
-    settings = get_settings()
     if spec is None:
         spec, arch = settings.encoder, arch or settings.encoder_arch
     if arch is not None:
@@ -444,12 +449,13 @@ def load_encoder(spec: str | Path | None = None, arch: str | None = None) -> Enc
         if arch not in ARCHS:
             raise InputError(f"unknown encoder arch {arch!r}; choose one of {', '.join(ARCHS)}",
                              field="arch")
-    path, name = _resolve(spec)
+    path, name = _resolve(spec, settings.data_dir / "encoders")
     try:
         stat = path.stat()
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror}", field="encoder") from None
-    key = (str(path), stat.st_size, stat.st_mtime_ns, arch)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, arch, settings.embed_batch_size,
+           settings.progress)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -458,20 +464,22 @@ def load_encoder(spec: str | Path | None = None, arch: str | None = None) -> Enc
     model = build_model(state, arch=arch, source=path)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    enc = Encoder(model, name=name, path=path, sha256=hashlib.sha256(raw).hexdigest())
+    enc = Encoder(model, name=name, path=path, sha256=hashlib.sha256(raw).hexdigest(),
+                  batch_size=settings.embed_batch_size, progress=settings.progress)
     with _CACHE_LOCK:
         _CACHE[key] = enc
     return enc
 
 
-def _resolve(spec: str | Path) -> tuple[Path, str]:
-    """(checkpoint path, name to record): shipped names stay names, other paths become absolute."""
+def _resolve(spec: str | Path, user_dir: Path) -> tuple[Path, str]:
+    """(checkpoint path, name to record): shipped names stay names, other paths become absolute.
+    A name is looked up among the shipped encoders, then in ``user_dir``."""
     text = str(spec).strip()
     if not text:
         raise InputError("empty encoder name", field="encoder")
     looks_like_path = isinstance(spec, Path) or "/" in text or "\\" in text or text.endswith(".pth")
     if not looks_like_path:
-        for folder in (SHIPPED_DIR, get_settings().data_dir / "encoders"):
+        for folder in (SHIPPED_DIR, user_dir):
             candidate = folder / f"{text}.pth"
             if candidate.is_file():
                 return candidate.resolve(), text

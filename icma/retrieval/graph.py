@@ -41,7 +41,7 @@ from icma.core.corpus import Corpus
 from icma.retrieval.encoders import Encoder, load_encoder
 from icma.core.errors import CheckpointError, IndexMismatchError, InputError
 from icma.retrieval.base import Index
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
 
 FAISS_FILE = "graph.faiss"
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -62,6 +62,7 @@ class GraphIndex(Index):
 
     kind = "graph"
     modality = "molecule"
+    takes_settings = True
 
     def __init__(self, corpus: Corpus, params: dict, encoder: Encoder, index: faiss.Index,
                  embeddings: np.ndarray, gpu: bool = False):
@@ -79,10 +80,11 @@ class GraphIndex(Index):
     def build(cls, corpus: Corpus, encoder: Encoder | str | Path | None = None,
               arch: str | None = None, ivf_nlist: int | None = None, nprobe: int = 8,
               batch_size: int | None = None, progress: bool | None = None,
-              gpu: bool = False) -> "GraphIndex":
+              gpu: bool = False, *, settings: Settings) -> "GraphIndex":
         """Embed every record and index the embeddings.
 
         ``encoder``: an Encoder, a shipped name or a checkpoint path (default: the settings').
+        ``settings`` load it (see ``load_encoder``), and their faiss_gpu can ask for ``gpu``.
         ``ivf_nlist``: use an inverted-file index with this many lists (approximate; trained on
         the corpus) and search ``nprobe`` of them; None (default) searches exhaustively.
         ``gpu``: search on the GPUs when faiss-gpu sees any (not saved with the index).
@@ -99,7 +101,8 @@ class GraphIndex(Index):
                 f"parse (first: row {i}, CID {corpus.cids[i]}: {corpus.smiles[i][:80]!r}), so they "
                 "cannot be embedded; load the corpus with invalid SMILES skipped "
                 "(on_invalid='skip', the default) to build a graph index", field="corpus")
-        enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, arch)
+        enc = (encoder if isinstance(encoder, Encoder)
+               else load_encoder(encoder, arch, settings=settings))
         if isinstance(encoder, Encoder) and arch is not None and arch != enc.arch:
             raise InputError(f"arch {arch!r} given with a {enc.arch} encoder", field="arch")
 
@@ -123,7 +126,7 @@ class GraphIndex(Index):
             "faiss": "IndexFlatIP" if ivf_nlist is None else "IndexIVFFlat",
             "ivf_nlist": ivf_nlist, "nprobe": nprobe if ivf_nlist is not None else None,
         }
-        return cls(corpus, params, enc, index, embeddings, gpu=gpu)
+        return cls(corpus, params, enc, index, embeddings, gpu=gpu or settings.faiss_gpu)
 
     # --- searching ---------------------------------------------------------------------------
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
@@ -194,19 +197,20 @@ class GraphIndex(Index):
         np.save(directory / EMBEDDINGS_FILE, self.embeddings)
 
     @classmethod
-    def load(cls, directory: str | Path, *, encoder: Encoder | str | Path | None = None,
+    def load(cls, directory: str | Path, *, settings: Settings,
+             encoder: Encoder | str | Path | None = None,
              corpus: Corpus | None = None) -> "GraphIndex":
         """``load_index(directory, kind="graph")`` with an encoder to use instead of loading the
         one the manifest names (it must be the same checkpoint: same sha256)."""
         from icma.retrieval import load_index  # noqa: PLC0415  (the package imports this module)
 
         if encoder is not None and not isinstance(encoder, Encoder):
-            encoder = load_encoder(encoder)
+            encoder = load_encoder(encoder, settings=settings)
         return load_index(directory, kind="graph", corpus=corpus,  # type: ignore[return-value]
-                          encoder=encoder)
+                          settings=settings, encoder=encoder)
 
     @classmethod
-    def _load_data(cls, directory: Path, corpus: Corpus, manifest: dict,
+    def _load_data(cls, directory: Path, corpus: Corpus, manifest: dict, *, settings: Settings,
                    encoder: Encoder | None = None) -> "GraphIndex":
         params = dict(manifest.get("params") or {})
         try:
@@ -218,7 +222,7 @@ class GraphIndex(Index):
                 "rebuild the index", field="index") from None
         if encoder is None:
             try:
-                encoder = load_encoder(name, arch)
+                encoder = load_encoder(name, arch, settings=settings)
             except (CheckpointError, InputError) as exc:
                 raise IndexMismatchError(
                     f"{directory} was built with encoder {name!r} (sha256 {sha[:12]}), which "
@@ -243,7 +247,7 @@ class GraphIndex(Index):
                 f"{directory}: index data ({index.ntotal} vectors of {index.d}, embeddings "
                 f"{embeddings.shape}) do not fit {n} records of dimension {dim}; rebuild it",
                 field="index")
-        return cls(corpus, params, encoder, index, embeddings)
+        return cls(corpus, params, encoder, index, embeddings, gpu=settings.faiss_gpu)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -279,7 +283,6 @@ def _faiss_threads(n_queries: int):
 def _maybe_gpu(index: faiss.Index, wanted: bool) -> faiss.Index:
     """The index copied to every GPU when asked (build param ``gpu`` or a ``faiss_gpu`` setting)
     and faiss-gpu sees one; otherwise the CPU index itself."""
-    wanted = wanted or get_settings().faiss_gpu
     if wanted and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
         return faiss.index_cpu_to_all_gpus(index)
     return index

@@ -29,6 +29,7 @@ from icma.core.errors import ConflictError, IcmaError, InputError, NotFoundError
 from icma.retrieval import build_index, index_class
 from icma.retrieval.base import Index
 from icma.retrieval.cache import cached_index
+from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -86,10 +87,12 @@ def _public_params(index: Index) -> dict:
 
 class CorpusStore:
     def __init__(self, data_dir: Path, kinds: list[str], default: str = "chebi20-embedded",
-                 max_uploads: int = 16):
+                 max_uploads: int = 16, *, settings: Settings):
+        """``settings`` build and load the indexes that take them (graph: its encoder)."""
         for k in kinds:
             index_class(k)  # unknown kinds fail at start-up, not on the first request
         self.data_dir = Path(data_dir)
+        self.settings = settings
         self.kinds = [k for k in kinds if k != "random"]
         self.default = default
         self.max_uploads = max_uploads
@@ -173,7 +176,8 @@ class CorpusStore:
             for kind in entry.kinds:
                 entry.building = kind
                 log.info("corpus %s: %s index (%d records)", name, kind, len(entry.corpus))
-                entry.indexes[kind] = cached_index(kind, entry.corpus, self.data_dir)
+                entry.indexes[kind] = cached_index(kind, entry.corpus, self.data_dir,
+                                                   settings=self.settings)
             _freeze_heap()
             entry.state = "ready"
         except Exception as exc:  # a failed build must show in /v1/corpora, not kill the thread

@@ -19,6 +19,7 @@ from typing import Callable
 import httpx
 
 from icma.core.errors import IcmaError
+from icma.core.settings import Settings
 
 EXAMPLE_SMILES = "CC(=O)Oc1ccccc1C(=O)O"
 EXAMPLE_CAPTION = ("The molecule is a member of the class of benzoic acids that is salicylic acid "
@@ -82,16 +83,16 @@ def curl_examples(worker: str, key: str | None) -> list[str]:
     ]
 
 
-def run_stack(host: str = "127.0.0.1", retrieval_port: int = 8001, worker_port: int = 8000,
-              once: bool = False, say: Callable[[str], None] = print,
+def run_stack(settings: Settings, host: str = "127.0.0.1", retrieval_port: int = 8001,
+              worker_port: int = 8000, once: bool = False, say: Callable[[str], None] = print,
               timeout: float = 1800) -> int:
-    from icma.core.settings import get_settings
-
-    settings = get_settings()
     key = settings.api_key.get_secret_value() if settings.api_key else None
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     retrieval, worker = f"http://{shown}:{retrieval_port}", f"http://{shown}:{worker_port}"
-    env = {**os.environ, "ICMA_RETRIEVAL_URL": retrieval}
+    # The services read their settings from the environment they start in; the engine and
+    # model are the ones these settings name (the command line may have set them).
+    env = {**os.environ, "ICMA_RETRIEVAL_URL": retrieval, "ICMA_ENGINE": settings.engine,
+           "ICMA_LLM_MODEL": settings.llm_model}
     procs: list[subprocess.Popen] = []
     stop = {"now": False}
 

@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Any, Callable
 
 from icma.core.errors import InputError
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: uvicorn's exit status when an app fails to start (then restarting it would fail the same way).
 STARTUP_FAILURE = 3
+#: An app factory: "module:function", or the function (uvicorn accepts either).
+AppFactory = str | Callable[[], Any]
 #: Thread-pool variables a worker shares the cores by (set only where the user has not).
 THREAD_VARIABLES = ("ICMA_TORCH_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "MKL_NUM_THREADS")
@@ -63,9 +66,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(factory: str, host: str = "127.0.0.1", port: int = 8001, workers: int = 1,
-          log_level: str = "info") -> int:
-    """Serve ``factory`` ("module:function" returning an ASGI app) until SIGINT or SIGTERM.
+def serve(factory: AppFactory, host: str = "127.0.0.1", port: int = 8001,
+          workers: int = 1, log_level: str = "info") -> int:
+    """Serve ``factory`` ("module:function" returning an ASGI app, or such a function itself)
+    until SIGINT or SIGTERM. Spawned workers (``workers`` > 1) get the factory pickled, so a
+    function must be importable (a module-level function, or a partial of one).
 
     With ``workers`` > 1 each worker process gets cores / workers threads for torch, OpenMP and
     BLAS unless the environment sets them, so that the workers do not oversubscribe the cores.
@@ -85,14 +90,14 @@ def serve(factory: str, host: str = "127.0.0.1", port: int = 8001, workers: int 
     return _Supervisor(factory, sock, workers, log_level).run()
 
 
-def _run_worker(factory: str, sock: socket.socket, log_level: str) -> None:
+def _run_worker(factory: AppFactory, sock: socket.socket, log_level: str) -> None:
     import uvicorn
 
     config = uvicorn.Config(factory, factory=True, log_level=log_level)
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _run_dispatched_worker(factory: str, channel: socket.socket, log_level: str) -> None:
+def _run_dispatched_worker(factory: AppFactory, channel: socket.socket, log_level: str) -> None:
     """A worker that serves the connections the supervisor sends over ``channel``."""
     import asyncio
 
@@ -138,7 +143,7 @@ class _Supervisor:
     """Accepts connections and deals them out to the workers in turn; restarts a worker that
     dies after it started; stops them all on SIGINT or SIGTERM."""
 
-    def __init__(self, factory: str, sock: socket.socket, workers: int, log_level: str):
+    def __init__(self, factory: AppFactory, sock: socket.socket, workers: int, log_level: str):
         self.factory, self.sock, self.log_level = factory, sock, log_level
         self.workers = workers
         self.ctx = multiprocessing.get_context("spawn")  # no fork: torch and OpenMP dislike it

@@ -26,10 +26,10 @@ def pick_precision(precision: str, device: str) -> str:
     return precision
 
 
-def load_tokenizer(base_model: str):
+def load_tokenizer(base_model: str, data_dir: str | Path):
     from transformers import AutoTokenizer
 
-    path = resolve_base(base_model)
+    path = resolve_base(base_model, data_dir)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -44,31 +44,32 @@ def load_tokenizer(base_model: str):
     return tok
 
 
-def config_eos_id(base_model: str) -> int | None:
+def config_eos_id(base_model: str, data_dir: str | Path) -> int | None:
     """The EOS id in the model's config (tokenizers such as BERT's have none of their own)."""
     from transformers import AutoConfig
 
     try:
-        eos = AutoConfig.from_pretrained(resolve_base(base_model)).eos_token_id
+        eos = AutoConfig.from_pretrained(resolve_base(base_model, data_dir)).eos_token_id
     except (OSError, ValueError):
         return None
     return eos[0] if isinstance(eos, list) and eos else eos
 
 
-def resolve_base(base_model: str) -> str:
+def resolve_base(base_model: str, data_dir: str | Path) -> str:
+    """The base model's folder (the default converted into ``data_dir``; see resolve_model)."""
     try:
-        return resolve_model(base_model)
+        return resolve_model(base_model, data_dir)
     except InputError as exc:
         raise exc.at("base_model") from None
 
 
-def load_model(cfg: TuneConfig, device: str, precision: str):
+def load_model(cfg: TuneConfig, device: str, precision: str, data_dir: str | Path):
     """The base model ready to train: float32 master weights (mixed precision comes from
     autocast in the loop) or, for quantised LoRA, 8/4-bit weights on the GPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = resolve_base(cfg.base_model)
+    path = resolve_base(cfg.base_model, data_dir)
     kwargs: dict = {"dtype": torch.float32}
     if cfg.quantization != "none":
         if not device.startswith("cuda"):

@@ -24,7 +24,7 @@ from icma.generation.adapters import MANIFEST
 from icma.core.errors import InputError
 from icma.core.filelock import locked
 from icma.core.prompts import PROMPT_FORMAT_VERSION
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
 from icma.tuning.config import TuneConfig
 from icma.tuning.loop import ProgressFn, train
 from icma.tuning.model import (
@@ -51,12 +51,13 @@ class Plan:
         self.target = (adapters_dir if cfg.method == "lora" else data_dir / "models") / cfg.name
 
 
-def tune(cfg: TuneConfig, *, data_dir: str | Path | None = None,
+def tune(cfg: TuneConfig, *, settings: Settings, data_dir: str | Path | None = None,
          adapters_dir: str | Path | None = None, on_progress: ProgressFn | None = None,
          should_stop: Callable[[], bool] | None = None, restart: bool = False) -> dict:
     """Run ``cfg`` to its end; returns the manifest. Raises InputError (before any training)
-    for anything wrong with the input, ``Stopped`` when ``should_stop`` ended it early."""
-    settings = get_settings()
+    for anything wrong with the input, ``Stopped`` when ``should_stop`` ended it early.
+    ``data_dir`` and ``adapters_dir`` default to the settings'; the shipped base model is
+    converted into the settings' data directory, the engine that evaluates loads with them."""
     data_dir = Path(data_dir or settings.data_dir)
     plan = Plan(cfg, data_dir, Path(adapters_dir or settings.adapters_path()))
     report = on_progress or (lambda p: None)
@@ -65,7 +66,7 @@ def tune(cfg: TuneConfig, *, data_dir: str | Path | None = None,
                          field="name")
     try:
         with locked(data_dir / "tuning" / f".{cfg.name}.lock", wait=False):
-            return _tune(cfg, data_dir, plan, report, should_stop, restart)
+            return _tune(cfg, data_dir, plan, report, should_stop, restart, settings)
     except BlockingIOError:
         raise InputError(f"a run named {cfg.name!r} is in progress already", field="name") \
             from None
@@ -76,13 +77,14 @@ def check_sources(cfg: TuneConfig, data_dir: Path) -> None:
     refusing a tune job when it is submitted; ``tune`` checks everything again, in depth."""
     from icma.retrieval.store import corpus_source
 
-    resolve_base(cfg.base_model)
+    resolve_base(cfg.base_model, data_dir)
     for field in ("train", "contexts", "eval"):
         if getattr(cfg, field) is not None:
             corpus_source(getattr(cfg, field), data_dir, field)
 
 
-def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, restart) -> dict:
+def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, restart,
+          settings: Settings) -> dict:
     import torch
 
     from icma.retrieval.store import open_corpus
@@ -95,9 +97,12 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
     report({"phase": "checking"})
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
-    base_path = resolve_base(cfg.base_model)
-    tokenizer = load_tokenizer(cfg.base_model)
-    tokens = Tokens(tokenizer, cfg.eos, config_eos_id(cfg.base_model))
+    # The shipped base model is converted into the settings' data directory, wherever this
+    # run's own files go.
+    base_data_dir = settings.data_dir
+    base_path = resolve_base(cfg.base_model, base_data_dir)
+    tokenizer = load_tokenizer(cfg.base_model, base_data_dir)
+    tokens = Tokens(tokenizer, cfg.eos, config_eos_id(cfg.base_model, base_data_dir))
     train_corpus = open_corpus(cfg.train, data_dir, field="train")
     records = train_corpus.records[:cfg.train_limit] if cfg.train_limit else train_corpus.records
     ctx_corpus = (train_corpus if cfg.contexts is None
@@ -108,7 +113,7 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
 
     report({"phase": "retrieving contexts", "records": len(records),
             "context_records": len(ctx_corpus)})
-    index = cached_index(cfg.method_for_contexts, ctx_corpus, data_dir)
+    index = cached_index(cfg.method_for_contexts, ctx_corpus, data_dir, settings=settings)
     rerank = (RerankConfig() if cfg.random_walk is None else
               RerankConfig(method="random_walk", skip_prob=cfg.random_walk.skip_probability,
                            seed=cfg.random_walk.seed))
@@ -132,7 +137,7 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
 
     report({"phase": "loading model", **stats})
     torch.manual_seed(cfg.seed)  # LoRA's random initialisation
-    net = load_model(cfg, device, precision)
+    net = load_model(cfg, device, precision, base_data_dir)
     fingerprint = {**cfg.fingerprint(), "data_sha256": data_sha,
                    "base_model_sha256": folder_checksum(base_path)}
     result = train(net, data.examples, cfg, plan.run_dir, device=device, precision=precision,
@@ -167,7 +172,7 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
     if eval_corpus is not None:
         report({"phase": "evaluating"})
         manifest["evaluation"] = evaluate_adapter(cfg, plan, eval_corpus, index, base_path,
-                                                  device, report)
+                                                  device, report, settings)
         write_json(plan.target / MANIFEST, manifest)
     manifest["wall_s"] = time.time() - started
     write_json(plan.run_dir / "result.json", manifest)
@@ -192,7 +197,7 @@ def _save(net, tokenizer, cfg: TuneConfig, target: Path, manifest: dict) -> None
 
 
 def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str, device: str,
-                     report: ProgressFn) -> dict:
+                     report: ProgressFn, settings: Settings) -> dict:
     """The evaluation split through the serving path (retrieval with the same options, the
     prompt, the transformers engine with the adapter), scored by ``icma.evaluation.metrics``."""
     from icma.evaluation.metrics import evaluate
@@ -205,10 +210,11 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
 
     records = corpus.records[:cfg.eval_limit] if cfg.eval_limit else corpus.records
     if cfg.method == "lora":
-        engine = load_engine("transformers", model=base_path, device=device)
+        engine = load_engine("transformers", settings=settings, model=base_path, device=device)
         adapter = Adapter(cfg.name, plan.target)
     else:
-        engine = load_engine("transformers", model=str(plan.target), device=device)
+        engine = load_engine("transformers", settings=settings, model=str(plan.target),
+                             device=device)
         adapter = None
     # Served as a request would be: the prompt form the adapter is tuned on, the same retrieval.
     options = build_options(cfg.task, {
@@ -220,7 +226,7 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
         adapter=adapter)
     retriever = IndexRetriever({cfg.method_for_contexts: index})
     lines, t0 = [], time.perf_counter()
-    batch = get_settings().job_batch_size
+    batch = settings.job_batch_size
     for lo in range(0, len(records), batch):
         chunk = records[lo:lo + batch]
         pairs = [answer_side(cfg.task, r) for r in chunk]
@@ -242,7 +248,7 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
               "errors": sum(1 for x in lines if x.get("error")),
               "wall_s": time.perf_counter() - t0}
     try:
-        result["metrics"] = evaluate(cfg.task, preds, refs)
+        result["metrics"] = evaluate(cfg.task, preds, refs, data_dir=settings.data_dir)
     except Exception as exc:  # metrics need WordNet etc.; the adapter is good all the same
         log.exception("evaluation metrics failed")
         result["metrics"] = None

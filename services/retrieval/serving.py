@@ -51,8 +51,8 @@ class RetrievalService:
     def __init__(self, settings: Settings, store: CorpusStore | None = None,
                  metrics: Metrics | None = None):
         self.settings = settings
-        self.store = store or CorpusStore(self.settings.data_dir, self.settings.retrieval_kinds,
-                                          max_uploads=self.settings.max_corpora)
+        self.store = store or CorpusStore(settings.data_dir, settings.retrieval_kinds,
+                                          max_uploads=settings.max_corpora, settings=settings)
         self.metrics = metrics or Metrics("icma_retrieval")
 
     def start(self, background: bool = True) -> None:

@@ -76,7 +76,8 @@ class TranslatorService:
         self.settings = settings
         self.retriever = retriever or HttpRetriever.from_settings(settings)
         self.queue = GenerationQueue(
-            engine_loader or (lambda: load_engine(settings.engine, model=settings.llm_model)),
+            engine_loader or (lambda: load_engine(settings.engine, settings=settings,
+                                                  model=settings.llm_model)),
             max_batch=max(settings.job_batch_size, 64))
         self.registry = AdapterRegistry(settings.adapters_path())
         self.store = JobStore(settings.jobs_path())

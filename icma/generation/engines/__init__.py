@@ -15,6 +15,7 @@ from icma.generation.engines.base import (
     cut_at_stop,
 )
 from icma.core.errors import InputError
+from icma.core.settings import Settings
 
 ENGINES = ("transformers", "vllm", "nearest-neighbour")
 
@@ -22,12 +23,10 @@ __all__ = ["Adapter", "BOUNDS", "DECODINGS", "ENGINES", "Generation", "Generatio
            "Generator", "cut_at_stop", "load_engine"]
 
 
-def load_engine(name: str | None = None, *, model: str | Path | None = None,
+def load_engine(name: str, *, settings: Settings, model: str | Path | None = None,
                 adapter: str | Path | None = None, **options) -> Generator:
-    """An engine by name (default: the settings' ``engine``)."""
-    from icma.core.settings import get_settings
-
-    name = name or get_settings().engine
+    """An engine by name (a caller's default is usually ``settings.engine``); the transformers
+    and vllm engines take what ``model`` and ``options`` leave out from ``settings``."""
     if name == "nearest-neighbour":
         if adapter is not None:
             raise InputError("the nearest-neighbour engine takes no adapter", field="adapter")
@@ -37,12 +36,12 @@ def load_engine(name: str | None = None, *, model: str | Path | None = None,
     if name == "transformers":
         from icma.generation.engines.hf import TransformersGenerator
 
-        return TransformersGenerator(model, adapter=adapter, **options)
+        return TransformersGenerator(model, settings=settings, adapter=adapter, **options)
     if name == "vllm":
         try:
             from icma.generation.engines.vllm import VllmGenerator  # noqa: PLC0415
         except ImportError as exc:
             raise InputError(f"the vllm engine is not available here ({exc})",
                              field="engine") from None
-        return VllmGenerator(model, adapter=adapter, **options)
+        return VllmGenerator(model, settings=settings, adapter=adapter, **options)
     raise InputError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}", field="engine")

@@ -22,15 +22,14 @@ from icma.generation.engines.base import (
 )
 from icma.core.errors import InputError
 from icma.generation.models import resolve_model
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(device: str | None = None) -> str:
+def pick_device(device: str) -> str:
     import torch
 
-    device = device or get_settings().llm_device
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -55,17 +54,18 @@ class TransformersGenerator(Generator):
     name = "transformers"
     supports_adapters = True
 
-    def __init__(self, model: str | Path | None = None, *, adapter: str | Path | None = None,
-                 device: str | None = None, batch_size: int | None = None,
-                 dtype: str | None = None):
+    def __init__(self, model: str | Path | None = None, *, settings: Settings,
+                 adapter: str | Path | None = None, device: str | None = None,
+                 batch_size: int | None = None, dtype: str | None = None):
+        """``settings`` give what the arguments leave out (model, device, batch size, dtype),
+        torch's threads, and the data directory the default model is converted into."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        settings = get_settings()
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        path = resolve_model(model)
-        self.device = pick_device(device)
+        path = resolve_model(model or settings.llm_model, settings.data_dir)
+        self.device = pick_device(device or settings.llm_device)
         self.batch_size = batch_size or settings.generation_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # A fast tokenizer is one Rust object whose padding state a batch call changes: a

@@ -39,7 +39,7 @@ from icma.generation.engines.base import (Adapter, Generation, GenerationInput, 
 from icma.generation.engines.hf import _check_adapter, pick_dtype
 from icma.core.errors import InputError
 from icma.generation.models import resolve_model
-from icma.core.settings import get_settings
+from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,13 @@ class VllmGenerator(Generator):
     name = "vllm"
     supports_adapters = True
 
-    def __init__(self, model: str | Path | None = None, *, adapter: str | Path | None = None,
-                 device: str | None = None, dtype: str | None = None,
-                 batch_size: int | None = None, **ignored):
+    def __init__(self, model: str | Path | None = None, *, settings: Settings,
+                 adapter: str | Path | None = None, device: str | None = None,
+                 dtype: str | None = None, batch_size: int | None = None, **ignored):
         # batch_size is the transformers engine's; vLLM's scheduler sizes its own batches.
         from transformers import AutoTokenizer
 
-        settings = get_settings()
-        path = resolve_model(model)
+        path = resolve_model(model or settings.llm_model, settings.data_dir)
         on_cpu = current_platform.is_cpu()
         self.device = _check_device(device or settings.llm_device, on_cpu)
         self.dtype = pick_dtype(dtype or settings.llm_dtype, self.device)

@@ -1,0 +1,91 @@
+"""``icma serve retrieval|worker|all`` and ``icma openapi``: the services and their API document."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="run a service")
+    svsub = sv.add_subparsers(dest="service", metavar="SERVICE")
+    rs = svsub.add_parser("retrieval", help="the retrieval microservice (FastAPI + uvicorn)")
+    rs.add_argument("--host", default="127.0.0.1")
+    rs.add_argument("--port", type=int, default=8001)
+    rs.add_argument("--workers", type=int, default=None,
+                    help="worker processes sharing the port (default ICMA_WORKERS, 1); one per "
+                         "core uses every core")
+    rs.add_argument("--log-level", default="info")
+    rs.set_defaults(func=cmd_serve_retrieval)
+    ws = svsub.add_parser("worker", help="the translation worker: /mol2cap, /cap2mol, jobs")
+    ws.add_argument("--host", default="127.0.0.1")
+    ws.add_argument("--port", type=int, default=8000)
+    ws.add_argument("--retrieval-url", help="the retrieval service (default ICMA_RETRIEVAL_URL, "
+                                            "http://127.0.0.1:8001)")
+    ws.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    ws.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL; default the shipped "
+                                    "SmolLM2-135M-Instruct)")
+    ws.add_argument("--log-level", default="info")
+    ws.set_defaults(func=cmd_serve_worker)
+    sa = svsub.add_parser("all", help="both services, started in order, with example requests")
+    sa.add_argument("--host", default="127.0.0.1")
+    sa.add_argument("--retrieval-port", type=int, default=8001)
+    sa.add_argument("--port", type=int, default=8000, help="the worker's port")
+    sa.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    sa.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL)")
+    sa.add_argument("--once", action="store_true",
+                    help="stop after the example requests (a smoke test)")
+    sa.set_defaults(func=cmd_serve_all)
+
+
+def add_openapi_parser(sub) -> None:
+    oa = sub.add_parser("openapi", help="write the services' OpenAPI document")
+    oa.add_argument("--out", type=Path, default=Path("openapi.yaml"))
+    oa.set_defaults(func=cmd_openapi)
+
+
+def cmd_serve_retrieval(args) -> int:
+    from icma.server.supervisor import serve
+    from icma.core.settings import get_settings
+
+    workers = args.workers if args.workers is not None else get_settings().workers
+    return serve("icma.services.retrieval.app:create_app", host=args.host, port=args.port,
+                 workers=workers, log_level=args.log_level)
+
+
+def cmd_serve_worker(args) -> int:
+    from functools import partial
+
+    from icma.core.settings import get_settings
+    from icma.server.supervisor import serve
+    from icma.workers.translator.app import create_app
+
+    settings = _with_flags(get_settings(), retrieval_url=args.retrieval_url, engine=args.engine,
+                           llm_model=args.model)
+    # One process: the engine holds the model once, and its thread batches all requests.
+    return serve(partial(create_app, settings), host=args.host, port=args.port, workers=1,
+                 log_level=args.log_level)
+
+
+def cmd_serve_all(args) -> int:
+    from icma.core.settings import get_settings
+    from icma.server.launcher import run_stack
+
+    settings = _with_flags(get_settings(), engine=args.engine, llm_model=args.model)
+    return run_stack(settings, args.host, args.retrieval_port, args.port, once=args.once,
+                     say=lambda m: print(m, flush=True))
+
+
+def _with_flags(settings, **flags):
+    """A copy of ``settings`` with the flags that were given (an empty flag keeps the setting)."""
+    return settings.model_copy(update={name: value for name, value in flags.items() if value})
+
+
+def cmd_openapi(args) -> int:
+    from icma.server.openapi import render
+    from icma.services.retrieval.app import create_app as retrieval_app
+    from icma.workers.translator.app import create_app as worker_app
+
+    args.out.write_text(render(retrieval_app, worker_app), encoding="utf-8")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0

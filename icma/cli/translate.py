@@ -1,0 +1,57 @@
+"""``icma translate``: a file through the worker's job path, in this process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    tr = sub.add_parser(
+        "translate", help="translate a file (the worker's job path, in this process)",
+        description="Translate every input of a file with retrieved examples and an LLM; writes "
+                    "JSON lines in input order (icma eval --format jsonl reads them). An "
+                    "interrupted run resumes where it stopped when run again with the same "
+                    "arguments.")
+    tr.add_argument("--task", required=True, choices=["mol2cap", "cap2mol"])
+    tr.add_argument("--input", required=True, type=Path,
+                    help="JSONL ({input, id, reference} or {cid, smiles, description}) or a "
+                         "corpus TSV (CID SMILES description)")
+    tr.add_argument("--output", required=True, type=Path, help="JSON lines, one per input")
+    tr.add_argument("--format", choices=["jsonl", "tsv"],
+                    help="input format (default: from the extension; .jsonl -> jsonl)")
+    tr.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
+    tr.add_argument("--adapter", help="LoRA adapter: a folder, or a name in the registry")
+    tr.add_argument("--n-shot", type=int, help="examples per prompt (default 2 / 4)")
+    tr.add_argument("--method", help="retrieval: graph|morgan|rdkit|random (mol2cap), "
+                                     "bm25|sentence|random (cap2mol)")
+    tr.add_argument("--corpus", help="retrieval corpus name (default: the embedded ChEBI-20)")
+    tr.add_argument("--retrieval-url",
+                    help="use this retrieval service; default: local indexes in the data dir")
+    tr.add_argument("--decoding", choices=["sample", "greedy", "beam"], default="sample")
+    tr.add_argument("--max-new-tokens", type=int, default=256)
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--num-candidates", type=int, default=1,
+                    help="cap2mol: sample until a valid molecule, at most this many")
+    tr.add_argument("--prime-answer", choices=["auto", "on", "off"], default="auto",
+                    help="end prompts with the answer marker (auto: on unless --adapter)")
+    tr.add_argument("--batch-size", type=int, help="items per engine call (ICMA_JOB_BATCH_SIZE)")
+    tr.set_defaults(func=cmd_translate)
+
+
+def cmd_translate(args) -> int:
+    from icma.core.settings import get_settings
+    from icma.jobs.translate_file import translate_file
+
+    fmt = args.format or ("jsonl" if args.input.suffix.lower() in (".jsonl", ".ndjson")
+                          else "tsv")
+    prime = {"auto": None, "on": True, "off": False}[args.prime_answer]
+    summary = translate_file(
+        args.task, args.input, args.output, settings=get_settings(), fmt=fmt, engine=args.engine,
+        model=args.model, adapter=args.adapter, n_shot=args.n_shot, method=args.method,
+        corpus=args.corpus, retrieval_url=args.retrieval_url, decoding=args.decoding,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,
+        prime_answer=prime, batch_size=args.batch_size)
+    print(summary, file=sys.stderr)
+    return 0
