@@ -45,7 +45,8 @@ def test_molecules_equal_the_library_on_the_loop_and_in_the_thread_pool(service,
     corpus = embedded_corpus()
     res = asyncio.run(service.retrieve_molecules(
         MoleculeRequest(smiles=ASPIRIN, k=3, order="ranked")))
-    lib = retrieve_examples(cached_index("graph", corpus, svc_dir), [ASPIRIN], 3)[0]
+    lib = retrieve_examples(cached_index("graph", corpus, svc_dir, settings=service.settings),
+                            [ASPIRIN], 3)[0]
     assert (res.corpus, res.method, res.k) == ("chebi20-embedded", "graph", 3)
     assert [(e.cid, e.score) for e in res.results[0].examples] == [(e.cid, e.score) for e in lib]
     assert [e.rank for e in res.results[0].examples] == [1, 2, 3]

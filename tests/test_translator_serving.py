@@ -24,8 +24,8 @@ def service(svc_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("translator")
     settings = Settings(data_dir=svc_dir, jobs_db=tmp / "jobs.sqlite3",
                         adapters_dir=tmp / "adapters", progress=False, max_k=8)
-    svc = TranslatorService(settings, LocalRetriever(svc_dir, SERVICE_KINDS),
-                            engine_loader=lambda: load_engine("nearest-neighbour"))
+    svc = TranslatorService(settings, LocalRetriever(settings, SERVICE_KINDS),
+                            engine_loader=lambda: load_engine("nearest-neighbour", settings=settings))
     svc.start()
     deadline = time.monotonic() + 60
     while svc.state() != "ready":
