@@ -100,8 +100,7 @@ BOND_TYPES = [
     Chem.BondType.TRIPLE,
     Chem.BondType.AROMATIC,
 ]
-BOND_SELF_LOOP = 4
-BOND_MASK = 5
+BOND_SELF_LOOP = 4  # the checkpoints' row 5 is pre-training's mask token: never featurised here
 BOND_DIRS = [Chem.BondDir.NONE, Chem.BondDir.ENDUPRIGHT, Chem.BondDir.ENDDOWNRIGHT]
 
 _CHIRAL_INDEX = {t: i for i, t in enumerate(CHIRALITY)}

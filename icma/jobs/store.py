@@ -30,7 +30,6 @@ from icma.core.errors import ConflictError, IcmaError, InputError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
 SCHEMA = """

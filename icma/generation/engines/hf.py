@@ -53,7 +53,6 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 class TransformersGenerator(Generator):
     name = "transformers"
-    supports_adapters = True
 
     def __init__(self, model: str | Path | None = None, *, adapter: str | Path | None = None,
                  device: str | None = None, batch_size: int | None = None,

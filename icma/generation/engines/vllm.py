@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 class VllmGenerator(Generator):
     name = "vllm"
-    supports_adapters = True
 
     def __init__(self, model: str | Path | None = None, *, adapter: str | Path | None = None,
                  device: str | None = None, dtype: str | None = None,
