@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     git_commit,
     machine,
     start_service,
+    stop_services,
     write,
 )
 
@@ -186,9 +187,7 @@ def evaluate_systems(d: Path) -> dict:
             print(name, {k: round(v, 3) for k, v in out[name]["metrics"].items()
                          if isinstance(v, float)}, flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=60)
+        stop_services(procs, timeout=60)
     return {"systems": out, "queries": len(test), "started": started}
 
 

@@ -35,7 +35,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -43,11 +42,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, RESULTS, SHARED, git_commit, machine, pct  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    SHARED,
+    git_commit,
+    machine,
+    pct,
+    spawn_service,
+    stop_services,
+)
+from icma.server.spawn import ServiceFailed  # noqa: E402
 
 CHEBI_TRAIN = SHARED / "data/chebi20/partial/train_PARTIAL_cid_smiles_no_description.tsv"
 CHEBI_TEST = SHARED / "data/chebi20/test.txt"
@@ -85,66 +95,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, workers: int, log_path: Path,
-                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_server(url: str, port: int, workers: int, data_dir: Path, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+    """The product's own command, ``icma serve retrieval`` (icma.server.supervisor), in its own
+    process group, returned with /v1/corpora's entries once every worker reports both corpora
+    ready (4 answers a worker in a row: each worker answers for itself)."""
     env = dict(os.environ, ICMA_DATA_DIR=str(data_dir), ICMA_TORCH_THREADS="1",
                ICMA_RETRIEVAL_KINDS='["graph","bm25"]', ICMA_PROGRESS="false",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("ICMA_API_KEY", None)
     env.update(extra_env or {})
-    # The product's own command: `icma serve retrieval` (icma.server.supervisor).
-    cmd = [sys.executable, "-m", "icma", "serve", "retrieval", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", str(workers), "--log-level", "warning"]
-    log = open(log_path, "ab")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    names, corpora = (GRAPH_CORPUS, BM25_CORPUS), {}
 
+    def both_ready() -> bool:
+        corpora.update((c["name"], c) for c in
+                       httpx.get(url + "/v1/corpora", timeout=5).json()["corpora"])
+        failed = [corpora[n] for n in names if corpora.get(n, {}).get("state") == "failed"]
+        if failed:
+            raise ServiceFailed(f"index build failed: {failed}")
+        return all(corpora.get(n, {}).get("state") == "ready" for n in names)
 
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and its workers only
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, names: list[str],
-               timeout: float = 900, confirmations: int = 1) -> dict:
-    """Until /readyz says ready and /v1/corpora shows every named corpus ready (``confirmations``
-    times in a row: with several workers each answers for itself)."""
-    import httpx
-
-    deadline, streak, last = time.monotonic() + timeout, 0, None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}):\n{tail(log_path)}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                info = httpx.get(url + "/v1/corpora", timeout=5).json()
-                state = {c["name"]: c for c in info["corpora"]}
-                failed = [n for n in names if state.get(n, {}).get("state") == "failed"]
-                if failed:
-                    raise RuntimeError(f"index build failed: {[state[n] for n in failed]}")
-                if all(state.get(n, {}).get("state") == "ready" for n in names):
-                    streak += 1
-                    last = state
-                    if streak >= confirmations:
-                        return last
-                    continue
-            streak = 0
-        except httpx.HTTPError:
-            streak = 0
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{tail(log_path)}")
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
+    proc = spawn_service(["retrieval", "--host", "127.0.0.1", "--port", str(port), "--workers",
+                          str(workers), "--log-level", "warning"], url, env=env, cwd=REPO,
+                         log=log_path, check=both_ready, confirmations=4 * workers)
+    return proc, corpora
 
 
 def system_busy_seconds() -> float:
@@ -258,8 +232,6 @@ async def run_level(kind: str, client: str, port: int, path: str, bodies: list[b
         payloads = raw_requests(path, port, bodies)
         conns = [RawConnection("127.0.0.1", port) for _ in range(concurrency)]
     else:
-        import httpx
-
         payloads = bodies
         hx = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=httpx.Limits(
             max_connections=concurrency, max_keepalive_connections=concurrency))
@@ -344,8 +316,6 @@ def bodies_for(kind: str, texts: list[str]) -> tuple[str, list[bytes], int]:
 
 
 def check_answers(url: str, kind: str, path: str, body: bytes, k: int) -> None:
-    import httpx
-
     r = httpx.post(url + path, content=body, headers={"content-type": "application/json"},
                    timeout=30)
     r.raise_for_status()
@@ -373,10 +343,8 @@ def run(args) -> dict:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             t_start = time.perf_counter()
-            proc = start_server(data_dir, port, workers, log_path, extra_env)
+            proc, corpora = start_server(url, port, workers, data_dir, log_path, extra_env)
             try:
-                corpora = wait_ready(url, proc, log_path, [GRAPH_CORPUS, BM25_CORPUS],
-                                     confirmations=4 * workers)
                 startup = time.perf_counter() - t_start
                 first_start = first_start or startup
                 print(f"{workers} worker(s) ready in {startup:.1f} s (pid {proc.pid}); "
@@ -387,7 +355,7 @@ def run(args) -> dict:
                 levels = measure(texts, port, url, proc, args.client, warm, seconds, max_req,
                                  workers)
             finally:
-                stop_server(proc)
+                stop_services([proc])
             configs.append({"workers": workers, "startup": startup, "levels": levels})
     finally:
         if own_dir:

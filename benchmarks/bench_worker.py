@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     machine,
     pct,
     start_service,
+    stop_services,
     write,
 )
 
@@ -232,9 +233,7 @@ def main() -> None:
         if "jobs" in parts:
             jobs["started"] = started
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(timeout=60)
+        stop_services(procs, timeout=60)
     (RESULTS / "worker.json").write_text(json.dumps(
         {"latency": lat, "latency_started": lat_started, "jobs": jobs}, indent=1))
     write("worker.md", report(lat, jobs, lat_started))

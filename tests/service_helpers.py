@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
-import httpx
 import uvicorn
 
+from icma.server.spawn import wait_ready
 from icma.server.supervisor import listening_socket
 
 
@@ -23,15 +22,8 @@ class LiveServer:
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        wait_ready(self.url, name="server", path="/healthz", timeout=120, interval=0.05)
+        return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -39,12 +31,7 @@ class LiveServer:
         self.sock.close()
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                return
-            time.sleep(0.2)
-        raise RuntimeError("server never became ready")
+        wait_ready(self.url, name="server", timeout=timeout, interval=0.2)
 
 
 class Recording:

@@ -85,7 +85,7 @@ def chars(text):
 def test_budget_drops_lowest_ranked_first_and_reports():
     full = build_prompt("mol2cap", "CCCO", [BEST, SECOND], count_tokens=chars, cutoff=10_000,
                         reserve=10)
-    assert full.n_used == 2 and full.n_tokens == len(full.text)
+    assert len(full.examples) == 2 and full.n_tokens == len(full.text)
     one = build_prompt("mol2cap", "CCCO", [BEST, SECOND], count_tokens=chars,
                        cutoff=full.n_tokens + 10 - 1, reserve=10)
     assert [e.cid for e in one.examples] == ["702"]  # the best one stays
@@ -109,7 +109,7 @@ def test_budget_with_a_real_tokenizer(shared):
     assert full.n_tokens == len(tok(full.text)["input_ids"]) > 20
     smaller = build_prompt("cap2mol", "The molecule is propanol.", [BEST, SECOND],
                            count_tokens=count, cutoff=full.n_tokens + 256 - 1, reserve=256)
-    assert smaller.n_used == 1
+    assert len(smaller.examples) == 1
 
 
 def test_bad_inputs_name_the_field():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -52,3 +53,24 @@ def test_quality_bad_arguments_are_one_line_errors(argv, says, capsys, tmp_path)
     assert main(["bench", "quality", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("icma: error:") and err.count("\n") == 1 and says in err
+
+
+def test_quality_without_matplotlib_writes_the_tables_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    from icma.core.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        code = main(["bench", "quality", "--protocol", "chebi20-val-test", "--queries", "6",
+                     "--tasks", "cap2mol", "--no-llm", "--out", str(tmp_path / "out")])
+    finally:
+        get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "matplotlib is not installed (pip install 'icma[plots]')" in err
+    assert out.index("nearest neighbour (bm25)") < out.index("without matplotlib")
+    md = (tmp_path / "out/quality-chebi20-val-test.md").read_text()
+    assert "## cap2mol" in md and ".png" not in md
+    assert (tmp_path / "out/quality-chebi20-val-test.json").exists()
+    assert not (tmp_path / "out/quality-chebi20-val-test.png").exists()

@@ -13,6 +13,7 @@ from icma.retrieval.examples import retrieve_examples
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
 from icma.core.settings import Settings
+from icma.server.spawn import spawn_service
 from icma.services.retrieval.app import create_app
 from tests.service_helpers import LiveServer
 
@@ -221,18 +222,10 @@ def test_icma_serve_retrieval_command(svc_dir):
         port = s.getsockname()[1]
     exe = Path(sys.executable).with_name("icma")
     env = {**os.environ, "ICMA_DATA_DIR": str(svc_dir), "ICMA_RETRIEVAL_KINDS": '["graph","bm25"]'}
-    proc = subprocess.Popen([str(exe), "serve", "retrieval", "--port", str(port),
-                             "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    proc = spawn_service(["retrieval", "--port", str(port), "--log-level", "warning"], url,
+                         env=env, program=[str(exe)], timeout=120, interval=0.2)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         r = httpx.post(url + "/v1/retrieve/molecules", json={"smiles": ASPIRIN}, timeout=30)
         assert r.status_code == 200 and len(r.json()["results"][0]["examples"]) == 2
     finally:

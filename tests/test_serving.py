@@ -18,6 +18,7 @@ import pytest
 
 from icma.retrieval.store import CorpusNotReadyError, CorpusConflictError, CorpusStore
 from icma.core.errors import InputError
+from icma.server.spawn import ServiceFailed, spawn_service
 from icma.server.supervisor import listening_socket
 
 SMALL = "CID\tSMILES\tdescription\n1\tCCO\tThe molecule is ethanol.\n" \
@@ -67,6 +68,32 @@ def test_port_in_use_and_bad_host_are_clear_errors():
     with pytest.raises(InputError) as e:
         listening_socket("no-such-host.invalid", 8001)
     assert e.value.field == "--host"
+
+
+def _unused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_spawn_service_reports_a_service_that_exits_with_its_log(tmp_path):
+    log = tmp_path / "serve.log"
+    with pytest.raises(ServiceFailed, match=r"(?s)the retrieval exited with status 2; the end of "
+                                            r"its log .*--port"):
+        spawn_service(["retrieval", "--port", "70000"], _unused_url(), log=log, timeout=120)
+
+
+def test_spawn_service_stops_a_service_that_never_becomes_ready(tmp_path):
+    pid_file, notes = tmp_path / "pid", []
+    # a child that starts and never listens: stands in for a service stuck while loading
+    sleeper = [sys.executable, "-c", f"import os, pathlib, time; pathlib.Path({str(pid_file)!r})"
+                                     ".write_text(str(os.getpid())); time.sleep(600)"]
+    with pytest.raises(ServiceFailed, match="the sleeper was not ready after 5 s"):
+        spawn_service([], _unused_url(), name="sleeper", program=sleeper, timeout=5,
+                      interval=0.1, say=notes.append)
+    assert notes == ["  sleeper: starting"]
+    with pytest.raises(ProcessLookupError):  # stopped and reaped, not left running
+        os.kill(int(pid_file.read_text()), 0)
 
 
 def _build_in_process(data_dir: str, path: str, queue) -> None:
@@ -151,8 +178,8 @@ def test_serve_with_two_workers(tmp_path):
     exe = Path(sys.executable).with_name("icma")
     env = {**os.environ, "ICMA_DATA_DIR": str(tmp_path), "ICMA_RETRIEVAL_KINDS": '["morgan","bm25"]',
            "ICMA_API_KEY": "k", "ICMA_PROGRESS": "false"}
-    proc = subprocess.Popen([str(exe), "serve", "retrieval", "--port", str(port), "--workers", "2",
-                             "--log-level", "warning"], env=env, start_new_session=True)
+    proc = spawn_service(["retrieval", "--port", str(port), "--workers", "2", "--log-level",
+                          "warning"], url, env=env, program=[str(exe)], timeout=240, interval=0.1)
     auth = {"Authorization": "Bearer k"}
     try:
         ready: set[int] = set()

@@ -16,6 +16,7 @@ import pytest
 from icma.generation.engines import load_engine
 from icma.core.prompts import Example, build_prompt
 from icma.core.settings import Settings
+from icma.server.spawn import spawn_service
 from icma.services.retrieval.app import create_app as retrieval_app
 from tests.conftest import REPO, SERVICE_KINDS
 from tests.service_helpers import LiveServer, Recording
@@ -285,21 +286,9 @@ def test_sigkilled_worker_resumes_its_job_with_one_result_per_input(retrieval, t
     items = [f"C{'C' * (i % 7)}O" for i in range(30)]
 
     def start(port: int) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "icma", "serve", "worker", "--port",
-                                 str(port), "--retrieval-url", retrieval.url,
-                                 "--log-level", "warning"], env=env, cwd=REPO)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "worker exited"
-            time.sleep(0.1)
-        proc.kill()
-        raise AssertionError("worker did not become ready")
+        return spawn_service(["worker", "--port", str(port), "--retrieval-url", retrieval.url,
+                              "--log-level", "warning"], f"http://127.0.0.1:{port}", env=env,
+                             cwd=REPO, timeout=120, interval=0.1)
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

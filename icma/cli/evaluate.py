@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def add_parser(sub) -> None:
         "quality", help="end-to-end quality: retrieval -> prompt -> engine -> MolT5 metrics",
         description="Nearest-neighbour baselines per retrieval method (every test query), the "
                     "LLM with retrieved examples and zero-shot (the first --limit queries), and "
-                    "the LLM with each --adapter; writes quality-PROTOCOL.md/.json/.png.")
+                    "the LLM with each --adapter; writes quality-PROTOCOL.md/.json, and .png "
+                    "with matplotlib (pip install 'icma[plots]').")
     bq.add_argument("--protocol", required=True, help="chebi20-val-test | pubchem324k-iupac")
     bq.add_argument("--data", type=Path,
                     help="folder with the protocol's split files (pubchem324k-iupac: train.txt "
@@ -89,6 +91,10 @@ def cmd_bench_quality(args) -> int:
         raise InputError(f"--limit must be at least 1, got {args.limit}", field="--limit")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     protocol = quality.load_protocol(args.protocol, args.data, args.queries)
+    figure = quality.can_plot()
+    if not figure:  # said now, not after the hours of the run: there is time to install it
+        print(f"icma: matplotlib is not installed ({quality.PLOTS_EXTRA}): writing the tables "
+              "without the .png figure", file=sys.stderr)
     options = {"dtype": args.dtype} if args.dtype and args.engine == "transformers" else {}
     t0 = time.perf_counter()
     rows = quality.run_quality(
@@ -102,6 +108,7 @@ def cmd_bench_quality(args) -> int:
             "machine": machine(), "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "total_seconds": round(time.perf_counter() - t0, 1)}
-    stem = quality.write_results(protocol, rows, args.out, meta)
-    print(f"wrote {stem}.md, .json and .png")
+    stem = quality.write_results(protocol, rows, args.out, meta, figure=figure)
+    print(f"wrote {stem}.md, .json and .png" if figure else
+          f"wrote {stem}.md and .json (no .png without matplotlib)")
     return 0

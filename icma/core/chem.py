@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from rdkit import Chem, DataStructs, RDLogger
-from rdkit.Chem import MACCSkeys, rdFingerprintGenerator
+from rdkit.Chem import rdFingerprintGenerator
 
 from icma.core.errors import InputError
 
@@ -54,10 +54,6 @@ def try_canonical(smiles: str) -> tuple[str | None, str | None]:
         return None, str(exc)
 
 
-def is_valid_smiles(smiles: str) -> bool:
-    return try_canonical(smiles)[0] is not None
-
-
 def inchi(mol: Chem.Mol) -> str | None:
     try:
         return Chem.MolToInchi(mol) or None
@@ -87,18 +83,6 @@ def rdkit_path_fp(mol: Chem.Mol) -> DataStructs.ExplicitBitVect:
     return Chem.RDKFingerprint(mol, **RDKIT_PATH_ARGS)
 
 
-def maccs_fp(mol: Chem.Mol) -> DataStructs.ExplicitBitVect:
-    return MACCSkeys.GenMACCSKeys(mol)
-
-
-FINGERPRINTS = {"morgan": morgan_fp, "rdkit": rdkit_path_fp, "maccs": maccs_fp}
-
-
-def tanimoto(a: DataStructs.ExplicitBitVect, b: DataStructs.ExplicitBitVect) -> float:
-    """Tanimoto; of two lengths, the longer is folded to the shorter (RDKit's FingerprintSimilarity)."""
-    return DataStructs.FingerprintSimilarity(a, b)
-
-
 # --- graph featurisation for the pretrain-gnns / Mole-BERT family -------------------------------
 
 #: Index 119 of the atom table is the mask token; we also use it for atoms with no element
@@ -116,8 +100,7 @@ BOND_TYPES = [
     Chem.BondType.TRIPLE,
     Chem.BondType.AROMATIC,
 ]
-BOND_SELF_LOOP = 4
-BOND_MASK = 5
+BOND_SELF_LOOP = 4  # the checkpoints' row 5 is pre-training's mask token: never featurised here
 BOND_DIRS = [Chem.BondDir.NONE, Chem.BondDir.ENDUPRIGHT, Chem.BondDir.ENDDOWNRIGHT]
 
 _CHIRAL_INDEX = {t: i for i, t in enumerate(CHIRALITY)}

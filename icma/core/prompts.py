@@ -59,10 +59,6 @@ class Prompt:
     n_tokens: int | None = None
     dropped: list[Example] = field(default_factory=list)  # lowest-ranked, dropped for budget
 
-    @property
-    def n_used(self) -> int:
-        return len(self.examples)
-
 
 def check_query(task: Task, query: str) -> str:
     name = spec(task).query

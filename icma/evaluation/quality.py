@@ -21,6 +21,7 @@ A query's own CID is excluded from its examples (2 PubChem324k-IUPAC test CIDs a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -213,20 +214,34 @@ def _line(r: Row) -> str:
     return f"{r.task} | {r.system} | n={r.n} | {vals} | {r.seconds:.0f} s"
 
 
-def write_results(protocol: Protocol, rows: list[Row], out_dir: Path, meta: dict) -> Path:
-    """``quality-<protocol>.md``, ``.json`` and ``.png`` in ``out_dir``."""
+#: Where the figure's dependency comes from (it is not among icma's own: see can_plot).
+PLOTS_EXTRA = "pip install 'icma[plots]'"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed. It is an extra, not a dependency: the services (and
+    their images) install icma's dependencies and never draw, and the figure only repeats the
+    tables, so without it the results are written without the .png."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def write_results(protocol: Protocol, rows: list[Row], out_dir: Path, meta: dict, *,
+                  figure: bool = True) -> Path:
+    """``quality-<protocol>.md`` and ``.json`` in ``out_dir``, and with ``figure`` the ``.png``
+    (matplotlib, see can_plot)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"quality-{protocol.name}"
     payload = {"protocol": protocol.name, "note": protocol.note, **meta,
                "database_size": len(protocol.database), "queries": len(protocol.queries),
                "rows": [asdict(r) for r in rows]}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(render_markdown(payload, stem.name))
-    plot(payload, stem.with_suffix(".png"))
+    stem.with_suffix(".md").write_text(render_markdown(payload, stem.name, figure=figure))
+    if figure:
+        plot(payload, stem.with_suffix(".png"))
     return stem
 
 
-def render_markdown(p: dict, stem: str) -> str:
+def render_markdown(p: dict, stem: str, figure: bool = True) -> str:
     lines = [f"# Quality benchmark: {p['protocol']}", "",
              f"Protocol: {p['note']}. Database {p['database_size']:,} pairs, "
              f"{p['queries']:,} test queries; each query's own CID excluded from its examples.",
@@ -262,7 +277,8 @@ def render_markdown(p: dict, stem: str) -> str:
                 lines.append(f"- query `{_short(x['query'])}`: answer `{_short(x['answer'])}` "
                              f"(reference `{_short(x['reference'])}`)")
             lines.append("")
-    lines += [f"![quality]({stem}.png)", ""]
+    if figure:
+        lines += [f"![quality]({stem}.png)", ""]
     return "\n".join(lines)
 
 

@@ -39,9 +39,16 @@ class Retriever(Protocol):
     def examples(self, task: Task, queries: Sequence[str], k: int,
                  options: RetrievalOptions) -> list[list[Example]]: ...
 
+    def close(self) -> None:
+        """Release what the retriever holds (HttpRetriever: its connection pool); most hold
+        nothing that needs it."""
+        # A body that is not just a docstring or ``...``: type checkers take such a protocol
+        # member as abstract, and the retrievers that subclass this one are to inherit it.
+        return None
+
 
 @dataclass
-class HttpRetriever:
+class HttpRetriever(Retriever):
     """The retrieval service's client. One pooled ``httpx.Client``: thread-safe, so request
     handlers and the job runner share it."""
 
@@ -156,7 +163,7 @@ def _field(err: dict) -> str | None:
     return f"retrieval.{f}"
 
 
-class LocalRetriever:
+class LocalRetriever(Retriever):
     """Indexes in this process (``icma translate`` without a service): the same corpora the
     retrieval service holds, built or loaded from the settings' data directory's cache."""
 
@@ -173,11 +180,8 @@ class LocalRetriever:
         index = self.store.searcher(options.corpus, options.method_for(task))
         return search_examples(index, task, queries, k, options)
 
-    def close(self) -> None:
-        pass
 
-
-class IndexRetriever:
+class IndexRetriever(Retriever):
     """Indexes already in memory, by kind (``icma tune`` evaluates over the index it built its
     training contexts from). ``options.corpus`` must be unset or name the indexes' corpus."""
 
@@ -199,9 +203,6 @@ class IndexRetriever:
         if k == 0:
             return [[] for _ in queries]
         return search_examples(index, task, queries, k, options)
-
-    def close(self) -> None:
-        pass
 
 
 def search_examples(index, task: Task, queries: Sequence[str], k: int,

@@ -23,7 +23,6 @@ from icma.core.errors import ConflictError, NotFoundError, QueueFullError
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
 SCHEMA = """

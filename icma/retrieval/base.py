@@ -19,7 +19,7 @@ import numpy as np
 
 from icma import __version__
 from icma.core.corpus import Corpus, Record
-from icma.core.errors import IndexMismatchError, InputError
+from icma.core.errors import InputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

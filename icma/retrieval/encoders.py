@@ -2,7 +2,8 @@
 
 This follows ``chem/model.py`` of github.com/snap-stanford/pretrain-gnns (Hu et al., ICLR 2020),
 whose layout and state-dict names Mole-BERT (the encoder ICMA retrieved molecules with) shares,
-so one implementation loads the checkpoints of both. See /work/shared/models/README.md.
+so one implementation loads the checkpoints of both. See ``models/README.md`` in the
+reference data folder (``../shared`` beside the repository).
 
 - Atoms: ``x_embedding1[atomic number - 1] + x_embedding2[chirality]``; no hydrogens added.
   The checkpoints have only three chirality rows (unspecified, CW, CCW) although the featuriser

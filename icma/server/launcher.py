@@ -12,47 +12,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import Callable
 
 import httpx
 
-from icma.core.errors import IcmaError
 from icma.core.settings import Settings
+from icma.server.spawn import ServiceFailed, spawn_service, stop_services
 
 EXAMPLE_SMILES = "CC(=O)Oc1ccccc1C(=O)O"
 EXAMPLE_CAPTION = ("The molecule is a member of the class of benzoic acids that is salicylic acid "
                    "in which the hydroxy group has been acetylated.")
-
-
-class ServiceFailed(IcmaError):
-    """A service exited or never became ready."""
-
-
-def _start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "icma", "serve", *args], env=env,
-                            start_new_session=True)  # our Ctrl-C handling stops it, in order
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, name: str, say: Callable[[str], None],
-                timeout: float, detail: Callable[[], str | None] = lambda: None) -> None:
-    deadline, last = time.monotonic() + timeout, ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceFailed(f"the {name} exited with status {proc.returncode} (see its log "
-                                f"above)")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-            note = detail() or "loading"
-        except httpx.HTTPError:
-            note = "starting"
-        if note != last:
-            say(f"  {name}: {note}")
-            last = note
-        time.sleep(0.5)
-    raise ServiceFailed(f"the {name} was not ready after {timeout:.0f} s")
 
 
 def _index_progress(url: str) -> str | None:
@@ -102,15 +72,15 @@ def run_stack(settings: Settings, host: str = "127.0.0.1", retrieval_port: int =
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         say(f"starting the retrieval service on {retrieval} (data: {settings.data_dir})")
-        procs.append(_start(["retrieval", "--host", host, "--port", str(retrieval_port),
-                             "--log-level", "warning"], env))
-        _wait_ready(procs[0], retrieval, "retrieval service", say, timeout,
-                    lambda: _index_progress(retrieval))
+        procs.append(spawn_service(["retrieval", "--host", host, "--port", str(retrieval_port),
+                                    "--log-level", "warning"], retrieval, env=env,
+                                   name="retrieval service", timeout=timeout, say=say,
+                                   detail=lambda: _index_progress(retrieval)))
         say(f"starting the translation worker on {worker} (engine {settings.engine}, model "
             f"{settings.llm_model})")
-        procs.append(_start(["worker", "--host", host, "--port", str(worker_port),
-                             "--log-level", "warning"], env))
-        _wait_ready(procs[1], worker, "worker", say, timeout)
+        procs.append(spawn_service(["worker", "--host", host, "--port", str(worker_port),
+                                    "--log-level", "warning"], worker, env=env, name="worker",
+                                   timeout=timeout, say=say))
         headers = {"authorization": f"Bearer {key}"} if key else {}
         for path, body in (("/mol2cap", {"smiles": EXAMPLE_SMILES,
                                          "generation": {"max_new_tokens": 96}}),
@@ -134,13 +104,6 @@ def run_stack(settings: Settings, host: str = "127.0.0.1", retrieval_port: int =
             time.sleep(0.5)
         return 0
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_services(reversed(procs))
         for s, h in old.items():
             signal.signal(s, h)

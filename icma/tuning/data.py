@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from icma.core.corpus import Corpus, Record
+from icma.core.corpus import Record
 from icma.core.errors import InputError
 from icma.retrieval.examples import training_contexts
 from icma.core.prompts import Example, Task, build_prompt, marker
@@ -173,8 +173,3 @@ def collate(batch: Sequence[TrainingExample], pad_id: int):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "position_ids": positions}
-
-
-def corpus_records(corpus: Corpus, limit: int | None) -> list[Record]:
-    records = corpus.records
-    return records[:limit] if limit else list(records)

@@ -55,8 +55,6 @@ class QueuedEngine(Generator):
     """The engine as seen by one caller: ``generate`` waits in the engine thread's queue at
     ``priority``. Token counting (for the prompt budget) runs in the caller's thread."""
 
-    supports_adapters = True
-
     def __init__(self, queue: GenerationQueue, priority: int):
         self.queue, self.priority = queue, priority
 

@@ -101,8 +101,6 @@ class Generator(ABC):
     name: str = ""
     model: str = ""
     adapter: str | None = None
-    #: Whether ``generate`` takes per-call adapters.
-    supports_adapters: bool = False
 
     @abstractmethod
     def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,

@@ -52,7 +52,6 @@ def pick_dtype(dtype: str, device: str) -> str:
 
 class TransformersGenerator(Generator):
     name = "transformers"
-    supports_adapters = True
 
     def __init__(self, model: str | Path | None = None, *, settings: Settings,
                  adapter: str | Path | None = None, device: str | None = None,

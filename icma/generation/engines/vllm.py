@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 class VllmGenerator(Generator):
     name = "vllm"
-    supports_adapters = True
 
     def __init__(self, model: str | Path | None = None, *, settings: Settings,
                  adapter: str | Path | None = None, device: str | None = None,
