@@ -1,6 +1,5 @@
 """Training contexts: retrieved from the training corpus itself, never holding the answer."""
 
-
 from icma.core.corpus import read_corpus
 from icma.retrieval.examples import retrieve_examples, training_contexts
 from icma.core.prompts import build_prompt, training_text
