@@ -22,20 +22,23 @@ def add_parser(sub) -> None:
     ws.add_argument("--port", type=int, default=8000)
     ws.add_argument("--retrieval-url", help="the retrieval service (default ICMA_RETRIEVAL_URL, "
                                             "http://127.0.0.1:8001)")
-    ws.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
-    ws.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL; default the shipped "
-                                    "SmolLM2-135M-Instruct)")
+    _engine_flags(ws)
     ws.add_argument("--log-level", default="info")
     ws.set_defaults(func=cmd_serve_worker)
     sa = svsub.add_parser("all", help="both services, started in order, with example requests")
     sa.add_argument("--host", default="127.0.0.1")
     sa.add_argument("--retrieval-port", type=int, default=8001)
     sa.add_argument("--port", type=int, default=8000, help="the worker's port")
-    sa.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
-    sa.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL)")
+    _engine_flags(sa)
     sa.add_argument("--once", action="store_true",
                     help="stop after the example requests (a smoke test)")
     sa.set_defaults(func=cmd_serve_all)
+
+
+def _engine_flags(parser) -> None:
+    parser.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    parser.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL; default the "
+                                        "shipped SmolLM2-135M-Instruct)")
 
 
 def add_openapi_parser(sub) -> None:
