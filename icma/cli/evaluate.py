@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from icma.core.errors import InputError
+from icma.core.tasks import TASKS
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
                     "           MACCS/RDK/Morgan Tanimoto, FCD.\n"
                     "Text2Mol is not computed: its weights are not available.",
         epilog=FORMATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("task", choices=["mol2cap", "cap2mol"])
+    ev.add_argument("task", choices=TASKS)
     ev.add_argument("--predictions", required=True, type=Path, help="the file to score")
     ev.add_argument("--format", choices=["molt5", "jsonl"],
                     help="file format (default: from the extension)")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from icma.core.errors import InputError
+from icma.core.tasks import TASKS, per_task, spec
 
 EMBEDDED = "embedded"
 
@@ -52,13 +53,14 @@ def add_parser(sub) -> None:
 
     # prompt
     pr = sub.add_parser("prompt", help="print an assembled ICMA prompt for one query")
-    pr.add_argument("--task", required=True, choices=["mol2cap", "cap2mol"])
+    pr.add_argument("--task", required=True, choices=TASKS)
     q = pr.add_mutually_exclusive_group(required=True)
     q.add_argument("--smiles", help="mol2cap query")
     q.add_argument("--caption", help="cap2mol query")
     pr.add_argument("--index", type=Path,
-                    help="saved index (default: the embedded corpus, graph or bm25 by task)")
-    pr.add_argument("--n-shot", type=int, help="examples (default: 2 mol2cap, 4 cap2mol)")
+                    help="saved index (default: the embedded corpus, "
+                         + per_task("default_method") + ")")
+    pr.add_argument("--n-shot", type=int, help="examples (default: " + per_task("n_shot") + ")")
     pr.add_argument("--order", choices=["reversed", "ranked"], default="reversed")
     pr.add_argument("--rerank", choices=["top", "random_walk", "bucket"], default="top")
     pr.add_argument("--skip-prob", type=float, default=0.0, help="random walk skip probability")
@@ -169,13 +171,13 @@ def cmd_prompt(args) -> int:
     if args.index:
         index = load_index(args.index, settings=settings)
     else:
-        index = cached_index("graph" if task == "mol2cap" else "bm25", None, settings.data_dir,
+        index = cached_index(spec(task).default_method, None, settings.data_dir,
                              settings=settings)
     want = "molecule" if task == "mol2cap" else "caption"
     if index.modality != want:
         raise InputError(f"{task} retrieves by {want}, but {args.index} is a {index.kind} index "
                          f"over {index.modality}s", field="index")
-    n_shot = args.n_shot if args.n_shot is not None else (2 if task == "mol2cap" else 4)
+    n_shot = args.n_shot if args.n_shot is not None else spec(task).n_shot
     rerank = RerankConfig(method=args.rerank, skip_prob=args.skip_prob, seed=args.seed,
                           bucket_start=args.bucket_start)
     excl = Exclusion(cids=frozenset(args.exclude_cid)) if args.exclude_cid else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from icma.core.tasks import TASK_SPECS, TASKS
+
 
 def add_parser(sub) -> None:
     tr = sub.add_parser(
@@ -13,7 +15,7 @@ def add_parser(sub) -> None:
                     "JSON lines in input order (icma eval --format jsonl reads them). An "
                     "interrupted run resumes where it stopped when run again with the same "
                     "arguments.")
-    tr.add_argument("--task", required=True, choices=["mol2cap", "cap2mol"])
+    tr.add_argument("--task", required=True, choices=TASKS)
     tr.add_argument("--input", required=True, type=Path,
                     help="JSONL ({input, id, reference} or {cid, smiles, description}) or a "
                          "corpus TSV (CID SMILES description)")
@@ -24,8 +26,8 @@ def add_parser(sub) -> None:
     tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
     tr.add_argument("--adapter", help="LoRA adapter: a folder, or a name in the registry")
     tr.add_argument("--n-shot", type=int, help="examples per prompt (default 2 / 4)")
-    tr.add_argument("--method", help="retrieval: graph|morgan|rdkit|random (mol2cap), "
-                                     "bm25|sentence|random (cap2mol)")
+    tr.add_argument("--method", help="retrieval: " + ", ".join(
+        f"{'|'.join(s.methods)} ({t})" for t, s in TASK_SPECS.items()))
     tr.add_argument("--corpus", help="retrieval corpus name (default: the embedded ChEBI-20)")
     tr.add_argument("--retrieval-url",
                     help="use this retrieval service; default: local indexes in the data dir")
