@@ -70,7 +70,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
                               repr(options)])
     job_id = "cli-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     partial = output.with_name(output.name + ".partial.sqlite3")
-    store = JobStore(partial)
+    store, retriever = JobStore(partial), None
     try:
         job = store.find(job_id)
         if job is None:
@@ -100,6 +100,8 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
         os.replace(tmp, output)
     finally:
         store.close()
+        if retriever is not None:
+            retriever.close()
     partial.unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
         Path(str(partial) + suffix).unlink(missing_ok=True)

@@ -106,6 +106,7 @@ class TranslatorService:
         self.runner.stop()
         self.queue.stop()
         self.store.close()
+        self.retriever.close()
 
     def state(self) -> str:
         """"ready", or why not: "loading" or "failed" (the engine)."""
