@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml $(WORDNET_SRC)
 	# fcd (FCD metric) must not move torch off its pin.
 	$(BIN)/python -c 'import torch; assert torch.__version__.split("+")[0] == "$(subst torch==,,$(TORCH_PIN))", "torch " + torch.__version__ + " is not $(TORCH_PIN)"'
 	# nltk_data for METEOR: Debian's WordNet copied into <ICMA_DATA_DIR>/nltk_data.
-	$(BIN)/python -c 'from icma.evaluation.metrics import prepare_wordnet; print("WordNet for METEOR:", prepare_wordnet())'
+	$(BIN)/python -c 'from icma.core.settings import get_settings; from icma.evaluation.metrics import nltk_data_dir, prepare_wordnet; print("WordNet for METEOR:", prepare_wordnet(nltk_data_dir(get_settings().data_dir)))'
 	touch $(STAMP)
 
 setup: $(STAMP)
