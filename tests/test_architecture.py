@@ -116,7 +116,29 @@ def test_the_library_never_imports_the_apps_or_the_cli():
     assert not bad, bad
 
 
+def test_the_apps_are_independent():
+    services, workers = APPS
+    assert not [(m, t) for m, targets in graph().items()
+                for t in targets if _under(m, (workers,)) and _under(t, (services,))]
+
+
 def test_the_apps_never_import_the_cli():
     bad = [(m, t) for m, targets in graph().items()
            if _under(m, APPS) for t in targets if _under(t, TOP)]
     assert not bad, bad
+
+
+#: The library's folders, top to bottom (the README's map): a module imports only modules of
+#: its own folder or of folders below it.
+LAYERS = ["icma.__main__", "icma.cli", "icma.workers", "icma.services", "icma.server",
+          "icma.jobs", "icma.tuning", "icma.evaluation", "icma.generation", "icma.retrieval",
+          "icma.core", "icma"]
+
+
+def _layer(name: str) -> int:
+    return next(i for i, root in enumerate(LAYERS) if _under(name, (root,)))
+
+
+def test_imports_run_down_the_map_of_the_code():
+    up = [(m, t) for m, targets in graph().items() for t in targets if _layer(t) < _layer(m)]
+    assert not up, "imports that run up the map: " + "; ".join(f"{m} -> {t}" for m, t in up)

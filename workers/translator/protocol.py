@@ -8,10 +8,10 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from icma.core.chem import MAX_SMILES_CHARS
 from icma.core.prompts import MAX_QUERY_CHARS
+from icma.core.rerank import RandomWalk
 from icma.core.tasks import ALL_METHODS, TASK_SPECS, TASKS, per_task
 from icma.generation.engines import BOUNDS, DECODINGS, GenerationParams
 from icma.generation.options import DEFAULT_CUTOFF
-from icma.services.retrieval.protocol import RandomWalk
 from icma.tuning.config import TuneOptions
 
 Method = Literal[ALL_METHODS]
