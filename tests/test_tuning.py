@@ -18,12 +18,13 @@ from icma.generation.adapters import MANIFEST, AdapterRegistry
 from icma.core.corpus import write_corpus
 from icma.generation.engines import GenerationParams, load_engine
 from icma.core.errors import InputError
-from icma.generation.pipeline import Options, run_batch
+from icma.generation.options import Options, RetrievalOptions
+from icma.generation.pipeline import run_batch
 from icma.core.prompts import training_text
 from icma.core.settings import Settings, get_settings
 from icma.retrieval import ExclusionRule, build_index
 from icma.retrieval.cache import cached_index
-from icma.generation.retrievers import LocalRetriever, RetrievalOptions
+from icma.generation.retrievers import LocalRetriever
 from icma.tuning import TuneConfig, parse_config, tune
 from icma.tuning.data import IGNORE, Tokens, build_training_set, collate
 from icma.tuning.loop import Schedule
@@ -390,3 +391,20 @@ def test_adapter_of_another_base_model_is_a_clear_error(tiny_model, tiny_llama_w
         assert e.value.field == "adapter" and "does not fit" in str(e.value)
         assert eng.generate(items, greedy, adapter=right)[0].text
         assert eng.generate(items, greedy)[0].text
+
+
+def test_submission_checks_do_not_convert_the_default_model(tmp_path):
+    """A tune job's submission answers at once: the shipped model is converted by the run, not
+    by the check (a minute on 2 cores, longer than a client waits)."""
+    from icma.tuning.config import parse_config
+    from icma.tuning.run import check_sources
+
+    cfg = parse_config({"task": "mol2cap", "name": "quick"})
+    t0 = time.perf_counter()
+    check_sources(cfg, tmp_path)
+    assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "models").exists()
+    with pytest.raises(InputError) as e:
+        check_sources(parse_config({"task": "mol2cap", "name": "x", "base_model": "/nope"}),
+                      tmp_path)
+    assert e.value.field == "base_model"

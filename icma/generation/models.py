@@ -39,10 +39,15 @@ def shipped_gguf() -> Path:
     return path
 
 
-def resolve_model(model: str | Path, data_dir: str | Path) -> str:
+def resolve_model(model: str | Path, data_dir: str | Path, *, convert: bool = True) -> str:
     """A name transformers can load: the default (``DEFAULT_LLM``, converted into ``data_dir``),
-    a local folder, or, as a last resort, a hub id (never used by the tests)."""
+    a local folder, or, as a last resort, a hub id (never used by the tests). ``convert=False``
+    only checks that the default could be converted (its GGUF is installed): a check that must
+    answer at once, such as a tune job's submission, never waits a minute for the conversion."""
     if str(model) == DEFAULT_LLM:
+        if not convert:
+            shipped_gguf()
+            return str(Path(data_dir) / "models" / DEFAULT_LLM)
         return str(converted_default(data_dir))
     path = Path(model).expanduser()
     if path.exists():

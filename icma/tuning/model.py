@@ -55,10 +55,10 @@ def config_eos_id(base_model: str, data_dir: str | Path) -> int | None:
     return eos[0] if isinstance(eos, list) and eos else eos
 
 
-def resolve_base(base_model: str, data_dir: str | Path) -> str:
+def resolve_base(base_model: str, data_dir: str | Path, *, convert: bool = True) -> str:
     """The base model's folder (the default converted into ``data_dir``; see resolve_model)."""
     try:
-        return resolve_model(base_model, data_dir)
+        return resolve_model(base_model, data_dir, convert=convert)
     except InputError as exc:
         raise exc.at("base_model") from None
 

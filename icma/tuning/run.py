@@ -77,7 +77,7 @@ def check_sources(cfg: TuneConfig, data_dir: Path) -> None:
     refusing a tune job when it is submitted; ``tune`` checks everything again, in depth."""
     from icma.retrieval.store import corpus_source
 
-    resolve_base(cfg.base_model, data_dir)
+    resolve_base(cfg.base_model, data_dir, convert=False)  # the run converts it, not the check
     for field in ("train", "contexts", "eval"):
         if getattr(cfg, field) is not None:
             corpus_source(getattr(cfg, field), data_dir, field)
