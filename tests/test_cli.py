@@ -143,3 +143,22 @@ def test_cli_reproduces_icma_bm25_neighbour_file(tmp_path, shared, capsys):
     for q, lines in theirs.items():
         assert len(ours[q]) == 10
         assert ours[q][: len(lines)] == lines, q  # byte-identical lines, scores included
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--n-shot", "999"], "--n-shot: must be between 0 and"),
+    (["--method", "bm25"], "--method: 'bm25' does not retrieve for mol2cap"),
+    (["--num-candidates", "3", "--decoding", "greedy"], "--num-candidates: more than one"),
+    (["--max-new-tokens", "9999"], "--max-new-tokens: max_new_tokens must be"),
+    (["--adapter", "."], "--adapter: . is not a peft adapter folder"),
+])
+def test_translate_options_are_checked_before_any_work(flags, says, tmp_path, capsys):
+    """``icma translate`` goes through the one options builder; its errors name the flags, and
+    nothing is written."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('"CCO"\n')
+    out = tmp_path / "out.jsonl"
+    code, _, err = run(capsys, "translate", "--task", "mol2cap", "--input", src, "--output", out,
+                       *flags)
+    assert code == 2 and f"icma: error: {says}" in err, err
+    assert list(tmp_path.iterdir()) == [src]
