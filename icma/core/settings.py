@@ -103,6 +103,39 @@ class Settings(BaseSettings):
                                 description="Job items sent to the engine together.")
     max_candidates: int = Field(default=8, ge=1,
                                 description="Most cap2mol candidates one request may sample.")
+    # --- security and operations (README "Security and operations") ----------------------------
+    allow_remote_without_key: bool = Field(
+        default=False,
+        description="Let `icma serve` listen on a non-loopback address with no ICMA_API_KEY set "
+                    "(anyone who can reach the port can then use the service).")
+    allow_work_without_key: bool = Field(
+        default=False,
+        description="With no ICMA_API_KEY: let clients start tune jobs and upload corpora "
+                    "anyway (off: those endpoints answer 403 until a key is set).")
+    cors_origins: list[str] = Field(
+        default=[],
+        description="Origins (scheme://host:port) whose pages may call the services from a "
+                    "browser; none by default. A request from any other origin that would "
+                    "change something is refused (403).")
+    models_dir: Path | None = Field(
+        default=None,
+        description="Folders of models clients may name as a tune job's base_model (besides "
+                    "the shipped default), by folder name (default: <data_dir>/models).")
+    allow_model_downloads: bool = Field(
+        default=False,
+        description="Let the LLM setting and tune jobs name model hub ids (downloads at run "
+                    "time); off: only the shipped default and local folders.")
+    max_heavy_atoms: int = Field(
+        default=250, ge=1,
+        description="Most heavy atoms in one query SMILES (cost grows with size; see "
+                    "benchmarks/results/atoms.md).")
+    max_result_followers: int = Field(
+        default=32, ge=1,
+        description="Most result streams (GET /v1/jobs/{id}/results) open at once; more get 429.")
+    job_retention_days: float = Field(
+        default=7.0, ge=0,
+        description="Finished jobs (and their results) are deleted this many days after they "
+                    "end; 0 keeps them forever.")
     workers: int = Field(
         default=1, ge=1,
         description="Worker processes of `icma serve` sharing one port (one per core uses every "
@@ -111,6 +144,9 @@ class Settings(BaseSettings):
 
     def adapters_path(self) -> Path:
         return self.adapters_dir or self.data_dir / "adapters"
+
+    def models_path(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
 
     def jobs_path(self) -> Path:
         return self.jobs_db or self.data_dir / "jobs.sqlite3"

@@ -9,14 +9,13 @@ was trained for.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from icma.generation.engines import Adapter
-from icma.core.errors import InputError, NotFoundError
+from icma.core.errors import NotFoundError
+from icma.core.names import check_name, is_name
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST = "icma-adapter.json"
 
 
@@ -59,16 +58,14 @@ class AdapterRegistry:
             return []
         out = []
         for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and NAME.match(folder.name):
+            if folder.is_dir() and is_name(folder.name):
                 info = read_adapter(folder)
                 if info is not None:
                     out.append(info)
         return out
 
     def get(self, name: str) -> AdapterInfo:
-        if not isinstance(name, str) or not NAME.match(name):
-            raise InputError(f"adapter names are 1-64 letters, digits, '.', '_' or '-', "
-                             f"got {name!r}", field="adapter")
+        check_name(name, field="adapter", what="adapter name")
         info = read_adapter(self.root / name) if (self.root / name).is_dir() else None
         if info is None:
             known = ", ".join(a.name for a in self.list()) or "none"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -26,13 +25,13 @@ from pathlib import Path
 from icma.retrieval.batching import LoopBatcher, SearchBatcher
 from icma.core.corpus import EMBEDDED_NAME, Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
 from icma.core.errors import ConflictError, IcmaError, InputError, NotFoundError
+from icma.core.names import check_name, is_name
 from icma.retrieval import build_index, index_class
 from icma.retrieval.base import Index
 from icma.retrieval.cache import cached_index
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: How often an idle builder looks for corpora that other workers added (seconds).
 DISCOVER_SECONDS = 2.0
 
@@ -198,7 +197,7 @@ class CorpusStore:
     def index(self, corpus: str | None, kind: str) -> Index:
         name = corpus or self.default
         entry = self._entries.get(name)
-        if entry is None and NAME_RE.match(name) and name not in self._unreadable and \
+        if entry is None and is_name(name) and name not in self._unreadable and \
                 (self._folder / f"{name}.tsv").exists():
             raise CorpusNotReadyError(f"corpus {name!r} was added through another worker and is "
                                       "still loading in this one; retry in a few seconds",
@@ -248,9 +247,7 @@ class CorpusStore:
     def add(self, name: str, text: str, fmt: str = "tsv") -> Entry:
         """Validate an uploaded corpus, store it, and queue its indexes. Nothing is kept when the
         text is not a usable corpus."""
-        if not NAME_RE.match(name or ""):
-            raise InputError("corpus name must be 1-64 letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit", field="name")
+        check_name(name, field="name", what="corpus name")
         corpus, report = parse_corpus_text(text, fmt=fmt, name=name)
         with self._lock:
             folder = self._folder
@@ -280,7 +277,7 @@ def corpus_source(spec: str, data_dir: Path, field: str = "corpus") -> Path | No
     if Path(spec).expanduser().is_file():
         return Path(spec).expanduser()
     stored = Path(data_dir) / "corpora" / f"{spec}.tsv"
-    if NAME_RE.match(spec) and stored.is_file():
+    if is_name(spec) and stored.is_file():
         return stored
     raise InputError(f"{spec!r} is neither a corpus file nor a corpus of the retrieval "
                      f"service (in {Path(data_dir) / 'corpora'}) nor 'embedded'", field=field)

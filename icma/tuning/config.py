@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from icma.generation.adapters import NAME
 from icma.core.errors import InputError
+from icma.core.names import check_name
 from icma.generation.models import DEFAULT_LLM
 from icma.core.prompts import DEFAULT_EOS
 from icma.core.rerank import RandomWalk
@@ -119,9 +119,7 @@ class TuneConfig(TuneOptions):
     @model_validator(mode="after")
     def _consistent(self) -> "TuneConfig":
         # InputError is not a ValueError: pydantic lets it through, field and all.
-        if not NAME.match(self.name):
-            raise InputError(f"adapter names are 1-64 letters, digits, '.', '_' or '-' "
-                             f"starting with a letter or digit, got {self.name!r}", field="name")
+        check_name(self.name, field="name", what="adapter name")
         check_method(self.task, self.retrieval, field="retrieval")
         if self.method == "full" and self.quantization != "none":
             raise InputError("8/4-bit loading is for LoRA (a quantised model cannot be fully "
