@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import anyio
 import pytest
 
 from icma.core.errors import ConflictError, IcmaError, InputError, NotFoundError
@@ -78,7 +79,15 @@ def test_a_job_runs_to_its_result_lines(service):
         time.sleep(0.05)
     done = service.get_job(job.id)
     assert (done.done, done.failed) == (3, 1)
-    lines = [json.loads(x) for x in service.job_results(job.id, follow=False)]
+    stream = service.job_results(job.id, follow=False)
+    assert service.followers.open == 1
+
+    async def read():
+        return [json.loads(x) async for x in stream]
+
+    lines = anyio.run(read)
+    stream.close()
+    assert service.followers.open == 0
     assert [x["index"] for x in lines] == [0, 1, 2]
     assert lines[1]["error"]["field"] == "smiles" and lines[1]["prediction"] == ""
     assert lines[0]["prediction"] and lines[0]["error"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,20 +15,44 @@ from icma.core.errors import InputError
 RDLogger.DisableLog("rdApp.*")
 
 MAX_SMILES_CHARS = 4096
+#: The setting that bounds the heavy atoms of a query (named in the errors, so a client or an
+#: operator knows what to change).
+HEAVY_ATOMS_SETTING = "ICMA_MAX_HEAVY_ATOMS"
+_WHITESPACE = re.compile(r"\s")
 
 
-def parse_smiles(smiles: str, *, field: str = "smiles") -> Chem.Mol:
-    """Parse and sanitise a SMILES string, or raise InputError saying why it is not a molecule."""
+def parse_smiles(smiles: str, *, field: str = "smiles",
+                 max_heavy_atoms: int | None = None) -> Chem.Mol:
+    """Parse and sanitise a SMILES string, or raise InputError saying why it is not a molecule.
+
+    Leading and trailing whitespace is ignored; whitespace inside is an error, because RDKit reads
+    what follows it as the molecule's name and would silently drop it. ``max_heavy_atoms`` (the
+    ``ICMA_MAX_HEAVY_ATOMS`` setting where a client sends the query) refuses larger molecules
+    before sanitisation, which is what costs seconds for thousands of atoms (see
+    benchmarks/results/atoms.md)."""
     if not isinstance(smiles, str) or not smiles.strip():
         raise InputError("empty SMILES", field=field)
     if len(smiles) > MAX_SMILES_CHARS:
         raise InputError(f"SMILES longer than {MAX_SMILES_CHARS} characters", field=field)
     text = smiles.strip()
+    gap = _WHITESPACE.search(text)
+    if gap:
+        at = smiles.index(text) + gap.start()
+        raise InputError(
+            f"SMILES contains whitespace ({gap.group()!r} at character {at + 1}): "
+            f"{_clip(repr(smiles))}; RDKit would read only {_clip(repr(text[:gap.start()]))} "
+            "and take the rest for a name", field=field)
     # Parse without sanitising first so that a chemistry problem (valence, kekulisation) can be
     # told apart from a syntax error and reported with RDKit's own reason.
     mol = Chem.MolFromSmiles(text, sanitize=False)
     if mol is None:
         raise InputError(f"not a valid SMILES (syntax): {_clip(text)}", field=field)
+    if max_heavy_atoms is not None:
+        heavy = heavy_atoms(mol)
+        if heavy > max_heavy_atoms:
+            raise InputError(
+                f"the molecule has {heavy} heavy atoms, more than the limit of "
+                f"{max_heavy_atoms} ({HEAVY_ATOMS_SETTING})", field=field)
     try:
         Chem.SanitizeMol(mol)
     except Exception as exc:  # RDKit raises several unrelated exception types here
@@ -37,19 +62,27 @@ def parse_smiles(smiles: str, *, field: str = "smiles") -> Chem.Mol:
     return mol
 
 
+def heavy_atoms(mol: Chem.Mol) -> int:
+    """Atoms other than hydrogen, dummy atoms (``*``) included: they cost as much as carbons
+    (RDKit's GetNumHeavyAtoms leaves them out)."""
+    return mol.GetNumAtoms() - sum(1 for a in mol.GetAtoms() if a.GetAtomicNum() == 1)
+
+
 def _clip(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def canonical_smiles(smiles: str, *, field: str = "smiles") -> str:
+def canonical_smiles(smiles: str, *, field: str = "smiles",
+                     max_heavy_atoms: int | None = None) -> str:
     """RDKit canonical isomeric SMILES. ChEBI-20's doubled backslashes parse like single ones."""
-    return Chem.MolToSmiles(parse_smiles(smiles, field=field))
+    return Chem.MolToSmiles(parse_smiles(smiles, field=field, max_heavy_atoms=max_heavy_atoms))
 
 
-def try_canonical(smiles: str) -> tuple[str | None, str | None]:
+def try_canonical(smiles: str, max_heavy_atoms: int | None = None
+                  ) -> tuple[str | None, str | None]:
     """(canonical SMILES, None) or (None, reason): for bulk loading where failures are counted."""
     try:
-        return canonical_smiles(smiles), None
+        return canonical_smiles(smiles, max_heavy_atoms=max_heavy_atoms), None
     except InputError as exc:
         return None, str(exc)
 

@@ -162,16 +162,19 @@ def read_corpus(
 
 
 def parse_corpus_text(text: str, *, fmt: str = "tsv", name: str = "upload",
-                      on_invalid: OnInvalid = "skip", strict: bool = False
-                      ) -> tuple[Corpus, LoadReport]:
-    """The same as read_corpus, for text already in memory (uploads)."""
+                      on_invalid: OnInvalid = "skip", strict: bool = False,
+                      max_heavy_atoms: int | None = None) -> tuple[Corpus, LoadReport]:
+    """The same as read_corpus, for text already in memory (uploads). ``max_heavy_atoms``
+    counts larger molecules as invalid SMILES after a cheap parse, before the sanitisation that
+    costs seconds for thousands of atoms (what a service takes from a client is bounded)."""
     if fmt == "jsonl":
         rows, has_captions, report = _jsonl_rows(text, name)
     elif fmt == "tsv":
         rows, has_captions, report = _tsv_rows(text, name)
     else:
         raise InputError(f"unknown corpus format {fmt!r}; use tsv or jsonl", field="format")
-    return _build(rows, has_captions, report, "fail" if strict else on_invalid, strict, name), report
+    return _build(rows, has_captions, report, "fail" if strict else on_invalid, strict, name,
+                  max_heavy_atoms), report
 
 
 def _tsv_rows(text: str, where: str):
@@ -238,7 +241,8 @@ def _jsonl_rows(text: str, where: str):
     return rows, bool(has_captions), report
 
 
-def _build(rows, has_captions, report: LoadReport, on_invalid: OnInvalid, strict: bool, name: str):
+def _build(rows, has_captions, report: LoadReport, on_invalid: OnInvalid, strict: bool, name: str,
+           max_heavy_atoms: int | None = None):
     first_line: dict[str, int] = {}
     records = []
     for line, cid, smiles, desc in rows:
@@ -248,7 +252,7 @@ def _build(rows, has_captions, report: LoadReport, on_invalid: OnInvalid, strict
         if has_captions and not desc:
             report.empty_descriptions.append((line, cid))
             continue
-        canonical, why = chem.try_canonical(smiles)
+        canonical, why = chem.try_canonical(smiles, max_heavy_atoms)
         if canonical is None:
             report.invalid_smiles.append((line, cid, why or "invalid"))
             if on_invalid == "fail":

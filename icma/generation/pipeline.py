@@ -93,17 +93,19 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
     return out
 
 
-def check_input(task: Task, query: str) -> str:
+def check_input(task: Task, query: str, max_heavy_atoms: int | None = None) -> str:
     """The checks one input must pass before retrieval (so that one bad item in a batch fails
-    alone): not empty, not over-long, and for mol2cap a SMILES RDKit parses."""
+    alone): not empty, not over-long, and for mol2cap a SMILES RDKit parses, of at most
+    ``max_heavy_atoms`` heavy atoms (a service's ICMA_MAX_HEAVY_ATOMS: checked here, the
+    retrieval service would refuse it after a round trip)."""
     check_query(task, query)
     if task == "mol2cap":
-        chem.canonical_smiles(query)
+        chem.canonical_smiles(query, max_heavy_atoms=max_heavy_atoms)
     return query
 
 
 def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Retriever,
-              engine: Generator) -> list[Outcome]:
+              engine: Generator, max_heavy_atoms: int | None = None) -> list[Outcome]:
     """Translate ``queries`` with the same options. Inputs that fail ``check_input`` get their
     error and the rest go on; a retrieval or engine failure (service down, unknown adapter)
     raises, because it concerns every input alike."""
@@ -112,7 +114,7 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
     ok = []
     for i, q in enumerate(queries):
         try:
-            check_input(task, q)
+            check_input(task, q, max_heavy_atoms)
             ok.append(i)
         except IcmaError as exc:
             out[i].error = exc
@@ -148,17 +150,18 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
 
 
 def run_isolating(task: str, queries: Sequence[str], options: Options, retriever: Retriever,
-                  engine: Generator) -> list[Outcome]:
+                  engine: Generator, max_heavy_atoms: int | None = None) -> list[Outcome]:
     """``run_batch``, but when the batch is refused as a whole (the retrieval service rejects
     one input that ``check_input`` let through), halve it until the bad inputs stand alone.
     Failures that concern every input (service down, engine not loaded) still raise."""
     try:
-        return run_batch(task, queries, options, retriever, engine)
+        return run_batch(task, queries, options, retriever, engine, max_heavy_atoms)
     except UnavailableError:
         raise
     except IcmaError as exc:
         if len(queries) == 1:
             return [Outcome(error=exc)]
         mid = len(queries) // 2
-        return (run_isolating(task, queries[:mid], options, retriever, engine)
-                + run_isolating(task, queries[mid:], options, retriever, engine))
+        return (run_isolating(task, queries[:mid], options, retriever, engine, max_heavy_atoms)
+                + run_isolating(task, queries[mid:], options, retriever, engine,
+                                max_heavy_atoms))

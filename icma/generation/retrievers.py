@@ -86,7 +86,13 @@ class HttpRetriever(Retriever):
         if options.random_walk is not None:
             body["random_walk"] = {"skip_probability": options.random_walk[0],
                                    "seed": options.random_walk[1]}
-        data = self._post(path, body)
+        try:
+            data = self._post(path, body)
+        except RetrievalRefused as exc:
+            # One query is the caller's one field: ``smiles``, not the service's ``smiles[0]``.
+            if len(queries) == 1 and exc.field == f"{spec(task).query}[0]":
+                raise exc.at(spec(task).query) from None
+            raise
         return [[Example(smiles=e["smiles"], caption=e["description"], cid=e["cid"],
                          score=e["score"]) for e in r["examples"]] for r in data["results"]]
 

@@ -8,13 +8,15 @@ from icma.core.errors import InputError
 from icma.jobs.store import Item
 
 
-def parse_items(task: str, text: str, fmt: str, where: str = "file") -> list[Item]:
+def parse_items(task: str, text: str, fmt: str, where: str = "file",
+                max_heavy_atoms: int | None = None) -> list[Item]:
     """Items from an uploaded file. ``jsonl``: one object per line, ``{"input", "id",
     "reference"}`` or a corpus record ``{"cid", "smiles", "description"}``, or a bare JSON
     string. ``tsv``: a corpus file (``CID SMILES description`` header): the input is the SMILES
     for mol2cap and the description for cap2mol, the other side is the reference. A malformed
     line refuses the whole file (naming the line); a bad value (an invalid SMILES, an empty
-    caption) is that item's error when the job runs."""
+    caption) is that item's error when the job runs. ``max_heavy_atoms``: the TSV reader
+    parses larger molecules only far enough to count them (they fail when the job runs)."""
     if fmt == "jsonl":
         items = []
         for n, raw in enumerate(text.splitlines(), start=1):
@@ -28,7 +30,8 @@ def parse_items(task: str, text: str, fmt: str, where: str = "file") -> list[Ite
     elif fmt == "tsv":
         from icma.core.corpus import parse_corpus_text
 
-        corpus, report = parse_corpus_text(text, fmt="tsv", name=where, on_invalid="keep")
+        corpus, report = parse_corpus_text(text, fmt="tsv", name=where, on_invalid="keep",
+                                           max_heavy_atoms=max_heavy_atoms)
         if report.malformed:
             line, why = report.malformed[0]
             raise InputError(f"line {line}: {why}", field=where)

@@ -90,14 +90,16 @@ class JobRunner:
 
 
 def batch_translator(retriever: Retriever, engine: Generator,
-                     options_for: Callable[[str, dict], Options]) -> BatchFn:
+                     options_for: Callable[[str, dict], Options],
+                     max_heavy_atoms: int | None = None) -> BatchFn:
     """The runner's batch function: a job's stored options -> ``Options`` by ``options_for``,
-    then ``run_isolating``. ``UnavailableError`` goes up to the runner, which waits."""
+    then ``run_isolating`` (a SMILES of more than ``max_heavy_atoms`` is its item's error).
+    ``UnavailableError`` goes up to the runner, which waits."""
 
     def run(task: str, items, raw: dict) -> list[dict]:
         try:
             outs = run_isolating(task, [it.input for _, it in items], options_for(task, raw),
-                                 retriever, engine)
+                                 retriever, engine, max_heavy_atoms)
         except UnavailableError:
             raise
         except IcmaError as exc:  # e.g. an adapter removed after the job was queued

@@ -248,7 +248,8 @@ class CorpusStore:
         """Validate an uploaded corpus, store it, and queue its indexes. Nothing is kept when the
         text is not a usable corpus."""
         check_name(name, field="name", what="corpus name")
-        corpus, report = parse_corpus_text(text, fmt=fmt, name=name)
+        corpus, report = parse_corpus_text(text, fmt=fmt, name=name,
+                                           max_heavy_atoms=self.settings.max_heavy_atoms)
         with self._lock:
             folder = self._folder
             if name in self._entries or (folder / f"{name}.tsv").exists():

@@ -37,9 +37,14 @@ from icma.services.retrieval.protocol import (
 
 #: Caption requests of at most this many BM25 or random queries run on the event loop.
 INLINE_CAPTION_QUERIES = 8
-#: Molecule requests of at most this many queries are searched on the event loop (a graph query
-#: costs about 3 ms of CPU on 2 cores; a loop batch is at most 64 queries).
+#: Molecule requests of at most this many queries, and this many SMILES characters in all, are
+#: searched on the event loop (a typical graph query costs about 3 ms of CPU on 2 cores; a loop
+#: batch is at most 64 queries). The characters bound the cost before anything is parsed: a
+#: query's cost grows with its atoms, up to ~60 ms at the default ICMA_MAX_HEAVY_ATOMS
+#: (benchmarks/results/atoms.md), and in the thread pool a large request lets /healthz and the
+#: small requests in between RDKit's calls instead of holding the loop for all of them.
 INLINE_MOLECULE_QUERIES = 8
+INLINE_MOLECULE_CHARS = 512
 
 
 class RetrievalService:
@@ -86,8 +91,9 @@ class RetrievalService:
         # A few queries (a few ms) are answered on the event loop, batched per loop turn with
         # the other small requests (icma.retrieval.batching.LoopBatcher): no thread hand-offs.
         # Larger batches go to the thread pool, so that they never hold the loop for long.
-        n = 1 if isinstance(req.smiles, str) else len(req.smiles)
-        if n > INLINE_MOLECULE_QUERIES:
+        smiles = [req.smiles] if isinstance(req.smiles, str) else req.smiles
+        if len(smiles) > INLINE_MOLECULE_QUERIES or \
+                sum(map(len, smiles)) > INLINE_MOLECULE_CHARS:
             return await to_thread.run_sync(self._molecules_in_thread, req)
         t0, queries, canonical, exclusions = self._molecule_queries(req)
         batcher = self.store.loop_searcher(req.corpus, req.method)
@@ -110,8 +116,10 @@ class RetrievalService:
         t0 = time.perf_counter()
         queries = _queries(req.smiles, "smiles", self.settings)
         _check_k(req.k, self.settings)
+        limit = self.settings.max_heavy_atoms
         canonical = [chem.canonical_smiles(q, field=f"smiles[{i}]" if isinstance(req.smiles, list)
-                                           else "smiles") for i, q in enumerate(queries)]
+                                           else "smiles", max_heavy_atoms=limit)
+                     for i, q in enumerate(queries)]
         cids = frozenset(req.exclude_cids)
         exclusions = [Exclusion(cids=cids, canonical_smiles=c if req.exclude_same_structure
                                 else None) for c in canonical]

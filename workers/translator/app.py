@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from icma import __version__
 from icma.core.settings import Settings, get_settings
 from icma.generation.retrievers import Retriever
+from icma.jobs.results import ResultStream
 from icma.server.http import ERROR_RESPONSES, BodyLimit, api_key_dependency, \
     install_error_handlers, install_health
 from icma.workers.translator.protocol import (
@@ -38,6 +40,8 @@ WORKER_ERRORS = {
 }
 JOB_ERRORS = {**WORKER_ERRORS, 429: {"model": ERROR_RESPONSES[422]["model"],
                                      "description": "the job queue is full"}}
+RESULTS_ERRORS = {**WORKER_ERRORS, 429: {"model": ERROR_RESPONSES[422]["model"],
+                                         "description": "too many result streams are open"}}
 
 router = APIRouter()
 
@@ -115,7 +119,7 @@ def get_job(job_id: str, svc: TranslatorService = Depends(service)):
 
 
 @router.get(JOBS_PATH + "/{job_id}/results", tags=["jobs"],
-            responses={**WORKER_ERRORS, 200: {"content": {"application/x-ndjson": {}},
+            responses={**RESULTS_ERRORS, 200: {"content": {"application/x-ndjson": {}},
                                               "description": "one JSON line per input"}})
 def job_results(job_id: str, follow: bool = Query(
         default=True, description="wait for unfinished items until the job ends; false: "
@@ -123,8 +127,36 @@ def job_results(job_id: str, follow: bool = Query(
                 svc: TranslatorService = Depends(service)):
     """Results as JSON lines in input order, streamed (``icma eval --format jsonl`` reads
     them)."""
-    return StreamingResponse(svc.job_results(job_id, follow),
-                             media_type="application/x-ndjson")
+    return ResultsResponse(svc.job_results(job_id, follow))
+
+
+class ResultsResponse(StreamingResponse):
+    """A job's result stream that closes it however the response ends, which gives its follower
+    place back. It listens for the client leaving while it waits for lines: under ASGI 2.4
+    Starlette's StreamingResponse would notice only at its next write, and a followed job may
+    write nothing for a long time."""
+
+    def __init__(self, stream: ResultStream):
+        super().__init__(stream, media_type="application/x-ndjson")
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def respond() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client left in the middle of a write
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(respond)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.stream.lines.aclose()  # type: ignore[attr-defined]
+            self.stream.close()
 
 
 @router.delete(JOBS_PATH + "/{job_id}", response_model=Job, tags=["jobs"],

@@ -8,7 +8,7 @@ wait for it, interactive requests first. Retrieval is the retrieval service's, o
 from __future__ import annotations
 
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from prometheus_client import Gauge
 from pydantic import ValidationError
@@ -24,7 +24,7 @@ from icma.generation.pipeline import Outcome, run_batch
 from icma.generation.retrievers import HttpRetriever, Retriever
 from icma.generation.scheduler import BATCH, INTERACTIVE, GenerationQueue
 from icma.jobs.items import parse_items
-from icma.jobs.results import iter_results
+from icma.jobs.results import Followers, ResultStream, aiter_results
 from icma.jobs.runner import JobRunner, batch_translator
 from icma.jobs.store import Item, JobConflict, JobStore
 from icma.jobs.tune import TuneRunner
@@ -90,9 +90,11 @@ class TranslatorService:
         self.interactive = QueuedEngine(self.queue, INTERACTIVE)
         self.runner = JobRunner(self.store, batch_translator(self.retriever,
                                                              QueuedEngine(self.queue, BATCH),
-                                                             self.job_options),
+                                                             self.job_options,
+                                                             settings.max_heavy_atoms),
                                 batch_size=settings.job_batch_size)
         self.tuner = TuneRunner(self.store, settings.data_dir, settings.adapters_path())
+        self.followers = Followers(settings.max_result_followers)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -147,7 +149,8 @@ class TranslatorService:
 
     def _one(self, task: str, query: str, opts: Options) -> Outcome:
         self.queue.check_ready()
-        out = run_batch(task, [query], opts, self.retriever, self.interactive)[0]
+        out = run_batch(task, [query], opts, self.retriever, self.interactive,
+                        self.settings.max_heavy_atoms)[0]
         if out.error is not None:
             raise out.error
         return out
@@ -203,7 +206,9 @@ class TranslatorService:
             raise InputError(f"not UTF-8 text (byte {exc.start})", field="file") from None
         name = (filename or "").lower()
         fmt = "jsonl" if name.endswith((".jsonl", ".ndjson", ".json")) else "tsv"
-        return self._submit(task, parse_items(task, text, fmt, where="file"), opts)
+        return self._submit(task, parse_items(task, text, fmt, where="file",
+                                              max_heavy_atoms=self.settings.max_heavy_atoms),
+                            opts)
 
     def _submit(self, task: str, items: list[Item], opts: JobOptions) -> Job:
         if len(items) > self.settings.max_job_items:
@@ -240,13 +245,15 @@ class TranslatorService:
         """State and progress counts of one job."""
         return job_out(self.store.get(job_id))
 
-    def job_results(self, job_id: str, follow: bool) -> Iterator[str]:
+    def job_results(self, job_id: str, follow: bool) -> ResultStream:
         """A translation job's result lines (JSON, input order); checked before the first line,
-        so that an unknown job is a 404 and not a broken stream."""
+        so that an unknown job is a 404 and not a broken stream. The stream holds one of
+        ``max_result_followers`` places (429 when none is free) until it is closed."""
         if self.store.get(job_id).kind != "translate":
             raise JobConflict("a tune job has no result lines: GET /v1/jobs/{id} reports it "
                               "and its adapter is listed at GET /v1/adapters", field="job_id")
-        return iter_results(self.store, job_id, follow=follow)
+        release = self.followers.enter()
+        return ResultStream(aiter_results(self.store, job_id, follow=follow), release)
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued or running job (results so far are kept)."""
