@@ -91,7 +91,8 @@ class HttpRetriever(Retriever):
         except RetrievalRefused as exc:
             # One query is the caller's one field: ``smiles``, not the service's ``smiles[0]``.
             if len(queries) == 1 and exc.field == f"{spec(task).query}[0]":
-                raise exc.at(spec(task).query) from None
+                raise RetrievalRefused(exc.status, exc.code, exc.message,
+                                       spec(task).query) from None
             raise
         return [[Example(smiles=e["smiles"], caption=e["description"], cid=e["cid"],
                          score=e["score"]) for e in r["examples"]] for r in data["results"]]
