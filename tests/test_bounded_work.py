@@ -209,8 +209,7 @@ class Follower:
         return json.loads(self.response.readline())
 
     def close(self) -> None:
-        self.conn.sock.close() if self.conn.sock else None
-        self.conn.close()
+        self.conn.close()  # (closes the open response and the socket: the client goes away)
 
 
 def test_open_result_streams_are_capped_and_do_not_freeze_the_worker(worker):

@@ -127,9 +127,10 @@ class Settings(BaseSettings):
                     "time); off: only the shipped default and local folders.")
     max_heavy_atoms: int = Field(
         default=600, ge=1,
-        description="Most heavy atoms in one query SMILES; larger ones get 422. A query's cost "
-                    "grows with its atoms (~60 ms at 600, 1.8 s at 4,000; ChEBI-20's largest "
-                    "has 574): see benchmarks/results/atoms.md.")
+        description="Most heavy atoms in one query SMILES; larger ones get 422 (and uploaded "
+                    "corpora skip them). A query's cost grows with its atoms (tens of ms at "
+                    "600, seconds at 4,000; ChEBI-20's largest has 574): see "
+                    "benchmarks/results/atoms.md.")
     max_result_followers: int = Field(
         default=32, ge=1,
         description="Most result streams (GET /v1/jobs/{id}/results) open at once; more get 429.")

@@ -40,7 +40,7 @@ INLINE_CAPTION_QUERIES = 8
 #: Molecule requests of at most this many queries, and this many SMILES characters in all, are
 #: searched on the event loop (a typical graph query costs about 3 ms of CPU on 2 cores; a loop
 #: batch is at most 64 queries). The characters bound the cost before anything is parsed: a
-#: query's cost grows with its atoms, up to ~60 ms at the default ICMA_MAX_HEAVY_ATOMS
+#: query's cost grows with its atoms, to tens of ms at the default ICMA_MAX_HEAVY_ATOMS
 #: (benchmarks/results/atoms.md), and in the thread pool a large request lets /healthz and the
 #: small requests in between RDKit's calls instead of holding the loop for all of them.
 INLINE_MOLECULE_QUERIES = 8
