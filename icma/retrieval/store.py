@@ -210,6 +210,12 @@ class CorpusStore:
         e = self._entries.get(self.default)
         return e is not None and e.state == "ready"
 
+    @property
+    def failed(self) -> bool:
+        """The default corpus's build failed (waiting will not make the service ready)."""
+        e = self._entries.get(self.default)
+        return e is not None and e.state == "failed"
+
     def describe(self) -> list[dict]:
         return [e.describe() for e in list(self._entries.values())]
 
