@@ -147,7 +147,13 @@ def test_another_encoder_is_refused(index, pretrain_gnns, tmp_path):
 def test_corrupt_index_data(index, tmp_path):
     directory = index.save(tmp_path / "idx")
     (directory / "graph.faiss").write_bytes(b"not faiss")
-    with pytest.raises(IndexMismatchError, match="cannot read"):
+    with pytest.raises(IndexMismatchError, match="graph.faiss is damaged"):
+        load_index(directory, settings=get_settings())
+    # a save from before the manifest listed its files: found when the data is read
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["files"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match="cannot be read"):
         load_index(directory, settings=get_settings())
 
 

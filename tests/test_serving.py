@@ -218,7 +218,8 @@ def test_serve_with_two_workers(tmp_path):
                 assert r.json()["results"][0]["examples"][0]["cid"] == "3"
                 seen.add(worker)
             else:
-                assert r.status_code == 409, r.text  # loading in that worker: never a 404
+                # loading in that worker: a 503 to retry after a moment, never a 404
+                assert r.status_code == 503 and r.headers["retry-after"], r.text
             time.sleep(0.05)
         assert seen == ready
     finally:

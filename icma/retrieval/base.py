@@ -7,6 +7,7 @@ in score are broken by corpus position (earlier first): that is what reproduces 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -19,7 +20,7 @@ import numpy as np
 
 from icma import __version__
 from icma.core.corpus import Corpus, Record
-from icma.core.errors import InputError
+from icma.core.errors import IndexMismatchError, InputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -179,13 +180,19 @@ class Index(ABC):
         }
 
     def save(self, directory: str | Path) -> Path:
+        """Save into ``directory``. The manifest goes last and lists every file with its size
+        and sha256 (``verify_files`` checks them at load): a directory without one is an
+        unfinished save, and a damaged file is found before it is read."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).unlink(missing_ok=True)  # an older save here is void from now on
         self.corpus.save(directory / CORPUS_FILE)
         self._save_data(directory)
-        # The manifest goes last: a directory without one is an unfinished save, never loaded.
+        manifest = self.manifest()
+        manifest["files"] = {p.name: file_record(p) for p in sorted(directory.iterdir())
+                             if p.is_file() and not p.name.startswith(MANIFEST)}
         tmp = directory / (MANIFEST + ".part")
-        tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.replace(directory / MANIFEST)
         return directory
 
@@ -195,6 +202,29 @@ class Index(ABC):
     @classmethod
     @abstractmethod
     def _load_data(cls, directory: Path, corpus: Corpus, manifest: dict) -> "Index": ...
+
+
+def file_record(path: Path) -> dict:
+    """What the manifest keeps of a saved file: its size and sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_files(directory: Path, files: dict) -> None:
+    """IndexMismatchError naming the first file of the manifest's list that is missing, or
+    differs in size or content from what was saved (truncated, overwritten, replaced)."""
+    for name, want in files.items():
+        path = directory / Path(name).name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise IndexMismatchError(f"{directory}: {name} is missing", field="index") from None
+        if size != want.get("size") or file_record(path)["sha256"] != want.get("sha256"):
+            raise IndexMismatchError(f"{directory}: {name} is damaged (its size or sha256 "
+                                     "differs from the saved one)", field="index")
 
 
 def check_k(k: int) -> None:

@@ -211,12 +211,9 @@ class BM25Index(Index):
 
     @classmethod
     def _load_data(cls, directory: Path, corpus: Corpus, manifest: dict) -> "BM25Index":
-        try:
-            weights = sp.load_npz(directory / MATRIX_FILE)
-            vocab = json.loads((directory / VOCAB_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IndexMismatchError(f"{directory}: bm25 data unreadable ({exc})",
-                                     field="index") from None
+        # A damaged file raises whatever scipy or json raise: load_index makes it a mismatch.
+        weights = sp.load_npz(directory / MATRIX_FILE)
+        vocab = json.loads((directory / VOCAB_FILE).read_text(encoding="utf-8"))
         if weights.shape != (len(corpus), len(vocab)):
             raise IndexMismatchError(
                 f"{directory}: bm25 matrix is {weights.shape[0]} x {weights.shape[1]}, expected "

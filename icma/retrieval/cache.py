@@ -15,16 +15,19 @@ from icma.core.corpus import Corpus, embedded_corpus
 from icma.core.errors import IndexMismatchError
 from icma.core.filelock import locked
 from icma.retrieval import build_index, load_index
-from icma.retrieval.base import Index
+from icma.retrieval.base import MANIFEST, Index
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
+#: What an interrupted save leaves (globs under the data directory; see icma.core.tempfiles).
+TEMP_PATTERNS = (f"indexes/*/{MANIFEST}.part",)
 
 
 def cached_index(kind: str, corpus: Corpus | None, data_dir: str | Path, *,
                  settings: Settings | None = None, **params) -> Index:
     """Load ``kind`` over ``corpus`` (None: the embedded one) from ``<data_dir>/indexes``, or
-    build and save it there. A stale cache (another corpus, encoder or format) is rebuilt.
+    build and save it there. A stale cache (another corpus, encoder or format) or a damaged
+    one (a file truncated or overwritten: see ``Index.save``) is rebuilt.
     ``settings`` go to the kinds that take them (see ``build_index``)."""
     corpus = corpus or embedded_corpus()
     root = Path(data_dir) / "indexes"

@@ -234,12 +234,9 @@ class GraphIndex(Index):
                 f"with {encoder.name!r} ({encoder.arch}, sha256 {encoder.sha256[:12]}): "
                 "embeddings of another encoder are not comparable; rebuild the index",
                 field="index")
-        try:
-            embeddings = np.load(directory / EMBEDDINGS_FILE, allow_pickle=False)
-            index = faiss.read_index(str(directory / FAISS_FILE))
-        except Exception as exc:  # missing or corrupt files: numpy and FAISS raise various types
-            raise IndexMismatchError(f"{directory}: cannot read the graph index data ({exc})",
-                                     field="index") from None
+        # A damaged file raises whatever numpy or FAISS raise: load_index makes it a mismatch.
+        embeddings = np.load(directory / EMBEDDINGS_FILE, allow_pickle=False)
+        index = faiss.read_index(str(directory / FAISS_FILE))
         n = len(corpus)
         if (embeddings.dtype != np.float32 or embeddings.shape != (n, dim) or index.ntotal != n
                 or index.d != dim or dim != encoder.dim):

@@ -8,7 +8,12 @@ Several worker processes may share the data directory (``icma serve --workers``)
 corpus files is what they agree on: an upload is published there with an exclusive link (two
 workers cannot both take one name), and each worker's builder thread looks for files it does not
 hold every few seconds and loads them (their indexes come from the cache the uploading worker
-builds). Until then that worker answers 409 "loading" for the corpus, never 404.
+builds). Until then that worker answers 503 "loading" (with Retry-After) for the corpus, never
+404.
+
+One rule decides what a stored corpus is, for uploads and for the files read back at start-up
+(``_servable``), and an upload is kept only in a form that reads back as exactly what was
+accepted (``icma.core.corpus.tsv_bytes``): nothing is accepted and then lost on a restart.
 """
 
 from __future__ import annotations
@@ -23,25 +28,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icma.retrieval.batching import LoopBatcher, SearchBatcher
-from icma.core.corpus import EMBEDDED_NAME, Corpus, embedded_corpus, parse_corpus_text, read_corpus, write_corpus
-from icma.core.errors import ConflictError, IcmaError, InputError, NotFoundError
+from icma.core.corpus import EMBEDDED_NAME, Corpus, embedded_corpus, parse_corpus_text, \
+    read_corpus, tsv_bytes
+from icma.core.errors import ConflictError, CorpusError, IcmaError, InputError, NotFoundError, \
+    UnavailableError
 from icma.core.names import check_name, is_name
+from icma.core.tempfiles import sweep
 from icma.retrieval import build_index, index_class
 from icma.retrieval.base import Index
-from icma.retrieval.cache import cached_index
+from icma.retrieval.cache import TEMP_PATTERNS as INDEX_TEMPS, cached_index
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
 #: How often an idle builder looks for corpora that other workers added (seconds).
 DISCOVER_SECONDS = 2.0
+#: Temporaries of ``_publish`` (and of earlier versions, which wrote ``....tmp.part``).
+CORPUS_TEMPS = ("corpora/.*.tmp*",)
 
 
 class UnknownCorpusError(NotFoundError):
     """No corpus of that name (404)."""
 
 
-class CorpusNotReadyError(ConflictError):
-    """The corpus exists but its indexes are still building, or failed (409)."""
+class CorpusNotReadyError(UnavailableError):
+    """The corpus exists but its indexes are queued, building, or loading in this worker: 503
+    with Retry-After, since waiting fixes it (the worker's jobs wait and retry)."""
+
+
+class CorpusFailedError(ConflictError):
+    """The corpus's index build failed: 409, not transient (retrying will not fix it; the log
+    says why, and a restart or a new upload builds again)."""
 
 
 class CorpusConflictError(ConflictError):
@@ -104,7 +120,9 @@ class CorpusStore:
 
     # --- start-up ----------------------------------------------------------------------------
     def start(self, background: bool = True) -> None:
-        """Register the embedded corpus and every stored upload; build (or load) their indexes."""
+        """Register the embedded corpus and every stored upload; build (or load) their indexes.
+        Temporaries of interrupted uploads and index saves are removed first."""
+        sweep(self.data_dir, CORPUS_TEMPS + INDEX_TEMPS)
         emb = embedded_corpus()
         self._register(Entry(emb.name, emb, self._kinds_for(emb), "embedded"))
         self._discover()
@@ -145,6 +163,7 @@ class CorpusStore:
                 continue  # reported once already; a new file under the name is tried again
             try:
                 corpus, _ = read_corpus(path, name=name)
+                _servable(corpus)
             except (IcmaError, OSError) as exc:
                 log.error("skipping stored corpus %s: %s", path, exc)
                 self._unreadable[name] = mtime
@@ -191,6 +210,12 @@ class CorpusStore:
         e = self._entries.get(self.default)
         return e is not None and e.state == "ready"
 
+    @property
+    def failed(self) -> bool:
+        """The default corpus's build failed (waiting will not make the service ready)."""
+        e = self._entries.get(self.default)
+        return e is not None and e.state == "failed"
+
     def describe(self) -> list[dict]:
         return [e.describe() for e in list(self._entries.values())]
 
@@ -212,11 +237,13 @@ class CorpusStore:
             raise InputError(f"corpus {name!r} has no {kind!r} index (it offers {offered})",
                              field="method")
         index = entry.indexes.get(kind)
+        if index is None and entry.state == "failed":
+            raise CorpusFailedError(f"corpus {name!r}: building its indexes failed "
+                                    f"({entry.error}); the service's log has the details",
+                                    field="corpus")
         if index is None:
-            why = f"failed: {entry.error}" if entry.state == "failed" else \
-                f"still building ({entry.state})"
-            raise CorpusNotReadyError(f"corpus {name!r}: the {kind} index is {why}",
-                                      field="corpus")
+            raise CorpusNotReadyError(f"corpus {name!r}: the {kind} index is still building "
+                                      f"({entry.state}); retry shortly", field="corpus")
         return index
 
     def searcher(self, corpus: str | None, kind: str) -> SearchBatcher:
@@ -250,6 +277,11 @@ class CorpusStore:
         check_name(name, field="name", what="corpus name")
         corpus, report = parse_corpus_text(text, fmt=fmt, name=name,
                                            max_heavy_atoms=self.settings.max_heavy_atoms)
+        try:
+            _servable(corpus)
+            data = tsv_bytes(corpus)  # exactly what a restart will read back
+        except CorpusError as exc:
+            raise exc.at("file") from None
         with self._lock:
             folder = self._folder
             if name in self._entries or (folder / f"{name}.tsv").exists():
@@ -258,7 +290,7 @@ class CorpusStore:
             if uploads >= self.max_uploads:
                 raise CorpusConflictError(f"the service holds {uploads} uploaded corpora, its "
                                           "limit; raise ICMA_MAX_CORPORA", field="name")
-            _publish(corpus, folder / f"{name}.tsv")
+            _publish(data, folder / f"{name}.tsv")
             entry = Entry(name, corpus, self._kinds_for(corpus), "upload")
             entry.report = report.summary()  # type: ignore[attr-defined]
             self._entries[name] = entry
@@ -314,13 +346,23 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _publish(corpus: Corpus, path: Path) -> None:
+def _servable(corpus: Corpus) -> None:
+    """What a stored corpus must be, for an upload and for a file read back at start-up alike:
+    its records are the examples of ICMA prompts, which pair each molecule with its caption."""
+    if not corpus.has_captions:
+        raise CorpusError(f"corpus {corpus.name!r} has no description column: the service's "
+                          "corpora give examples for prompts, which need a caption for each "
+                          "molecule (header 'CID<TAB>SMILES<TAB>description')", field="corpus")
+
+
+def _publish(data: bytes, path: Path) -> None:
     """Write the corpus file complete under a private name, then link it into place: the link
-    fails if another process took the name first, and no reader ever sees half a file."""
+    fails if another process took the name first, and no reader ever sees half a file. The
+    private file goes whatever happens (a start-up sweep removes one a killed process left)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        write_corpus(corpus, tmp)
+        tmp.write_bytes(data)
         try:
             os.link(tmp, path)
         except FileExistsError:

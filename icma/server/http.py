@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from icma.core.errors import IcmaError
+from icma.core.errors import IcmaError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Health(BaseModel):
 ERROR_RESPONSES = {
     status: {"model": ErrorBody, "description": text}
     for status, text in [(401, "missing or wrong API key"), (404, "unknown corpus"),
-                         (409, "corpus not ready, or a name conflict"),
+                         (409, "a name conflict, or a corpus whose index build failed"),
                          (413, "request body too large"), (422, "invalid input")]
 }
 
@@ -242,7 +242,10 @@ def install_health(app: FastAPI, metrics: Metrics, state: Callable[[], str]) -> 
         now = state()
         if now == "ready":
             return Health(status="ready", worker=os.getpid())
-        return JSONResponse(Health(status=now, worker=os.getpid()).model_dump(), status_code=503)
+        # Loading passes (Retry-After says so); "failed" does not.
+        return JSONResponse(Health(status=now, worker=os.getpid()).model_dump(), status_code=503,
+                            headers={"Retry-After": str(UnavailableError.retry_after)}
+                            if now == "loading" else None)
 
     @app.get("/metrics", tags=["health"], response_class=JSONResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})

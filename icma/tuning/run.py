@@ -41,6 +41,10 @@ from icma.tuning.model import (
 
 log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "icma-adapter/1"
+#: What an interrupted run leaves: a checkpoint or a model being saved (globs under the data
+#: directory), an adapter being saved (under the adapters directory); see icma.core.tempfiles.
+TEMP_PATTERNS = ("tuning/*/checkpoints/.step-*.tmp", "models/.*.saving")
+ADAPTER_TEMP_PATTERNS = (".*.saving",)
 
 
 class Plan:

@@ -26,6 +26,10 @@ from icma.services.retrieval.protocol import (
 from icma.services.retrieval.serving import RetrievalService
 
 UPLOAD_PATH = "/v1/corpora"
+RETRIEVE_ERRORS = {**ERROR_RESPONSES, 503: {
+    "model": ERROR_RESPONSES[422]["model"],
+    "description": "the corpus's indexes are still building, or loading in this worker: "
+                   "retry after the Retry-After header's seconds"}}
 
 #: The guarded endpoints; ``create_app`` includes them behind the app's API key.
 router = APIRouter()
@@ -82,7 +86,7 @@ def upload(request: Request,
 
 
 @router.post("/v1/retrieve/molecules", response_model=MoleculeResponse, tags=["retrieval"],
-             responses=ERROR_RESPONSES)
+             responses=RETRIEVE_ERRORS)
 async def retrieve_molecules(req: MoleculeRequest, request: Request):
     """Examples for molecules (mol2cap): graph (GNN cosine), Morgan or RDKit-path Tanimoto,
     or random; in prompt order (best last) unless ``order`` is ``ranked``."""
@@ -90,7 +94,7 @@ async def retrieve_molecules(req: MoleculeRequest, request: Request):
 
 
 @router.post("/v1/retrieve/captions", response_model=CaptionResponse, tags=["retrieval"],
-             responses=ERROR_RESPONSES)
+             responses=RETRIEVE_ERRORS)
 async def retrieve_captions(req: CaptionRequest, request: Request):
     """Examples for captions (cap2mol): BM25 (rank_bm25-exact), sentence embeddings when
     built, or random; in prompt order (best last) unless ``order`` is ``ranked``."""

@@ -66,8 +66,9 @@ class RetrievalService:
         self.store.start(background=background)
 
     def state(self) -> str:
-        """"ready" once the default corpus can be searched, else "loading"."""
-        return "ready" if self.store.ready else "loading"
+        """"ready" once the default corpus can be searched; "failed" when building its
+        indexes failed; else "loading"."""
+        return "ready" if self.store.ready else "failed" if self.store.failed else "loading"
 
     def list_corpora(self) -> CorporaResponse:
         return CorporaResponse(default=self.store.default,

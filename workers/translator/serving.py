@@ -15,10 +15,12 @@ from pydantic import ValidationError
 
 from icma.core.errors import InputError
 from icma.core.settings import Settings
+from icma.core.tempfiles import sweep
 from icma.core.tasks import check_task
 from icma.generation.adapters import AdapterInfo, AdapterRegistry
 from icma.generation.engines import Adapter, Generation, GenerationInput, GenerationParams, \
     Generator, load_engine
+from icma.generation.models import TEMP_PATTERNS as MODEL_TEMPS
 from icma.generation.options import Options, build_options
 from icma.generation.pipeline import Outcome, run_batch
 from icma.generation.retrievers import HttpRetriever, Retriever
@@ -30,7 +32,8 @@ from icma.jobs.store import Item, JobConflict, JobStore
 from icma.jobs.tune import TuneRunner
 from icma.server.http import Metrics
 from icma.tuning import parse_config
-from icma.tuning.run import check_sources
+from icma.tuning.run import ADAPTER_TEMP_PATTERNS, TEMP_PATTERNS as TUNING_TEMPS, \
+    check_sources
 from icma.workers.translator.protocol import (
     AdapterOut,
     Adapters,
@@ -92,13 +95,18 @@ class TranslatorService:
                                                              QueuedEngine(self.queue, BATCH),
                                                              self.job_options,
                                                              settings.max_heavy_atoms),
-                                batch_size=settings.job_batch_size)
+                                batch_size=settings.job_batch_size,
+                                retention_days=settings.job_retention_days)
         self.tuner = TuneRunner(self.store, settings.data_dir, settings.adapters_path())
         self.followers = Followers(settings.max_result_followers)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread and the job runners, after removing what interrupted
+        writes left in the data directory (a model conversion, a tuning checkpoint)."""
+        sweep(self.settings.data_dir, MODEL_TEMPS + TUNING_TEMPS)
+        sweep(self.settings.adapters_path(), ADAPTER_TEMP_PATTERNS)
         self.queue.start()
         self.runner.start()  # (also queues jobs left running by a stopped worker again)
         self.tuner.start()
