@@ -46,26 +46,17 @@ def stock(data: Path, corpus, model: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("security")
-
-
-@pytest.fixture(scope="module")
-def outside(home, chebi_val) -> Path:
-    """A perfectly valid TSV corpus outside the data directory: a path the server must not
-    read however good the file."""
-    path = home / "elsewhere" / "valid.tsv"
-    path.parent.mkdir()
-    write_corpus(chebi_val.subset(range(8)), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def worker(home, outside, chebi_val, tiny_model):
-    data = stock(home / "data", chebi_val, tiny_model)
+def worker(tmp_path_factory, chebi_val, tiny_model):
+    """A worker with an API key and one allowed browser origin. ``outside`` is a perfectly
+    valid corpus file outside its data directory: a path it must not read however good."""
+    root = tmp_path_factory.mktemp("security")
+    outside = root / "elsewhere" / "valid.tsv"
+    outside.parent.mkdir()
+    write_corpus(chebi_val.subset(range(8)), outside)
+    data = stock(root / "data", chebi_val, tiny_model)
     with LiveServer(worker_app(worker_settings(data, api_key="k",
                                                cors_origins=[PAGE]))) as w:
-        w.data = data
+        w.data, w.outside = data, outside
         yield w
 
 
@@ -87,9 +78,9 @@ PATHS = ["/etc/passwd", "/root/.ssh/id_rsa", "/nonexistent", "../../../../etc/pa
 
 
 @pytest.mark.parametrize("field", ["train", "contexts", "eval"])
-def test_tune_jobs_never_read_a_path(worker, outside, field):
+def test_tune_jobs_never_read_a_path(worker, field):
     messages = set()
-    for value in [*PATHS, str(outside), str(worker.data / "corpora" / "small.tsv")]:
+    for value in [*PATHS, str(worker.outside), str(worker.data / "corpora" / "small.tsv")]:
         r = tune(worker, **{field: value})
         messages.add(error(r, 422, f"options.{field}"))
         body = r.text
@@ -139,8 +130,8 @@ def test_hub_ids_only_with_downloads_allowed(tmp_path):
     assert resolve_model("gpt2", tmp_path, allow_downloads=True) == "gpt2"
 
 
-def test_tune_job_with_uploaded_corpora(worker, outside, chebi_val):
-    tsv = outside.read_bytes()
+def test_tune_job_with_uploaded_corpora(worker):
+    tsv = worker.outside.read_bytes()
     r = httpx.post(worker.url + "/v1/jobs/upload", headers=KEY, timeout=30,
                    data={"kind": "tune", "task": "mol2cap",
                          "options": json.dumps({"name": "up", "base_model": "tiny",
