@@ -158,7 +158,7 @@ def test_api_key(svc_dir):
 def test_upload_needs_a_key(client):
     r = client.post("/v1/corpora", data={"name": "mine"},
                     files={"file": ("c.tsv", b"CID\tSMILES\tdescription\n1\tCCO\tethanol\n")})
-    err(r, 403, "file", "ICMA_API_KEY")
+    err(r, 403, "authorization", "ICMA_API_KEY")
 
 
 def test_upload_builds_in_background_and_serves(svc_dir, tmp_path, chebi_val):

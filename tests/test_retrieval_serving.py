@@ -112,7 +112,7 @@ def test_corpus_listing_and_state(service, svc_dir):
 
 def test_upload(tmp_path, chebi_val, service):
     err = raised(lambda: service.upload_corpus("mine", "c.tsv", b"CID\tSMILES\n1\tCCO\n"),
-                 403, "file")
+                 403, "authorization")
     assert isinstance(err, ForbiddenError) and "ICMA_API_KEY" in err.message
     # A store of its own, never started: uploads build synchronously and the session's data
     # directory stays as the other tests expect it.

@@ -31,18 +31,28 @@ def retrieval(svc_dir):
 
 
 @pytest.fixture(scope="module")
-def train32(chebi_val, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("jobs-train") / "train32.tsv"
-    write_corpus(chebi_val.subset(range(32), name="train32"), path)
-    return path
+def worker_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tune-worker")
 
 
 @pytest.fixture(scope="module")
-def worker(retrieval, tiny_learner, tmp_path_factory):
-    """The worker serving the tiny model, which its tune jobs also tune."""
-    tmp = tmp_path_factory.mktemp("tune-worker")
+def train32(chebi_val, worker_dir) -> str:
+    """A corpus of 32 pairs the retrieval service holds (stored as the service stores an
+    upload, in the data directory the worker shares with it): tune jobs name it."""
+    path = worker_dir / "corpora" / "train32.tsv"
+    path.parent.mkdir()
+    write_corpus(chebi_val.subset(range(32), name="train32"), path)
+    return "train32"
+
+
+@pytest.fixture(scope="module")
+def worker(retrieval, tiny_learner, worker_dir):
+    """The worker serving the tiny model, which its tune jobs also tune (from its models
+    directory, by name). Tune jobs without an API key: the operator's setting."""
+    tmp = worker_dir
     settings = Settings(data_dir=tmp, retrieval_url=retrieval.url, jobs_db=tmp / "jobs.sqlite3",
-                        adapters_dir=tmp / "adapters", progress=False, max_jobs=4)
+                        adapters_dir=tmp / "adapters", models_dir=tiny_learner.parent,
+                        progress=False, max_jobs=4, allow_work_without_key=True)
     engine = load_engine("transformers", settings=settings, model=str(tiny_learner), device="cpu")
     with LiveServer(worker_app(settings, engine_loader=lambda: engine)) as w:
         w.wait_ready()
@@ -50,8 +60,8 @@ def worker(retrieval, tiny_learner, tmp_path_factory):
         yield w
 
 
-def options(base: Path, train32, name: str, **kw) -> dict:
-    return {"name": name, "base_model": str(base), "train": str(train32),
+def options(base: Path, train32: str, name: str, **kw) -> dict:
+    return {"name": name, "base_model": base.name, "train": train32,
             "retrieval": "morgan", "n_shot": 2, "cutoff": 512, "lora_r": 8, "lora_alpha": 16,
             "learning_rate": 2e-2, "warmup_steps": 0, "max_steps": 12, "batch_size": 8,
             "grad_accum": 1, "save_steps": 4, **kw}
@@ -111,7 +121,9 @@ def test_tune_job_registers_an_adapter_the_worker_serves_at_once(worker, tiny_le
     ({"learning_rat": 1e-3}, "options.learning_rat"),
     ({"retrieval": "bm25"}, "options.retrieval"),
     ({"base_model": "/no/such/model"}, "options.base_model"),
+    ({"base_model": "no-such-model"}, "options.base_model"),
     ({"train": "/no/such/file.tsv"}, "options.train"),
+    ({"train": "no-such-corpus"}, "options.train"),
     ({"name": "a b"}, "options.name"),
 ])
 def test_bad_tune_options_are_refused_when_submitted(worker, tiny_learner, train32, change,
@@ -124,12 +136,24 @@ def test_bad_tune_options_are_refused_when_submitted(worker, tiny_learner, train
 
 
 def test_errors_found_in_the_training_process_fail_the_job_with_the_reason(worker, tiny_learner,
-                                                                           train32):
-    r = httpx.post(worker.url + "/v1/jobs", timeout=30, json={
-        "kind": "tune", "task": "mol2cap",
-        "options": options(tiny_learner, train32, "too-tight", cutoff=16)})
+                                                                           worker_dir):
+    """Here the training corpus is uploaded with the job: the training process reads it from
+    where the worker keeps it, and it is deleted when the job ends."""
+    opts = options(tiny_learner, "x", "too-tight", cutoff=16)
+    del opts["train"]
+    train = (worker_dir / "corpora" / "train32.tsv").read_bytes()
+    r = httpx.post(worker.url + "/v1/jobs/upload", timeout=30,
+                   data={"kind": "tune", "task": "mol2cap", "options": json.dumps(opts)},
+                   files={"train": ("train.tsv", train)})
+    assert r.status_code == 202, r.text
     done = wait_for(worker, r.json()["id"])
     assert done["state"] == "failed" and done["message"].startswith("cutoff:"), done
+    assert "32 of 32 skipped" in done["message"]  # the uploaded 32 were read; none fits
+    uploads = worker_dir / "tuning" / ".uploads" / done["id"]
+    deadline = time.monotonic() + 30
+    while uploads.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not uploads.exists()
 
 
 def test_cancel_stops_the_training_process(worker, tiny_learner, train32):

@@ -173,7 +173,7 @@ def test_collate_left_pads_with_generation_positions(chebi_val, tiny_tok, tiny_m
     from icma.tuning.model import config_eos_id
 
     # BERT's tokenizer has no EOS; the model's config has
-    eos = config_eos_id(str(tiny_model), get_settings().data_dir)
+    eos = config_eos_id(str(tiny_model))
     assert eos == tiny_tok.sep_token_id
     index = build_index("morgan", chebi_val.subset(range(100)))
     data = build_training_set("mol2cap", chebi_val.records[:2], index,
@@ -398,13 +398,15 @@ def test_submission_checks_do_not_convert_the_default_model(tmp_path):
     by the check (a minute on 2 cores, longer than a client waits)."""
     from icma.tuning.config import parse_config
     from icma.tuning.run import check_sources
+    from icma.tuning.sources import Sources
 
     cfg = parse_config({"task": "mol2cap", "name": "quick"})
     t0 = time.perf_counter()
-    check_sources(cfg, tmp_path)
+    check_sources(cfg, Sources(tmp_path, tmp_path))
+    check_sources(cfg, Sources.for_job(tmp_path, tmp_path, tmp_path / "models", False))
     assert time.perf_counter() - t0 < 5
     assert not (tmp_path / "models").exists()
     with pytest.raises(InputError) as e:
         check_sources(parse_config({"task": "mol2cap", "name": "x", "base_model": "/nope"}),
-                      tmp_path)
+                      Sources(tmp_path, tmp_path))
     assert e.value.field == "base_model"

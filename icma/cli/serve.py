@@ -51,7 +51,9 @@ def cmd_serve_retrieval(args) -> int:
     from icma.server.supervisor import serve
     from icma.core.settings import get_settings
 
-    workers = args.workers if args.workers is not None else get_settings().workers
+    settings = get_settings()
+    _check_exposure(args.host, settings)
+    workers = args.workers if args.workers is not None else settings.workers
     return serve("icma.services.retrieval.app:create_app", host=args.host, port=args.port,
                  workers=workers, log_level=args.log_level)
 
@@ -65,6 +67,8 @@ def cmd_serve_worker(args) -> int:
 
     settings = _with_flags(get_settings(), retrieval_url=args.retrieval_url, engine=args.engine,
                            llm_model=args.model)
+    _check_exposure(args.host, settings)
+    _check_model(settings)
     # One process: the engine holds the model once, and its thread batches all requests.
     return serve(partial(create_app, settings), host=args.host, port=args.port, workers=1,
                  log_level=args.log_level)
@@ -75,8 +79,26 @@ def cmd_serve_all(args) -> int:
     from icma.server.launcher import run_stack
 
     settings = _with_flags(get_settings(), engine=args.engine, llm_model=args.model)
+    _check_exposure(args.host, settings)
+    _check_model(settings)
     return run_stack(settings, args.host, args.retrieval_port, args.port, once=args.once,
                      say=lambda m: print(m, flush=True))
+
+
+def _check_exposure(host: str, settings) -> None:
+    from icma.server.supervisor import check_exposure
+
+    check_exposure(host, settings.api_key, settings.allow_remote_without_key)
+
+
+def _check_model(settings) -> None:
+    """The worker's model resolves (a hub id only where downloads are allowed) before anything
+    starts; the shipped default is converted later, by the engine."""
+    from icma.generation.models import resolve_model
+
+    if settings.engine != "nearest-neighbour":
+        resolve_model(settings.llm_model, settings.data_dir, convert=False,
+                      allow_downloads=settings.allow_model_downloads)
 
 
 def _with_flags(settings, **flags):

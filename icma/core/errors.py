@@ -9,6 +9,7 @@ The field is an attribute, never text to parse back out of the message: ``exc.at
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 
 class IcmaError(Exception):
@@ -93,3 +94,15 @@ class UnavailableError(IcmaError):
     """A dependency is down or still loading; try again later."""
 
     status, code, retry_after = 503, "unavailable", 5
+
+
+def public_message(text: str, folders: dict[str, Path]) -> str:
+    """``text`` for HTTP clients: the server's ``folders`` (and the home folder) replaced by
+    their labels. Messages are written without paths; this catches what a library
+    (transformers, the OS) put into one."""
+    folders = {**folders, "~": Path.home()}
+    for label, folder in sorted(folders.items(), key=lambda kv: -len(str(kv[1]))):
+        for form in {str(folder), str(Path(folder).resolve())}:
+            if len(form) > 1:
+                text = text.replace(form, label)
+    return text

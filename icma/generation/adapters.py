@@ -69,8 +69,8 @@ class AdapterRegistry:
         info = read_adapter(self.root / name) if (self.root / name).is_dir() else None
         if info is None:
             known = ", ".join(a.name for a in self.list()) or "none"
-            raise UnknownAdapterError(f"no adapter named {name!r} in {self.root} (known: "
-                                      f"{known}; see GET /v1/adapters)", field="adapter")
+            raise UnknownAdapterError(f"no adapter named {name!r} (known: {known}; see GET "
+                                      f"/v1/adapters)", field="adapter")
         return info
 
 

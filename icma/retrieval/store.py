@@ -31,7 +31,7 @@ from icma.retrieval.batching import LoopBatcher, SearchBatcher
 from icma.core.corpus import EMBEDDED_NAME, Corpus, embedded_corpus, parse_corpus_text, \
     read_corpus, tsv_bytes
 from icma.core.errors import ConflictError, CorpusError, IcmaError, InputError, NotFoundError, \
-    UnavailableError
+    UnavailableError, public_message
 from icma.core.names import check_name, is_name
 from icma.core.tempfiles import sweep
 from icma.retrieval import build_index, index_class
@@ -200,7 +200,8 @@ class CorpusStore:
             entry.state = "ready"
         except Exception as exc:  # a failed build must show in /v1/corpora, not kill the thread
             log.exception("corpus %s: index build failed", name)
-            entry.state, entry.error = "failed", str(exc)
+            entry.state = "failed"
+            entry.error = public_message(str(exc), {"<data_dir>": self.data_dir})
         finally:
             entry.building, entry.finished = None, time.time()
 
@@ -301,31 +302,53 @@ class CorpusStore:
         return entry
 
 
-def corpus_source(spec: str, data_dir: Path, field: str = "corpus") -> Path | None:
-    """Where a corpus named by a user lives: None for ``embedded``, else the TSV/JSONL file, or
-    the stored file of a corpus the retrieval service holds in ``data_dir``. An InputError
-    naming ``field`` when it is none of these (nothing is read)."""
+def held_corpus(name: str, data_dir: Path) -> Path | None:
+    """The stored file of the corpus named ``name`` that the retrieval service holds in
+    ``data_dir``, or None (also for anything that is not a name: it never leaves the folder)."""
+    path = Path(data_dir) / "corpora" / f"{name}.tsv"
+    return path if is_name(name) and path.is_file() else None
+
+
+def corpus_source(spec: str, data_dir: Path, field: str = "corpus", *,
+                  files: bool = True) -> Path | None:
+    """Where a corpus named by a user lives: None for ``embedded``, else (``files``: the
+    operator's command line) the TSV/JSONL file, or the stored file of a corpus the retrieval
+    service holds in ``data_dir``. An InputError naming ``field`` when it is none of these
+    (nothing is read)."""
     if spec in ("embedded", EMBEDDED_NAME):
         return None
-    if Path(spec).expanduser().is_file():
+    if files and Path(spec).expanduser().is_file():
         return Path(spec).expanduser()
-    stored = Path(data_dir) / "corpora" / f"{spec}.tsv"
-    if is_name(spec) and stored.is_file():
+    stored = held_corpus(spec, data_dir)
+    if stored is not None:
         return stored
+    if not files:
+        raise InputError("not 'embedded' nor the name of a corpus the retrieval service holds",
+                         field=field)
     raise InputError(f"{spec!r} is neither a corpus file nor a corpus of the retrieval "
                      f"service (in {Path(data_dir) / 'corpora'}) nor 'embedded'", field=field)
 
 
 def open_corpus(spec: str, data_dir: Path, field: str = "corpus",
-                captions: bool = True) -> Corpus:
-    """The corpus ``corpus_source`` finds, read. Empty corpora, and corpora without captions
-    where captions are needed, are errors naming ``field``."""
-    source = corpus_source(spec, data_dir, field)
+                captions: bool = True, *, files: bool = True) -> Corpus:
+    """The corpus ``corpus_source`` finds, read (a stored corpus under its name: its messages
+    never show the data folder)."""
+    source = corpus_source(spec, data_dir, field, files=files)
     try:
-        corpus = embedded_corpus() if source is None else read_corpus(
-            source, name=spec if source.parent == Path(data_dir) / "corpora" else None)[0]
+        if source is None:
+            corpus = embedded_corpus()
+        elif source == held_corpus(spec, data_dir):
+            corpus = parse_corpus_text(source.read_text(encoding="utf-8"), name=spec)[0]
+        else:
+            corpus = read_corpus(source)[0]
     except IcmaError as exc:  # the reader's own message, under the caller's field
         raise InputError(exc.message, field=field) from None
+    return usable_corpus(corpus, spec, field, captions)
+
+
+def usable_corpus(corpus: Corpus, spec: str, field: str, captions: bool = True) -> Corpus:
+    """``corpus`` itself; empty corpora, and corpora without captions where captions are
+    needed, are errors naming ``field``."""
     if len(corpus) == 0:
         raise InputError(f"{spec} holds no usable records", field=field)
     if captions and not corpus.has_captions:

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from icma.core.errors import IcmaError, UnavailableError
+from icma.core.errors import ForbiddenError, IcmaError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,101 @@ def api_key_dependency(get_key: Callable[[], str | None]):
                            {"WWW-Authenticate": "Bearer"})
 
     return check
+
+
+def require_key_for_work(api_key, allow_without_key: bool, what: str) -> None:
+    """Refuse (403) work that a client starts on the server (tune jobs, corpus uploads) when no
+    API key protects the service, unless the operator opened it on purpose."""
+    if api_key is None and not allow_without_key:
+        raise ForbiddenError(f"{what} need an API key: set ICMA_API_KEY on the server (clients "
+                             f"then send 'Authorization: Bearer <key>'), or "
+                             f"ICMA_ALLOW_WORK_WITHOUT_KEY=true to allow them without one",
+                             field="authorization")
+
+
+#: Methods that change something: a cross-site page may send them without a preflight.
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_key(scheme: str, host: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``scheme://host[:port]``, None when it does not parse."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(f"{scheme}://{host}")
+        port = parts.port or _DEFAULT_PORTS.get(scheme.lower())
+    except ValueError:
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return scheme.lower(), parts.hostname.lower(), port
+
+
+def _origin_of(origin: str) -> tuple[str, str, int] | None:
+    scheme, sep, rest = origin.partition("://")
+    return _origin_key(scheme, rest) if sep and "/" not in rest else None
+
+
+class CrossOrigin:
+    """Pure ASGI middleware: the services' CORS policy and their cross-site request defence.
+
+    Browsers send ``Origin`` with cross-site requests. Origins in ``allowed``
+    (``ICMA_CORS_ORIGINS``) get CORS headers, preflights included; no other origin does, so a
+    page elsewhere cannot read a response. A form POST needs no preflight, though, and still
+    reaches the server: a state-changing request whose ``Origin`` is neither allowed nor the
+    service's own (same scheme, host and port as the request's ``Host``) is refused with 403
+    before the app sees it. Requests without ``Origin`` (curl, other services) pass."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app = app
+        self.allowed = {key for key in map(_origin_of, allowed) if key is not None}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        raw = headers.get(b"origin")
+        if raw is None:
+            return await self.app(scope, receive, send)
+        origin = raw.decode("latin-1")
+        key = _origin_of(origin)
+        allowed = key is not None and key in self.allowed
+        if scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            if not allowed:
+                return await error_response(
+                    403, "forbidden", "this origin may not call the service from a browser "
+                    "(ICMA_CORS_ORIGINS lists those that may)", "origin")(scope, receive, send)
+            return await Response(status_code=204, headers={
+                **self._cors(origin), "Access-Control-Allow-Methods": "GET, POST, DELETE",
+                "Access-Control-Allow-Headers": "authorization, content-type",
+                "Access-Control-Max-Age": "600"})(scope, receive, send)
+        if not allowed and scope["method"] in UNSAFE_METHODS and (
+                key is None or key != self._own(scope, headers)):
+            return await error_response(
+                403, "forbidden", "cross-site request refused: the Origin is neither this "
+                "service nor one of ICMA_CORS_ORIGINS", "origin")(scope, receive, send)
+        if not allowed:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      *((k.lower().encode(), v.encode())
+                                        for k, v in self._cors(origin).items())]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_cors)
+
+    @staticmethod
+    def _cors(origin: str) -> dict[str, str]:
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Expose-Headers": "Location, Retry-After"}
+
+    @staticmethod
+    def _own(scope, headers) -> tuple[str, str, int] | None:
+        host = headers.get(b"host")
+        return _origin_key(scope.get("scheme", "http"), host.decode("latin-1")) if host else None
 
 
 class BodyLimit:

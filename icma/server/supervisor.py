@@ -66,6 +66,28 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback one (only this machine can connect).
+    A name that does not resolve counts as loopback: binding it fails with its own error."""
+    import ipaddress
+
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return True
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_exposure(host: str, api_key, allow_remote_without_key: bool) -> None:
+    """Refuse to listen where other machines can connect when no API key protects the
+    service, unless the operator said so (``ICMA_ALLOW_REMOTE_WITHOUT_KEY``)."""
+    if api_key is None and not allow_remote_without_key and not is_loopback(host):
+        raise InputError(f"{host} is reachable from other machines and no ICMA_API_KEY is set: "
+                         f"set a key (clients send 'Authorization: Bearer <key>'), listen on "
+                         f"127.0.0.1, or set ICMA_ALLOW_REMOTE_WITHOUT_KEY=true to serve "
+                         f"without one", field="--host")
+
+
 def serve(factory: AppFactory, host: str = "127.0.0.1", port: int = 8001,
           workers: int = 1, log_level: str = "info") -> int:
     """Serve ``factory`` ("module:function" returning an ASGI app, or such a function itself)

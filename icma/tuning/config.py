@@ -38,11 +38,15 @@ class TuneOptions(BaseModel):
     # what to learn
     name: str = Field(description="the adapter's name in the registry (and the run folder's)")
     base_model: str = Field(default=DEFAULT_LLM,
-                            description="a local transformers folder, a hub id, or the shipped "
-                                        "default")
+                            description="the shipped default, or (icma tune) a local "
+                                        "transformers folder, or (a tune job) the name of a "
+                                        "folder in ICMA_MODELS_DIR; a hub id with "
+                                        "ICMA_ALLOW_MODEL_DOWNLOADS=true")
     train: str = Field(default="embedded",
-                       description="training corpus: a TSV/JSONL file, 'embedded' (ChEBI-20 val "
-                                   "+ test) or a corpus the retrieval service holds")
+                       description="training corpus: 'embedded' (ChEBI-20 val + test), a corpus "
+                                   "the retrieval service holds (by name), a TSV/JSONL file "
+                                   "(icma tune), or '@upload' (a file uploaded with the tune "
+                                   "job)")
     train_limit: int | None = Field(default=None, ge=1,
                                     description="use only the first N training records")
     contexts: str | None = Field(default=None,

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from icma.core.errors import InputError
-from icma.generation.models import resolve_model
 from icma.tuning.config import TuneConfig
 
 
@@ -26,10 +25,11 @@ def pick_precision(precision: str, device: str) -> str:
     return precision
 
 
-def load_tokenizer(base_model: str, data_dir: str | Path):
+def load_tokenizer(path: str, base_model: str):
+    """The tokenizer of the model folder (or hub id) ``path``, called ``base_model`` in
+    messages."""
     from transformers import AutoTokenizer
 
-    path = resolve_base(base_model, data_dir)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -44,32 +44,25 @@ def load_tokenizer(base_model: str, data_dir: str | Path):
     return tok
 
 
-def config_eos_id(base_model: str, data_dir: str | Path) -> int | None:
-    """The EOS id in the model's config (tokenizers such as BERT's have none of their own)."""
+def config_eos_id(path: str) -> int | None:
+    """The EOS id in the config of the model at ``path`` (tokenizers such as BERT's have none
+    of their own)."""
     from transformers import AutoConfig
 
     try:
-        eos = AutoConfig.from_pretrained(resolve_base(base_model, data_dir)).eos_token_id
+        eos = AutoConfig.from_pretrained(path).eos_token_id
     except (OSError, ValueError):
         return None
     return eos[0] if isinstance(eos, list) and eos else eos
 
 
-def resolve_base(base_model: str, data_dir: str | Path, *, convert: bool = True) -> str:
-    """The base model's folder (the default converted into ``data_dir``; see resolve_model)."""
-    try:
-        return resolve_model(base_model, data_dir, convert=convert)
-    except InputError as exc:
-        raise exc.at("base_model") from None
-
-
-def load_model(cfg: TuneConfig, device: str, precision: str, data_dir: str | Path):
-    """The base model ready to train: float32 master weights (mixed precision comes from
-    autocast in the loop) or, for quantised LoRA, 8/4-bit weights on the GPU."""
+def load_model(cfg: TuneConfig, path: str, device: str, precision: str):
+    """The base model (its folder or hub id ``path``) ready to train: float32 master weights
+    (mixed precision comes from autocast in the loop) or, for quantised LoRA, 8/4-bit weights
+    on the GPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = resolve_base(cfg.base_model, data_dir)
     kwargs: dict = {"dtype": torch.float32}
     if cfg.quantization != "none":
         if not device.startswith("cuda"):

@@ -35,9 +35,9 @@ from icma.tuning.model import (
     load_tokenizer,
     pick_device,
     pick_precision,
-    resolve_base,
     write_json,
 )
+from icma.tuning.sources import Sources
 
 log = logging.getLogger(__name__)
 MANIFEST_FORMAT = "icma-adapter/1"
@@ -57,41 +57,41 @@ class Plan:
 
 def tune(cfg: TuneConfig, *, settings: Settings, data_dir: str | Path | None = None,
          adapters_dir: str | Path | None = None, on_progress: ProgressFn | None = None,
-         should_stop: Callable[[], bool] | None = None, restart: bool = False) -> dict:
+         should_stop: Callable[[], bool] | None = None, restart: bool = False,
+         sources: Sources | None = None) -> dict:
     """Run ``cfg`` to its end; returns the manifest. Raises InputError (before any training)
     for anything wrong with the input, ``Stopped`` when ``should_stop`` ended it early.
     ``data_dir`` and ``adapters_dir`` default to the settings'; the shipped base model is
-    converted into the settings' data directory, the engine that evaluates loads with them."""
+    converted into the settings' data directory, the engine that evaluates loads with them.
+    ``sources`` is the rule for the corpora and the base model (default: the command line's,
+    local paths allowed; a tune job passes its own)."""
     data_dir = Path(data_dir or settings.data_dir)
+    sources = sources or Sources(data_dir, settings.data_dir,
+                                 allow_downloads=settings.allow_model_downloads)
     plan = Plan(cfg, data_dir, Path(adapters_dir or settings.adapters_path()))
     report = on_progress or (lambda p: None)
     if plan.target.exists():
-        raise InputError(f"{plan.target} exists already; choose another name or delete it",
-                         field="name")
+        what = "an adapter" if cfg.method == "lora" else "a model"
+        raise InputError(f"{what} named {cfg.name!r} exists already; choose another name or "
+                         f"delete it", field="name")
     try:
         with locked(data_dir / "tuning" / f".{cfg.name}.lock", wait=False):
-            return _tune(cfg, data_dir, plan, report, should_stop, restart, settings)
+            return _tune(cfg, data_dir, plan, report, should_stop, restart, settings, sources)
     except BlockingIOError:
         raise InputError(f"a run named {cfg.name!r} is in progress already", field="name") \
             from None
 
 
-def check_sources(cfg: TuneConfig, data_dir: Path) -> None:
+def check_sources(cfg: TuneConfig, sources: Sources) -> None:
     """The quick checks of a run's inputs (the base model resolves, each corpus exists), for
     refusing a tune job when it is submitted; ``tune`` checks everything again, in depth."""
-    from icma.retrieval.store import corpus_source
-
-    resolve_base(cfg.base_model, data_dir, convert=False)  # the run converts it, not the check
-    for field in ("train", "contexts", "eval"):
-        if getattr(cfg, field) is not None:
-            corpus_source(getattr(cfg, field), data_dir, field)
+    sources.check(cfg)
 
 
 def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, restart,
-          settings: Settings) -> dict:
+          settings: Settings, sources: Sources) -> dict:
     import torch
 
-    from icma.retrieval.store import open_corpus
     from icma.retrieval.cache import cached_index
     from icma.core.rerank import RerankConfig
     from icma.retrieval import ExclusionRule
@@ -101,17 +101,14 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
     report({"phase": "checking"})
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
-    # The shipped base model is converted into the settings' data directory, wherever this
-    # run's own files go.
-    base_data_dir = settings.data_dir
-    base_path = resolve_base(cfg.base_model, base_data_dir)
-    tokenizer = load_tokenizer(cfg.base_model, base_data_dir)
-    tokens = Tokens(tokenizer, cfg.eos, config_eos_id(cfg.base_model, base_data_dir))
-    train_corpus = open_corpus(cfg.train, data_dir, field="train")
+    base_path = sources.base_model(cfg.base_model)
+    tokenizer = load_tokenizer(base_path, cfg.base_model)
+    tokens = Tokens(tokenizer, cfg.eos, config_eos_id(base_path))
+    train_corpus = sources.open_corpus(cfg.train, "train")
     records = train_corpus.records[:cfg.train_limit] if cfg.train_limit else train_corpus.records
     ctx_corpus = (train_corpus if cfg.contexts is None
-                  else open_corpus(cfg.contexts, data_dir, field="contexts"))
-    eval_corpus = (open_corpus(cfg.eval, data_dir, field="eval") if cfg.eval else None)
+                  else sources.open_corpus(cfg.contexts, "contexts"))
+    eval_corpus = sources.open_corpus(cfg.eval, "eval") if cfg.eval else None
     if restart:
         shutil.rmtree(plan.run_dir / "checkpoints", ignore_errors=True)
 
@@ -141,7 +138,7 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
 
     report({"phase": "loading model", **stats})
     torch.manual_seed(cfg.seed)  # LoRA's random initialisation
-    net = load_model(cfg, device, precision, base_data_dir)
+    net = load_model(cfg, base_path, device, precision)
     fingerprint = {**cfg.fingerprint(), "data_sha256": data_sha,
                    "base_model_sha256": folder_checksum(base_path)}
     result = train(net, data.examples, cfg, plan.run_dir, device=device, precision=precision,
@@ -180,7 +177,7 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
         write_json(plan.target / MANIFEST, manifest)
     manifest["wall_s"] = time.time() - started
     write_json(plan.run_dir / "result.json", manifest)
-    report({"phase": "done", "adapter": str(plan.target)})
+    report({"phase": "done", "adapter": cfg.name})
     return manifest
 
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from icma import __version__
 from icma.core.settings import Settings, get_settings
 from icma.retrieval.store import CorpusStore
-from icma.server.http import ERROR_RESPONSES, BodyLimit, api_key_dependency, \
+from icma.server.http import ERROR_RESPONSES, BodyLimit, CrossOrigin, api_key_dependency, \
     install_error_handlers, install_health
 from icma.services.retrieval.protocol import (
     CaptionRequest,
@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, store: CorpusStore | None = Non
     svc.metrics.install(app)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        limits={UPLOAD_PATH: settings.max_upload_bytes})
+    app.add_middleware(CrossOrigin, allowed=settings.cors_origins)  # outermost: added last
     key = api_key_dependency(
         lambda: settings.api_key.get_secret_value() if settings.api_key else None)
     install_health(app, svc.metrics, svc.state)

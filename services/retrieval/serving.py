@@ -13,14 +13,14 @@ from typing import Sequence
 from anyio import to_thread
 
 from icma.core import chem
-from icma.core.errors import ForbiddenError, InputError
+from icma.core.errors import InputError
 from icma.core.prompts import Example
 from icma.core.rerank import RerankConfig, prompt_order
 from icma.core.settings import Settings
 from icma.retrieval import Exclusion
 from icma.retrieval.examples import retrieve_examples, select_examples
 from icma.retrieval.store import CorpusStore
-from icma.server.http import Metrics
+from icma.server.http import Metrics, require_key_for_work
 from icma.services.retrieval.protocol import (
     MAX_LENGTHS,
     CaptionRequest,
@@ -78,9 +78,8 @@ class RetrievalService:
         """Store a TSV corpus (JSONL when ``filename`` ends in .jsonl or .ndjson) and queue its
         indexes. Blocks for the parse and write (and the build, when the store has no builder
         thread): call it from a thread."""
-        if self.settings.api_key is None:
-            raise ForbiddenError("corpus uploads are disabled: set ICMA_API_KEY to enable them",
-                                 field="file")
+        require_key_for_work(self.settings.api_key, self.settings.allow_work_without_key,
+                             "corpus uploads")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

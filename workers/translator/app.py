@@ -9,16 +9,18 @@ returns; errors carry their own status (``icma.core.errors``, mapped in ``icma.s
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from typing import Literal
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from icma import __version__
+from icma.core.errors import InputError
 from icma.core.settings import Settings, get_settings
 from icma.generation.retrievers import Retriever
 from icma.jobs.results import ResultStream
-from icma.server.http import ERROR_RESPONSES, BodyLimit, api_key_dependency, \
+from icma.server.http import ERROR_RESPONSES, BodyLimit, CrossOrigin, api_key_dependency, \
     install_error_handlers, install_health
 from icma.workers.translator.protocol import (
     Adapters,
@@ -92,13 +94,29 @@ def create_job(req: AnyJobCreate, svc: TranslatorService = Depends(service)):
 @router.post(JOBS_PATH + "/upload", response_model=Job, status_code=202, tags=["jobs"],
              responses=JOB_ERRORS)
 def upload_job(task: str = Form(..., description="mol2cap or cap2mol"),
-               file: UploadFile = File(..., description="JSONL (input, id, reference) or "
-                                                        "a corpus TSV (CID SMILES "
-                                                        "description)"),
+               kind: Literal["translate", "tune"] = Form("translate"),
+               file: UploadFile | None = File(None, description="translate: JSONL (input, id, "
+                                                                 "reference) or a corpus TSV "
+                                                                 "(CID SMILES description)"),
                options_json: str = Form("{}", alias="options",
-                                        description="JobOptions as JSON"),
+                                        description="JobOptions (translate) or TuneOptions "
+                                                    "(tune) as JSON"),
+               train: UploadFile | None = File(None, description="tune: the training corpus "
+                                                                 "(TSV or .jsonl)"),
+               contexts: UploadFile | None = File(None, description="tune: the corpus the "
+                                                                    "examples come from"),
+               eval: UploadFile | None = File(None, description="tune: the evaluation corpus"),
                svc: TranslatorService = Depends(service)):
-    """Queue a job from a file: JSON lines or a corpus TSV."""
+    """Queue a job from files. ``kind: translate``: inputs from ``file`` (JSON lines or a
+    corpus TSV). ``kind: tune``: a tuning run on corpora uploaded as ``train``, ``contexts``
+    and ``eval`` (kept by the server until the job ends), the rest of its settings in
+    ``options``."""
+    if kind == "tune":
+        uploads = {name: (f.filename, f.file.read()) for name, f in
+                   (("train", train), ("contexts", contexts), ("eval", eval)) if f is not None}
+        return accepted(svc.upload_tune_job(task, options_json, uploads))
+    if file is None:
+        raise InputError("a translation job's inputs are uploaded as 'file'", field="file")
     return accepted(svc.upload_job(task, file.filename, file.file.read(), options_json))
 
 
@@ -186,6 +204,7 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
     svc.metrics.install(app)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        limits={JOBS_PATH: settings.max_upload_bytes})
+    app.add_middleware(CrossOrigin, allowed=settings.cors_origins)  # outermost: added last
     install_health(app, svc.metrics, svc.state)
     key = api_key_dependency(
         lambda: settings.api_key.get_secret_value() if settings.api_key else None)

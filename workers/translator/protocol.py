@@ -214,7 +214,8 @@ class JobList(BaseModel):
 
 class AdapterOut(BaseModel):
     name: str
-    base_model: str | None
+    base_model: str | None = Field(description="the model it was tuned from: the shipped "
+                                               "default, a hub id, or a model folder's name")
     r: int | None
     lora_alpha: float | None
     target_modules: list[str]
@@ -228,5 +229,4 @@ class AdapterOut(BaseModel):
 
 
 class Adapters(BaseModel):
-    directory: str
     adapters: list[AdapterOut]

@@ -7,13 +7,16 @@ wait for it, interactive requests first. Retrieval is the retrieval service's, o
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from typing import Sequence
 
 from prometheus_client import Gauge
 from pydantic import ValidationError
 
-from icma.core.errors import InputError
+from icma.core.corpus import parse_corpus_text
+from icma.core.errors import IcmaError, InputError
 from icma.core.settings import Settings
 from icma.core.tempfiles import sweep
 from icma.core.tasks import check_task
@@ -30,10 +33,13 @@ from icma.jobs.results import Followers, ResultStream, aiter_results
 from icma.jobs.runner import JobRunner, batch_translator
 from icma.jobs.store import Item, JobConflict, JobStore
 from icma.jobs.tune import TuneRunner
-from icma.server.http import Metrics
+from icma.generation.models import model_label
+from icma.retrieval.store import usable_corpus
+from icma.server.http import Metrics, require_key_for_work
 from icma.tuning import parse_config
 from icma.tuning.run import ADAPTER_TEMP_PATTERNS, TEMP_PATTERNS as TUNING_TEMPS, \
     check_sources
+from icma.tuning.sources import UPLOADED, Sources, remove_uploads, uploads_dir
 from icma.workers.translator.protocol import (
     AdapterOut,
     Adapters,
@@ -97,7 +103,7 @@ class TranslatorService:
                                                              settings.max_heavy_atoms),
                                 batch_size=settings.job_batch_size,
                                 retention_days=settings.job_retention_days)
-        self.tuner = TuneRunner(self.store, settings.data_dir, settings.adapters_path())
+        self.tuner = TuneRunner(self.store, settings)
         self.followers = Followers(settings.max_result_followers)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -184,8 +190,7 @@ class TranslatorService:
     def adapters(self) -> Adapters:
         """Adapters this worker can apply (folders of the registry directory; new ones are
         served at once)."""
-        return Adapters(directory=str(self.registry.root),
-                        adapters=[_adapter_out(a) for a in self.registry.list()])
+        return Adapters(adapters=[_adapter_out(a) for a in self.registry.list()])
 
     # --- jobs ----------------------------------------------------------------------------------
 
@@ -201,22 +206,48 @@ class TranslatorService:
                    options_json: str) -> Job:
         """Queue a translation job from a file: JSON lines or a corpus TSV."""
         check_task(task)
-        try:
-            opts = JobOptions.model_validate_json(options_json)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise InputError(f"{first['msg']}" + (f" (at {where})" if where else ""),
-                             field="options") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"not UTF-8 text (byte {exc.start})", field="file") from None
-        name = (filename or "").lower()
-        fmt = "jsonl" if name.endswith((".jsonl", ".ndjson", ".json")) else "tsv"
-        return self._submit(task, parse_items(task, text, fmt, where="file",
+        opts = _parse_form_options(options_json, JobOptions)
+        fmt = "jsonl" if (filename or "").lower().endswith((".jsonl", ".ndjson", ".json")) \
+            else "tsv"
+        return self._submit(task, parse_items(task, _text(data, "file"), fmt, where="file",
                                               max_heavy_atoms=self.settings.max_heavy_atoms),
                             opts)
+
+    def upload_tune_job(self, task: str, options_json: str,
+                        files: dict[str, tuple[str | None, bytes]]) -> Job:
+        """Queue a tune job with its corpora uploaded (``files``: field -> (file name, bytes),
+        fields ``train``, ``contexts``, ``eval``). They are kept in a folder the server picks
+        until the job ends; the job's options say ``"@upload"`` for them."""
+        self._check_work_allowed()
+        check_task(task)
+        raw = _parse_form_options(options_json, None)
+        if not files:
+            raise InputError("upload at least one corpus file (train, contexts or eval)",
+                             field="train")
+        corpora = {}
+        for field, (filename, data) in files.items():
+            if field in raw:
+                raise InputError(f"{field} is both uploaded and named in the options; give it "
+                                 f"once", field=f"options.{field}")
+            fmt = "jsonl" if (filename or "").lower().endswith((".jsonl", ".ndjson")) else "tsv"
+            text = _text(data, field)
+            try:
+                corpus, _ = parse_corpus_text(text, fmt=fmt, name=field)
+                usable_corpus(corpus, field, field)
+            except IcmaError as exc:
+                raise InputError(exc.message, field=field) from None
+            corpora[field] = (fmt, text)
+            raw[field] = UPLOADED
+        job_id = uuid.uuid4().hex
+        folder = uploads_dir(self.settings.data_dir, job_id)
+        folder.mkdir(parents=True)
+        try:
+            for field, (fmt, text) in corpora.items():
+                (folder / f"{field}.{fmt}").write_text(text, encoding="utf-8")
+            return self._submit_tune(task, raw, job_id=job_id)
+        except BaseException:
+            remove_uploads(self.settings.data_dir, job_id)
+            raise
 
     def _submit(self, task: str, items: list[Item], opts: JobOptions) -> Job:
         if len(items) > self.settings.max_job_items:
@@ -228,10 +259,17 @@ class TranslatorService:
         self.runner.wake()
         return job_out(job)
 
-    def _submit_tune(self, task: str, raw: dict) -> Job:
+    def _check_work_allowed(self) -> None:
+        require_key_for_work(self.settings.api_key, self.settings.allow_work_without_key,
+                             "tune jobs")
+
+    def _submit_tune(self, task: str, raw: dict, job_id: str | None = None) -> Job:
+        self._check_work_allowed()
+        s = self.settings
         try:
             cfg = parse_config({**raw, "task": task})  # cross-field checks, as the CLI's
-            check_sources(cfg, self.settings.data_dir)
+            check_sources(cfg, Sources.for_job(s.data_dir, s.data_dir, s.models_path(),
+                                               s.allow_model_downloads, job_id))
         except InputError as exc:
             raise exc.at(f"options.{exc.field}") from None
         if (self.registry.root / cfg.name).exists():
@@ -241,7 +279,7 @@ class TranslatorService:
             if other.kind == "tune" and other.options.get("name") == cfg.name:
                 raise JobConflict(f"job {other.id} is tuning {cfg.name!r} already",
                                   field="options.name")
-        job = self.store.create("tune", task, raw, [], max_active=self.settings.max_jobs)
+        job = self.store.create("tune", task, raw, [], max_active=s.max_jobs, job_id=job_id)
         self.tuner.wake()
         return job_out(job)
 
@@ -268,6 +306,32 @@ class TranslatorService:
         return job_out(self.store.cancel(job_id))
 
 
+def _text(data: bytes, field: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.start})", field=field) from None
+
+
+def _parse_form_options(options_json: str, schema):
+    """The ``options`` form field of an upload: JSON, validated by ``schema`` (None: any
+    object, checked later)."""
+    try:
+        if schema is not None:
+            return schema.model_validate_json(options_json)
+        raw = json.loads(options_json)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InputError(f"{first['msg']}" + (f" (at {where})" if where else ""),
+                         field="options") from None
+    except ValueError as exc:
+        raise InputError(f"not valid JSON: {exc}", field="options") from None
+    if not isinstance(raw, dict):
+        raise InputError("a JSON object of tune options", field="options")
+    return raw
+
+
 def job_out(job) -> Job:
     return Job(id=job.id, kind=job.kind, task=job.task, state=job.state, total=job.total,
                done=job.done, failed=job.failed,
@@ -279,7 +343,8 @@ def job_out(job) -> Job:
 
 
 def _adapter_out(a: AdapterInfo) -> AdapterOut:
-    return AdapterOut(name=a.name, base_model=a.base_model, r=a.r, lora_alpha=a.lora_alpha,
+    base = a.manifest.get("base_model") or a.base_model
+    return AdapterOut(name=a.name, base_model=model_label(base) if base else None, r=a.r, lora_alpha=a.lora_alpha,
                       target_modules=a.target_modules, task=a.task,
                       prime_answer=a.prime_answer, evaluation=_evaluation(a.manifest))
 

@@ -21,7 +21,7 @@ from icma.generation.engines.base import (
     cut_at_stop,
 )
 from icma.core.errors import InputError
-from icma.generation.models import resolve_model
+from icma.generation.models import model_label, resolve_model
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class TransformersGenerator(Generator):
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        path = resolve_model(model or settings.llm_model, settings.data_dir)
+        path = resolve_model(model or settings.llm_model, settings.data_dir,
+                             allow_downloads=settings.allow_model_downloads)
         self.device = pick_device(device or settings.llm_device)
         self.batch_size = batch_size or settings.generation_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -82,7 +83,7 @@ class TransformersGenerator(Generator):
             self._default = Adapter(Path(adapter).name, Path(adapter))
             self._activate(self._default)
             self.adapter = str(adapter)
-        self.model = Path(path).name if Path(path).exists() else str(path)
+        self.model = model_label(path)
         gen_eos = self.net.generation_config.eos_token_id
         eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) - {None}
         eos.add(self.tokenizer.eos_token_id)

@@ -38,7 +38,7 @@ from icma.generation.engines.base import (Adapter, Generation, GenerationInput, 
                                cut_at_stop)
 from icma.generation.engines.hf import _check_adapter, pick_dtype
 from icma.core.errors import InputError
-from icma.generation.models import resolve_model
+from icma.generation.models import model_label, resolve_model
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class VllmGenerator(Generator):
         # batch_size is the transformers engine's; vLLM's scheduler sizes its own batches.
         from transformers import AutoTokenizer
 
-        path = resolve_model(model or settings.llm_model, settings.data_dir)
+        path = resolve_model(model or settings.llm_model, settings.data_dir,
+                             allow_downloads=settings.allow_model_downloads)
         on_cpu = current_platform.is_cpu()
         self.device = _check_device(device or settings.llm_device, on_cpu)
         self.dtype = pick_dtype(dtype or settings.llm_dtype, self.device)
@@ -74,7 +75,7 @@ class VllmGenerator(Generator):
         # (the prompt budget) while vLLM uses its copy in the thread that generates.
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.eos_ids = _eos_ids(path, self.tokenizer)
-        self.model = Path(path).name if Path(path).exists() else str(path)
+        self.model = model_label(path)
         # One LoRARequest id per adapter name; vLLM caches adapters by id, so a name whose
         # folder changes (an adapter re-trained in place) gets a fresh id, never stale weights.
         self._loras: dict[str, tuple[Path, int]] = {}
@@ -168,7 +169,8 @@ class VllmGenerator(Generator):
         try:
             self.llm.llm_engine.add_lora(request)
         except Exception as exc:  # vLLM's loader: wrong shapes, unsupported modules...
-            raise InputError(f"{path}: vLLM cannot load this adapter ({exc})",
+            why = str(exc).replace(str(path), adapter.name)  # responses never show folders
+            raise InputError(f"adapter {adapter.name!r}: vLLM cannot load it ({why})",
                              field="adapter") from None
         if known is not None:  # the same name's previous folder: free its slot
             self.llm.llm_engine.remove_lora(known[1])
@@ -231,5 +233,6 @@ def _check_rank(adapter: Path, max_rank: int) -> None:
     config = json.loads((adapter / "adapter_config.json").read_text())
     ranks = [config.get("r") or 0, *(config.get("rank_pattern") or {}).values()]
     if max(ranks) > max_rank:
-        raise InputError(f"{adapter} has LoRA rank {max(ranks)}, above the engine's largest "
-                         f"({max_rank}, ICMA_VLLM_MAX_LORA_RANK)", field="adapter")
+        raise InputError(f"adapter {adapter.name!r} has LoRA rank {max(ranks)}, above the "
+                         f"engine's largest ({max_rank}, ICMA_VLLM_MAX_LORA_RANK)",
+                         field="adapter")
