@@ -85,3 +85,10 @@ class UnavailableError(IcmaError):
     """A dependency is down or still loading; try again later."""
 
     status, code, retry_after = 503, "unavailable", 5
+
+
+class InternalError(IcmaError):
+    """A bug met while translating one input of a batch job: that item's result line says
+    "internal error" and the worker's log holds the traceback; the other items go on."""
+
+    status, code = 500, "internal"

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from icma import __version__
 from icma.core.settings import Settings, get_settings
 from icma.retrieval.store import CorpusStore
-from icma.server.http import ERROR_RESPONSES, BodyLimit, api_key_dependency, \
+from icma.server.http import ERROR_RESPONSES, BodyLimit, JsonBodyRoute, api_key_dependency, \
     install_error_handlers, install_health
 from icma.services.retrieval.protocol import (
     CaptionRequest,
@@ -28,7 +28,7 @@ from icma.services.retrieval.serving import RetrievalService
 UPLOAD_PATH = "/v1/corpora"
 
 #: The guarded endpoints; ``create_app`` includes them behind the app's API key.
-router = APIRouter()
+router = APIRouter(route_class=JsonBodyRoute)  # JSON bodies checked at the edge
 
 
 def service(request: Request) -> RetrievalService:

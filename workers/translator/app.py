@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from icma import __version__
 from icma.core.settings import Settings, get_settings
 from icma.generation.retrievers import Retriever
-from icma.server.http import ERROR_RESPONSES, BodyLimit, api_key_dependency, \
+from icma.server.http import ERROR_RESPONSES, BodyLimit, JsonBodyRoute, api_key_dependency, \
     install_error_handlers, install_health
 from icma.workers.translator.protocol import (
     Adapters,
@@ -39,7 +39,7 @@ WORKER_ERRORS = {
 JOB_ERRORS = {**WORKER_ERRORS, 429: {"model": ERROR_RESPONSES[422]["model"],
                                      "description": "the job queue is full"}}
 
-router = APIRouter()
+router = APIRouter(route_class=JsonBodyRoute)  # JSON bodies checked at the edge
 
 
 async def service(request: Request) -> TranslatorService:  # async: no thread-pool hop

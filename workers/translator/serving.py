@@ -13,7 +13,8 @@ from typing import Iterator, Sequence
 from prometheus_client import Gauge
 from pydantic import ValidationError
 
-from icma.core.errors import InputError
+from icma.core.errors import IcmaError, InputError
+from icma.core.jsontext import JsonTextError, parse_json
 from icma.core.settings import Settings
 from icma.core.tasks import check_task
 from icma.generation.adapters import AdapterInfo, AdapterRegistry
@@ -23,12 +24,12 @@ from icma.generation.options import Options, build_options
 from icma.generation.pipeline import Outcome, run_batch
 from icma.generation.retrievers import HttpRetriever, Retriever
 from icma.generation.scheduler import BATCH, INTERACTIVE, GenerationQueue
-from icma.jobs.items import parse_items
+from icma.jobs.items import check_item, parse_items
 from icma.jobs.results import iter_results
 from icma.jobs.runner import JobRunner, batch_translator
 from icma.jobs.store import Item, JobConflict, JobStore
 from icma.jobs.tune import TuneRunner
-from icma.server.http import Metrics
+from icma.server.http import Metrics, json_input_error, validation_input_error
 from icma.tuning import parse_config
 from icma.tuning.run import check_sources
 from icma.workers.translator.protocol import (
@@ -122,7 +123,11 @@ class TranslatorService:
                              adapters=self.registry.get)
 
     def job_options(self, task: str, raw: dict) -> Options:
-        return self.options(task, JobOptions.model_validate(raw).model_dump())
+        """A job's options (as stored, or as submitted); errors name ``options.<field>``."""
+        try:
+            return self.options(task, JobOptions.model_validate(raw).model_dump())
+        except IcmaError as exc:
+            raise exc.at(f"options.{exc.field}" if exc.field else "options") from None
 
     def mol2cap(self, req: Mol2CapRequest) -> Mol2CapResponse:
         """A caption for a molecule, written by the LLM from retrieved similar examples."""
@@ -182,21 +187,26 @@ class TranslatorService:
         """Queue a translation job or a tune job."""
         if isinstance(req, TuneJobCreate):
             return self._submit_tune(req.task, req.options.model_dump(exclude_unset=True))
-        items = [Item(x) if isinstance(x, str) else Item(x.input, x.id, x.reference)
-                 for x in req.items]
+        items = []
+        for i, x in enumerate(req.items):
+            item = Item(x) if isinstance(x, str) else Item(x.input, x.id, x.reference)
+            try:
+                items.append(check_item(req.task, item))
+            except InputError as exc:
+                raise exc.at(f"items[{i}]" if isinstance(x, str) else
+                             f"items[{i}].{exc.field}") from None
         return self._submit(req.task, items, req.options)
 
     def upload_job(self, task: str, filename: str | None, data: bytes,
                    options_json: str) -> Job:
         """Queue a translation job from a file: JSON lines or a corpus TSV."""
         check_task(task)
-        try:
-            opts = JobOptions.model_validate_json(options_json)
+        try:  # the same checks and the same strictness as a JSON body's options
+            opts = JobOptions.model_validate(parse_json(options_json))
+        except JsonTextError as exc:
+            raise json_input_error(exc, "options") from None
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise InputError(f"{first['msg']}" + (f" (at {where})" if where else ""),
-                             field="options") from None
+            raise validation_input_error(exc, "options") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -209,7 +219,7 @@ class TranslatorService:
         if len(items) > self.settings.max_job_items:
             raise InputError(f"{len(items)} items; a job takes at most "
                              f"{self.settings.max_job_items}", field="items")
-        self.options(task, opts.model_dump())  # refuse bad options now, not when it runs
+        self.job_options(task, opts.model_dump())  # refuse bad options now, not when it runs
         job = self.store.create("translate", task, opts.model_dump(exclude_defaults=True),
                                 items, max_active=self.settings.max_jobs)
         self.runner.wake()
