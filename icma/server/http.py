@@ -132,6 +132,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"),
                               str(exc.detail), None, getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _outer(request: Request, exc: Exception):
+        # Only what escapes the outer middlewares comes here (InternalErrors takes the rest);
+        # Starlette re-raises it after this answer and uvicorn logs it.
+        return error_response(500, "internal", "internal error", None)
+
     app.add_middleware(InternalErrors)
 
 
@@ -176,10 +182,8 @@ class _CheckedJsonRequest(Request):
             try:
                 self._checked_json = parse_json(await self.body())
             except JsonTextError as exc:
-                if exc.syntax:
-                    raise ApiError(400, "bad_json", f"request body is {exc.reason}"
-                                   if exc.reason.startswith("not ") else
-                                   f"request body is not acceptable JSON: {exc.reason}",
+                if exc.syntax:  # ("not valid JSON: ...", "nested deeper than 32 levels")
+                    raise ApiError(400, "bad_json", f"request body is {exc.reason}",
                                    "body") from None
                 raise ApiError(422, "invalid_input", exc.reason, exc.field or "body") from None
         return self._checked_json
