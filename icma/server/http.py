@@ -48,7 +48,9 @@ class Health(BaseModel):
 #: Error responses to document on every endpoint that takes input.
 ERROR_RESPONSES = {
     status: {"model": ErrorBody, "description": text}
-    for status, text in [(401, "missing or wrong API key"), (404, "unknown corpus"),
+    for status, text in [(400, "request body is not acceptable JSON (not UTF-8, malformed, or "
+                                "nested deeper than 32 levels)"),
+                         (401, "missing or wrong API key"), (404, "unknown corpus"),
                          (409, "corpus not ready, or a name conflict"),
                          (413, "request body too large"), (422, "invalid input")]
 }
