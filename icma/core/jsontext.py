@@ -53,13 +53,22 @@ def field_path(parts: Iterable[str | int]) -> str:
 
 def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> object:
     """The value of a JSON text, or JsonTextError saying what is wrong and where."""
+    raw_ok = False  # text decoded here holds no surrogate of its own
     if isinstance(text, (bytes, bytearray)):
         try:
-            text = bytes(text).decode("utf-8")
+            text, raw_ok = bytes(text).decode("utf-8"), True
         except UnicodeDecodeError as exc:
             raise JsonTextError(f"not UTF-8 text (byte {exc.start})", syntax=True) from None
+    odd_numbers: list[str] = []
+
+    def number(literal: str) -> float:  # (NaN and Infinity come here too)
+        value = float(literal)
+        if not math.isfinite(value):
+            odd_numbers.append(literal)
+        return value
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_float=number, parse_constant=number)
     except json.JSONDecodeError as exc:
         raise JsonTextError(f"not valid JSON: {exc.msg} (line {exc.lineno}, column "
                             f"{exc.colno})", syntax=True) from None
@@ -67,13 +76,41 @@ def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> object:
         raise JsonTextError(f"nested deeper than {max_depth} levels", syntax=True) from None
     except ValueError as exc:  # an integer of more than 4,300 digits
         raise JsonTextError(f"not valid JSON: {exc}", syntax=True) from None
-    check_value(value, max_depth=max_depth)
+    # Walking every value costs several times the parse, so only a text that may hold a
+    # problem is walked (to find and name it): a lone surrogate needs a \u escape (or was in
+    # the text already), deep nesting more brackets than the limit.
+    if odd_numbers or "\\u" in text or not (raw_ok or _is_utf8(text)) or \
+            (text.count("[") + text.count("{") > max_depth and not _shallow(value, max_depth)):
+        _check_value(value, max_depth)
     return value
 
 
-def check_value(value: object, *, max_depth: int = MAX_DEPTH) -> None:
+def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _shallow(value: object, max_depth: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > max_depth:
+            return False
+        children = v.values() if isinstance(v, dict) else v
+        stack.extend((c, depth + 1) for c in children  # type: ignore[union-attr]
+                     if isinstance(c, (dict, list)))
+    return True
+
+
+def _check_value(value: object, max_depth: int) -> None:
     """Refuse lone surrogates (in keys too), non-finite numbers and nesting deeper than
-    ``max_depth`` in a parsed JSON value. Iterative: depth costs no Python stack."""
+    ``max_depth`` in a parsed JSON value, naming the first one's path. Iterative: depth costs
+    no Python stack."""
     stack: list[tuple[object, tuple, int]] = [(value, (), 0)]
     while stack:
         v, path, depth = stack.pop()
