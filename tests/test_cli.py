@@ -162,3 +162,19 @@ def test_translate_options_are_checked_before_any_work(flags, says, tmp_path, ca
                        *flags)
     assert code == 2 and f"icma: error: {says}" in err, err
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_tune_random_walk_flag_gives_the_strict_schema_numbers(capsys):
+    """The request schemas take no "0.2" for 0.2 (RandomWalk is strict); the flag's two words
+    become numbers first, and bad ones are one line naming the flag."""
+    from icma.cli import build_parser
+    from icma.cli.tune import tune_settings
+    from icma.tuning import parse_config
+
+    args = build_parser().parse_args(["tune", "--task", "mol2cap", "--name", "x",
+                                      "--random-walk", "0.2", "7"])
+    walk = parse_config(tune_settings(args)).random_walk
+    assert (walk.skip_probability, walk.seed) == (0.2, 7)
+    code, _, err = run(capsys, "tune", "--task", "mol2cap", "--name", "x", "--random-walk",
+                       "0.2", "seven")
+    assert code == 2 and "icma: error: --random-walk: takes a skip probability" in err, err

@@ -88,3 +88,34 @@ def test_an_adapter_is_served_with_the_prompt_form_it_was_tuned_on(tmp_path):
         build_options("mol2cap", {"adapter": "missing"}, adapters=registry.get)
     direct = build_options("mol2cap", {}, adapter=Adapter("new", tmp_path / "tuned"))
     assert direct.adapter.name == "new" and direct.prime_answer is False
+
+
+@pytest.mark.parametrize("request_, field", [
+    ({"n_shot": "2"}, "n_shot"),
+    ({"n_shot": True}, "n_shot"),
+    ({"retrieval": {"corpus": ""}}, "retrieval.corpus"),  # not the default corpus
+    ({"retrieval": {"corpus": "../x"}}, "retrieval.corpus"),
+    ({"retrieval": {"exclude_same_structure": "yes"}}, "retrieval.exclude_same_structure"),
+    ({"adapter": ""}, "adapter"),  # not the base model
+    ({"generation": {"top_k": 40.0}}, "generation.top_k"),
+    ({"generation": {"temperature": "0.7"}}, "generation.temperature"),
+    ({"generation": {"seed": False}}, "generation.seed"),
+    ({"generation": {"repetition_penalty": 1e-300}}, "generation.repetition_penalty"),
+    ({"generation": {"top_k": 2**40}}, "generation.top_k"),
+])
+def test_values_are_not_coerced_whichever_door_they_came_in_by(request_, field, tmp_path):
+    with pytest.raises(InputError) as e:
+        build_options("mol2cap", request_, adapters=AdapterRegistry(tmp_path).get)
+    assert e.value.field == field and e.value.status == 422
+
+
+def test_sampling_colder_than_the_floor_is_greedy_and_seeds_wrap():
+    from icma.generation.engines import MIN_SAMPLING_TEMPERATURE, GenerationParams
+
+    for t in (1e-300, MIN_SAMPLING_TEMPERATURE / 2):
+        assert GenerationParams(temperature=t).for_engine().decoding == "greedy"
+    kept = GenerationParams(temperature=MIN_SAMPLING_TEMPERATURE).for_engine()
+    assert kept.decoding == "sample" and kept.temperature == MIN_SAMPLING_TEMPERATURE
+    assert GenerationParams(decoding="beam", temperature=1e-300).for_engine().decoding == "beam"
+    last = GenerationParams(seed=2**63 - 1)
+    assert last.next_seed(2).seed == 1 and last.next_seed(2).checked()

@@ -99,7 +99,7 @@ def test_a_job_runs_to_its_result_lines(service):
 def test_job_input_is_checked_before_it_is_queued(service):
     with pytest.raises(InputError) as e:
         service.upload_job("mol2cap", "in.jsonl", b'"CCO"\n', '{"n_shot": "two"}')
-    assert e.value.field == "options"
+    assert e.value.field == "options.n_shot"  # (the field itself, as a JSON job says it)
     with pytest.raises(InputError) as e:
         service.upload_job("smiles2text", "in.jsonl", b'"CCO"\n', "{}")
     assert e.value.field == "task"

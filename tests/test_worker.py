@@ -213,7 +213,7 @@ def test_job_from_uploaded_tsv_and_bad_files(nn_worker, shared, tmp_path):
     assert bad.json()["error"]["field"] == "file"
     opts = httpx.post(nn_worker.url + "/v1/jobs/upload", files={"file": ("q.jsonl", b'"CCO"\n')},
                       data={"task": "mol2cap", "options": '{"n_shot": -1}'})
-    assert opts.status_code == 422 and opts.json()["error"]["field"] == "options"
+    assert opts.status_code == 422 and opts.json()["error"]["field"] == "options.n_shot"
     assert httpx.get(nn_worker.url + "/v1/jobs/nope").status_code == 404
 
 

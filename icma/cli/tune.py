@@ -67,8 +67,14 @@ def tune_settings(args) -> dict:
     for key, value in vars(args).items():
         if key.startswith("cfg_"):
             name = key[4:]
-            if name == "random_walk":
-                value = {"skip_probability": value[0], "seed": value[1]}
+            if name == "random_walk":  # (typed here: the schema takes no "0.2" for 0.2)
+                try:
+                    value = {"skip_probability": float(value[0]), "seed": int(value[1])}
+                except ValueError:
+                    from icma.core.errors import InputError
+
+                    raise InputError(f"takes a skip probability and an integer seed, got "
+                                     f"{' '.join(value)}", field="--random-walk") from None
             data[name] = value
     return data
 

@@ -16,6 +16,7 @@ from typing import Iterable, Literal
 
 from icma.core import chem
 from icma.core.errors import CorpusError, InputError
+from icma.core.jsontext import JsonTextError, parse_json
 from icma.core.settings import PACKAGE_DATA
 
 OnInvalid = Literal["skip", "keep", "fail"]
@@ -156,7 +157,7 @@ def read_corpus(
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         rows, has_captions, report = _jsonl_rows(text, str(path))
     else:
-        rows, has_captions, report = _tsv_rows(text, str(path))
+        rows, has_captions, report = tsv_rows(text, str(path))
     corpus = _build(rows, has_captions, report, on_invalid, strict, name or path.stem)
     return corpus, report
 
@@ -170,14 +171,16 @@ def parse_corpus_text(text: str, *, fmt: str = "tsv", name: str = "upload",
     if fmt == "jsonl":
         rows, has_captions, report = _jsonl_rows(text, name)
     elif fmt == "tsv":
-        rows, has_captions, report = _tsv_rows(text, name)
+        rows, has_captions, report = tsv_rows(text, name)
     else:
         raise InputError(f"unknown corpus format {fmt!r}; use tsv or jsonl", field="format")
     return _build(rows, has_captions, report, "fail" if strict else on_invalid, strict, name,
                   max_heavy_atoms), report
 
 
-def _tsv_rows(text: str, where: str):
+def tsv_rows(text: str, where: str):
+    """(rows: (line, CID, SMILES, description), whether there is a description column, report)
+    of a corpus TSV; nothing checked but its shape (job uploads read their items from here)."""
     report = LoadReport(path=where)
     lines = text.splitlines()
     if not lines or not lines[0].strip():
@@ -219,9 +222,9 @@ def _jsonl_rows(text: str, where: str):
             continue
         report.rows += 1
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            report.malformed.append((n, f"invalid JSON ({exc.msg})"))
+            obj = parse_json(raw)  # (a lone surrogate or deep nesting once made a 500)
+        except JsonTextError as exc:
+            report.malformed.append((n, str(exc)))
             continue
         if not isinstance(obj, dict):
             report.malformed.append((n, "not a JSON object"))
@@ -315,7 +318,7 @@ def tsv_bytes(corpus: Corpus) -> bytes:
                                       "proper Unicode text (a lone surrogate)",
                                       field="corpus") from None
         raise
-    rows, has_captions, _ = _tsv_rows(text, "stored")
+    rows, has_captions, _ = tsv_rows(text, "stored")
     want = [(i + 2, r.cid, r.smiles, r.description if corpus.has_captions else "")
             for i, r in enumerate(corpus.records)]
     if has_captions == corpus.has_captions and rows == want:

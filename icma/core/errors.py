@@ -106,3 +106,10 @@ def public_message(text: str, folders: dict[str, Path]) -> str:
             if len(form) > 1:
                 text = text.replace(form, label)
     return text
+
+
+class InternalError(IcmaError):
+    """A bug met while translating one input of a batch job: that item's result line says
+    "internal error" and the worker's log holds the traceback; the other items go on."""
+
+    status, code = 500, "internal"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from icma.core.chem import MAX_SMILES_CHARS
 from icma.core.errors import InputError, PromptTooLongError
 from icma.core.rerank import Order, prompt_order
 from icma.core.tasks import Task, check_task, spec
@@ -17,6 +18,8 @@ from icma.core.tasks import Task, check_task, spec
 PROMPT_FORMAT_VERSION = "icma-1"
 DEFAULT_EOS = "</s>"
 MAX_QUERY_CHARS = 8192
+#: The longest text of each kind (the tasks' ``query`` and ``answer`` names) the services take.
+MAX_CHARS = {"smiles": MAX_SMILES_CHARS, "caption": MAX_QUERY_CHARS}
 
 # Per task: (example block, final line with examples, zero-shot line); the answer marker is
 # the task's (icma.core.tasks). {q} is the query side (SMILES for mol2cap, caption for

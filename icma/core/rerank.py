@@ -25,7 +25,7 @@ Order = Literal["reversed", "ranked"]
 class RandomWalk(BaseModel):
     """Skip each ranked candidate with this probability (walking the top max(10, k))."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "0.2" for 0.2
     skip_probability: float = Field(ge=0.0, lt=1.0, description="chance to skip a candidate")
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
 

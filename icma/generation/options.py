@@ -13,8 +13,9 @@ translation came in by::
      "num_candidates": 1}
 
 Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``).
-Errors name the request's fields (``n_shot``, ``retrieval.method``); the CLI renames them to
-its flags.
+Values are not coerced: an empty corpus or adapter name is an error, not the default, and
+``"2"`` is not an integer. Errors name the request's fields (``n_shot``, ``retrieval.method``);
+the CLI renames them to its flags and jobs put them under ``options.``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from icma.core.errors import InputError
+from icma.core.names import check_name
 from icma.core.rerank import Order
 from icma.core.tasks import Task, check_method, spec
 from icma.generation.adapters import AdapterInfo
@@ -94,14 +96,17 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
                          "search give the same molecule every time)", field="num_candidates")
     r = request.get("retrieval") or {}
     walk = r.get("random_walk")
+    corpus = r.get("corpus")
+    if corpus is not None:  # (an empty name once meant the default corpus, silently)
+        check_name(corpus, field="retrieval.corpus", what="corpus name")
     retrieval = RetrievalOptions(
-        method=check_method(task, r.get("method")), corpus=r.get("corpus") or None,
+        method=check_method(task, r.get("method")), corpus=corpus,
         exclude_cids=tuple(r.get("exclude_cids") or ()),
-        exclude_same=bool(r.get(s.exclude_same)),
+        exclude_same=_flag(r.get(s.exclude_same), f"retrieval.{s.exclude_same}"),
         random_walk=None if walk is None else (walk["skip_probability"], walk.get("seed", 0)))
     prime, order = request.get("prime_answer"), request.get("order")
     name = request.get("adapter")
-    if name and adapter is None:
+    if name is not None and adapter is None:
         if adapters is None:
             raise InputError("adapters are not served here", field="adapter")
         info = adapters(name)
@@ -123,10 +128,18 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
 
 
 def _bounded(value: int, low: int, high: int | None, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"must be an integer, got {value!r}", field=field)
     if value < low or (high is not None and value > high):
         rule = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise InputError(f"must be {rule}, got {value}", field=field)
     return value
+
+
+def _flag(value, field: str) -> bool:
+    if value is not None and not isinstance(value, bool):
+        raise InputError(f"must be true or false, got {value!r}", field=field)
+    return bool(value)
 
 
 def _get(request: Mapping, key: str, default):

@@ -11,17 +11,20 @@ engine thread).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from icma.core import chem
-from icma.core.errors import IcmaError, InputError, UnavailableError
+from icma.core.errors import IcmaError, InputError, InternalError, UnavailableError
 from icma.core.prompts import Example, build_prompt, check_query, extract_answer
 from icma.core.tasks import Task, check_task
 from icma.generation.engines import GenerationInput, Generator
 from icma.generation.options import Options, build_options
 from icma.generation.retrievers import Retriever
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
         if not todo:
             break
         # Each further candidate is a fresh sample: the same prompt under the next seed.
-        p = params if attempt == 0 else replace(params, seed=params.seed + attempt)
+        p = params.next_seed(attempt)
         done = translate(task, [queries[i] for i in todo], [ex_of[i] for i in todo], engine,
                          replace(options, params=p))
         still = []
@@ -151,9 +154,28 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
 
 def run_isolating(task: str, queries: Sequence[str], options: Options, retriever: Retriever,
                   engine: Generator, max_heavy_atoms: int | None = None) -> list[Outcome]:
-    """``run_batch``, but when the batch is refused as a whole (the retrieval service rejects
-    one input that ``check_input`` let through), halve it until the bad inputs stand alone.
-    Failures that concern every input (service down, engine not loaded) still raise."""
+    """``run_batch`` for batch jobs, where one bad input must not fail its batch mates. A batch
+    refused as a whole (the retrieval service rejects one input that ``check_input`` let
+    through) is halved until the bad inputs stand alone; a batch that fails with an unexpected
+    exception (the engine's) is retried input by input, and an input that still fails alone
+    gets an ``InternalError``, logged once per call with its traceback. Failures that concern
+    every input (service down, engine not loaded) still raise."""
+    bugs: list[Exception] = []  # inputs that failed alone
+    together: list[Exception] = []  # batches that failed, whatever their inputs did alone
+    out = _isolating(task, list(queries), options, retriever, engine, max_heavy_atoms, bugs,
+                     together)
+    if bugs:
+        log.error("internal error translating %d of %d %s input(s); their results say so",
+                  len(bugs), len(queries), task, exc_info=bugs[0])
+    elif together:
+        log.warning("a batch of %s inputs failed together but not one by one", task,
+                    exc_info=together[0])
+    return out
+
+
+def _isolating(task: str, queries: list[str], options: Options, retriever: Retriever,
+               engine: Generator, max_heavy_atoms: int | None, bugs: list[Exception],
+               together: list[Exception]) -> list[Outcome]:
     try:
         return run_batch(task, queries, options, retriever, engine, max_heavy_atoms)
     except UnavailableError:
@@ -162,6 +184,16 @@ def run_isolating(task: str, queries: Sequence[str], options: Options, retriever
         if len(queries) == 1:
             return [Outcome(error=exc)]
         mid = len(queries) // 2
-        return (run_isolating(task, queries[:mid], options, retriever, engine, max_heavy_atoms)
-                + run_isolating(task, queries[mid:], options, retriever, engine,
-                                max_heavy_atoms))
+        return (_isolating(task, queries[:mid], options, retriever, engine, max_heavy_atoms,
+                           bugs, together)
+                + _isolating(task, queries[mid:], options, retriever, engine, max_heavy_atoms,
+                             bugs, together))
+    except Exception as exc:  # nobody foresaw it: find the inputs it belongs to
+        if len(queries) == 1:
+            bugs.append(exc)
+            return [Outcome(error=InternalError("internal error (the worker's log has the "
+                                                "details)"))]
+        together.append(exc)
+        return [o for q in queries
+                for o in _isolating(task, [q], options, retriever, engine, max_heavy_atoms, bugs,
+                                       together)]

@@ -16,11 +16,13 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from icma.core.errors import ForbiddenError, IcmaError, UnavailableError
+from icma.core.errors import ForbiddenError, IcmaError, InputError, UnavailableError
+from icma.core.jsontext import JsonTextError, field_path, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +48,23 @@ class Health(BaseModel):
 #: Error responses to document on every endpoint that takes input.
 ERROR_RESPONSES = {
     status: {"model": ErrorBody, "description": text}
-    for status, text in [(401, "missing or wrong API key"), (404, "unknown corpus"),
+    for status, text in [(400, "request body is not acceptable JSON (not UTF-8, malformed, or "
+                                "nested deeper than 32 levels)"),
+                         (401, "missing or wrong API key"), (404, "unknown corpus"),
                          (409, "a name conflict, or a corpus whose index build failed"),
                          (413, "request body too large"), (422, "invalid input")]
 }
 
 
-class ApiError(Exception):
+class ApiError(StarletteHTTPException):
+    """An HTTP error raised by the plumbing (a body over its limit, bad JSON). An
+    HTTPException, because FastAPI passes those on when one is raised while it reads the body
+    (BodyLimit raises inside ``receive``) and turns any other exception there into a 400."""
+
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  headers: dict | None = None):
-        super().__init__(message)
+        super().__init__(status, message, headers)
         self.status, self.code, self.message, self.field = status, code, message, field
-        self.headers = headers
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -72,12 +79,32 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w
 
 def _loc_to_field(loc) -> str:
     # Union members add their type to the location ('smiles', 'str'): keep only field names.
-    parts = [p for p in loc if p not in ("body", "query", "path")
-             and not (isinstance(p, str) and _TYPE_TAG.match(p))]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "body"
+    return field_path(p for p in loc if p not in ("body", "query", "path")
+                      and not (isinstance(p, str) and _TYPE_TAG.match(p))) or "body"
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str]:
+    """(field, message) for pydantic's errors: the first error's field, and every message about
+    that field (a union gives one per member)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _loc_to_field(first.get("loc", ()))
+    same = list(dict.fromkeys(e["msg"] for e in errors
+                              if _loc_to_field(e.get("loc", ())) == field))
+    others = sum(_loc_to_field(e.get("loc", ())) != field for e in errors)
+    more = f" (and {others} more problem(s))" if others else ""
+    return field, " or ".join(same) + more
+
+
+def validation_input_error(exc, prefix: str) -> InputError:
+    """A pydantic ValidationError about a value that came in as ``prefix`` (a JSON form field)
+    as an InputError naming ``prefix.<field>``."""
+    field, message = describe_validation(exc.errors())
+    return InputError(message, field=prefix if field == "body" else f"{prefix}.{field}")
+
+
+def json_input_error(exc: JsonTextError, prefix: str) -> InputError:
+    """A JSON text given as ``prefix`` (a form field) that ``parse_json`` refused."""
+    return InputError(exc.reason, field=f"{prefix}.{exc.field}" if exc.field else prefix)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -94,17 +121,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = _loc_to_field(first.get("loc", ()))
-        if first.get("type") == "json_invalid":
+        if errors and errors[0].get("type") == "json_invalid":
+            first = errors[0]
             return error_response(400, "bad_json", f"request body is not valid JSON: "
                                   f"{first.get('ctx', {}).get('error', first['msg'])}", "body")
-        # A union gives one error per member for the same field: say them together.
-        same = list(dict.fromkeys(e["msg"] for e in errors
-                                  if _loc_to_field(e.get("loc", ())) == field))
-        others = sum(_loc_to_field(e.get("loc", ())) != field for e in errors)
-        more = f" (and {others} more problem(s))" if others else ""
-        return error_response(422, "invalid_input", " or ".join(same) + more, field)
+        field, message = describe_validation(errors)
+        return error_response(422, "invalid_input", message, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -113,9 +135,83 @@ def install_error_handlers(app: FastAPI) -> None:
                               str(exc.detail), None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+    async def _outer(request: Request, exc: Exception):
+        # Only what escapes the outer middlewares comes here (InternalErrors takes the rest);
+        # Starlette re-raises it after this answer and uvicorn logs it.
         return error_response(500, "internal", "internal error", None)
+
+    app.add_middleware(InternalErrors)
+
+
+class InternalErrors:
+    """Pure ASGI middleware: an exception no handler took is a bug. Log it once, with its
+    traceback, and answer 500 "internal error". Starlette's own last handler re-raises after
+    answering, so that uvicorn logged every 500 a second time ("Exception in ASGI
+    application"); nothing escapes from here. Installed innermost, so the request counter
+    sees the 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_noting_start(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_start)
+        except Exception:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:  # (otherwise the client sees the response cut short)
+                await error_response(500, "internal", "internal error")(scope, receive, send)
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return True  # FastAPI reads such a body as JSON too, unless it insists on the header
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind.startswith("application/") and (kind.endswith("/json") or kind.endswith("+json"))
+
+
+class _CheckedJsonRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_checked_json"):
+            try:
+                self._checked_json = parse_json(await self.body())
+            except JsonTextError as exc:
+                if exc.syntax:  # ("not valid JSON: ...", "nested deeper than 32 levels")
+                    raise ApiError(400, "bad_json", f"request body is {exc.reason}",
+                                   "body") from None
+                raise ApiError(422, "invalid_input", exc.reason, exc.field or "body") from None
+        return self._checked_json
+
+
+class JsonBodyRoute(APIRoute):
+    """The route class of both services' routers: a JSON request body is parsed once, by
+    ``icma.core.jsontext`` (proper Unicode, a depth limit, finite numbers), before FastAPI
+    validates it, so every field of every endpoint is covered, future ones included. A text
+    that is not acceptable JSON is a 400 ``bad_json``; a bad value in it a 422 naming its field
+    (``items[2].input``)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def checked(request: Request):
+            content_type = request.headers.get("content-type")
+            if _is_json(content_type):
+                request = _CheckedJsonRequest(request.scope, request.receive)
+                if await request.body():  # (FastAPI reports an empty body missing itself)
+                    await request.json()  # raises here, where the app's handlers answer
+            return await handler(request)
+
+        return checked
 
 
 def api_key_dependency(get_key: Callable[[], str | None]):

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from icma import __version__
 from icma.core.settings import Settings, get_settings
 from icma.retrieval.store import CorpusStore
-from icma.server.http import ERROR_RESPONSES, BodyLimit, CrossOrigin, api_key_dependency, \
-    install_error_handlers, install_health
+from icma.server.http import ERROR_RESPONSES, BodyLimit, CrossOrigin, JsonBodyRoute, \
+    api_key_dependency, install_error_handlers, install_health
 from icma.services.retrieval.protocol import (
     CaptionRequest,
     CaptionResponse,
@@ -32,7 +32,7 @@ RETRIEVE_ERRORS = {**ERROR_RESPONSES, 503: {
                    "retry after the Retry-After header's seconds"}}
 
 #: The guarded endpoints; ``create_app`` includes them behind the app's API key.
-router = APIRouter()
+router = APIRouter(route_class=JsonBodyRoute)  # JSON bodies checked at the edge
 
 
 def service(request: Request) -> RetrievalService:

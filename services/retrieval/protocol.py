@@ -6,8 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from icma.core.chem import MAX_SMILES_CHARS
-from icma.core.prompts import MAX_QUERY_CHARS
 from icma.core.rerank import Order, RandomWalk
 from icma.core.tasks import TASK_SPECS
 
@@ -16,7 +14,9 @@ MOL2CAP, CAP2MOL = TASK_SPECS["mol2cap"], TASK_SPECS["cap2mol"]
 
 
 class _RetrieveCommon(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "2" or true for k, "yes" for a flag are client bugs to report, not to coerce
+    # (JSON integers still fill float fields).
+    model_config = ConfigDict(extra="forbid", strict=True)
     corpus: str | None = Field(default=None, max_length=64,
                                description="corpus name; default: the embedded ChEBI-20")
     exclude_cids: list[str] = Field(default_factory=list, max_length=1000,
@@ -117,5 +117,3 @@ class CorporaResponse(BaseModel):
     default: str
     corpora: list[CorpusInfo]
 
-
-MAX_LENGTHS = {"smiles": MAX_SMILES_CHARS, "caption": MAX_QUERY_CHARS}

@@ -14,7 +14,8 @@ from anyio import to_thread
 
 from icma.core import chem
 from icma.core.errors import InputError
-from icma.core.prompts import Example
+from icma.core.names import check_name
+from icma.core.prompts import MAX_CHARS, Example
 from icma.core.rerank import RerankConfig, prompt_order
 from icma.core.settings import Settings
 from icma.retrieval import Exclusion
@@ -22,7 +23,6 @@ from icma.retrieval.examples import retrieve_examples, select_examples
 from icma.retrieval.store import CorpusStore
 from icma.server.http import Metrics, require_key_for_work
 from icma.services.retrieval.protocol import (
-    MAX_LENGTHS,
     CaptionRequest,
     CaptionResponse,
     CaptionResult,
@@ -117,6 +117,7 @@ class RetrievalService:
         queries = _queries(req.smiles, "smiles", self.settings)
         _check_k(req.k, self.settings)
         limit = self.settings.max_heavy_atoms
+        _check_corpus(req.corpus)
         canonical = [chem.canonical_smiles(q, field=f"smiles[{i}]" if isinstance(req.smiles, list)
                                            else "smiles", max_heavy_atoms=limit)
                      for i, q in enumerate(queries)]
@@ -149,6 +150,7 @@ class RetrievalService:
         t0 = time.perf_counter()
         queries = _queries(req.caption, "caption", self.settings)
         _check_k(req.k, self.settings)
+        _check_corpus(req.corpus)
         index = (self.store.index if inline else self.store.searcher)(req.corpus, req.method)
         cids = frozenset(req.exclude_cids)
         exclusions = [Exclusion(cids=cids, caption=q if req.exclude_same_caption else None)
@@ -171,7 +173,7 @@ def _queries(value: str | list[str], name: str, settings: Settings) -> list[str]
     if len(queries) > settings.max_batch:
         raise InputError(f"{len(queries)} queries in one request; at most {settings.max_batch}",
                          field=name)
-    limit = MAX_LENGTHS[name]
+    limit = MAX_CHARS[name]
     for i, q in enumerate(queries):
         where = f"{name}[{i}]" if isinstance(value, list) else name
         if not q.strip():
@@ -184,6 +186,11 @@ def _queries(value: str | list[str], name: str, settings: Settings) -> list[str]
 def _check_k(k: int, settings: Settings) -> None:
     if k > settings.max_k:
         raise InputError(f"k must be at most {settings.max_k}, got {k}", field="k")
+
+
+def _check_corpus(name: str | None) -> None:
+    if name is not None:  # (an empty name once meant the default corpus, silently)
+        check_name(name, field="corpus", what="corpus name")
 
 
 def _rerank(req: MoleculeRequest | CaptionRequest) -> RerankConfig:

@@ -20,8 +20,8 @@ from icma.core.errors import InputError
 from icma.core.settings import Settings, get_settings
 from icma.generation.retrievers import Retriever
 from icma.jobs.results import ResultStream
-from icma.server.http import ERROR_RESPONSES, BodyLimit, CrossOrigin, api_key_dependency, \
-    install_error_handlers, install_health
+from icma.server.http import ERROR_RESPONSES, BodyLimit, CrossOrigin, JsonBodyRoute, \
+    api_key_dependency, install_error_handlers, install_health
 from icma.workers.translator.protocol import (
     Adapters,
     AnyJobCreate,
@@ -45,7 +45,7 @@ JOB_ERRORS = {**WORKER_ERRORS, 429: {"model": ERROR_RESPONSES[422]["model"],
 RESULTS_ERRORS = {**WORKER_ERRORS, 429: {"model": ERROR_RESPONSES[422]["model"],
                                          "description": "too many result streams are open"}}
 
-router = APIRouter()
+router = APIRouter(route_class=JsonBodyRoute)  # JSON bodies checked at the edge
 
 
 async def service(request: Request) -> TranslatorService:  # async: no thread-pool hop

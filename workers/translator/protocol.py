@@ -10,7 +10,8 @@ from icma.core.chem import MAX_SMILES_CHARS
 from icma.core.prompts import MAX_QUERY_CHARS
 from icma.core.rerank import RandomWalk
 from icma.core.tasks import ALL_METHODS, TASK_SPECS, TASKS, per_task
-from icma.generation.engines import BOUNDS, DECODINGS, GenerationParams
+from icma.generation.engines import BOUNDS, DECODINGS, MIN_SAMPLING_TEMPERATURE, \
+    GenerationParams
 from icma.generation.options import DEFAULT_CUTOFF
 from icma.tuning.config import TuneOptions
 
@@ -20,7 +21,11 @@ _DEFAULT = GenerationParams()
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are errors, and values are not coerced: "2" or true for an integer, "yes"
+    for a flag, 1e30 for top_k are client bugs to report (JSON integers still fill float
+    fields)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Retrieval(Strict):
@@ -48,7 +53,10 @@ class Generation(Strict):
     mol2cap)."""
 
     decoding: Literal[DECODINGS] = _DEFAULT.decoding
-    temperature: float = Field(default=_DEFAULT.temperature, **BOUNDS["temperature"])
+    temperature: float = Field(default=_DEFAULT.temperature, **BOUNDS["temperature"],
+                               description=f"below {MIN_SAMPLING_TEMPERATURE}, sampling "
+                                           "decodes greedily (it is greedy in effect, and "
+                                           "colder sampling overflows)")
     top_p: float = Field(default=_DEFAULT.top_p, **BOUNDS["top_p"])
     top_k: int = Field(default=_DEFAULT.top_k, **BOUNDS["top_k"], description="0: no top-k cut")
     num_beams: int = Field(default=_DEFAULT.num_beams, **BOUNDS["num_beams"],
@@ -164,13 +172,20 @@ class JobCreate(Strict):
     options: JobOptions = Field(default_factory=JobOptions)
 
 
+class TuneJobOptions(TuneOptions):
+    """``TuneOptions`` without coercion, as every request schema (config files and flags for
+    ``icma tune`` keep their own parsing)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class TuneJobCreate(Strict):
     """An in-context molecule tuning job: the adapter is registered under ``options.name``
     when it succeeds."""
 
     kind: Literal["tune"]
     task: TaskName
-    options: TuneOptions
+    options: TuneJobOptions
 
 
 def _job_kind(body) -> str:

@@ -7,7 +7,6 @@ wait for it, interactive requests first. Retrieval is the retrieval service's, o
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Sequence
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 
 from icma.core.corpus import parse_corpus_text
 from icma.core.errors import IcmaError, InputError
+from icma.core.jsontext import JsonTextError, parse_json
 from icma.core.settings import Settings
 from icma.core.tempfiles import sweep
 from icma.core.tasks import check_task
@@ -28,14 +28,15 @@ from icma.generation.options import Options, build_options
 from icma.generation.pipeline import Outcome, run_batch
 from icma.generation.retrievers import HttpRetriever, Retriever
 from icma.generation.scheduler import BATCH, INTERACTIVE, GenerationQueue
-from icma.jobs.items import parse_items
+from icma.jobs.items import check_item, parse_items
 from icma.jobs.results import Followers, ResultStream, aiter_results
 from icma.jobs.runner import JobRunner, batch_translator
 from icma.jobs.store import Item, JobConflict, JobStore
 from icma.jobs.tune import TuneRunner
 from icma.generation.models import model_label
 from icma.retrieval.store import usable_corpus
-from icma.server.http import Metrics, require_key_for_work
+from icma.server.http import Metrics, json_input_error, require_key_for_work, \
+    validation_input_error
 from icma.tuning import parse_config
 from icma.tuning.run import ADAPTER_TEMP_PATTERNS, TEMP_PATTERNS as TUNING_TEMPS, \
     check_sources
@@ -138,7 +139,11 @@ class TranslatorService:
                              adapters=self.registry.get)
 
     def job_options(self, task: str, raw: dict) -> Options:
-        return self.options(task, JobOptions.model_validate(raw).model_dump())
+        """A job's options (as stored, or as submitted); errors name ``options.<field>``."""
+        try:
+            return self.options(task, JobOptions.model_validate(raw).model_dump())
+        except IcmaError as exc:
+            raise exc.at(f"options.{exc.field}" if exc.field else "options") from None
 
     def mol2cap(self, req: Mol2CapRequest) -> Mol2CapResponse:
         """A caption for a molecule, written by the LLM from retrieved similar examples."""
@@ -198,8 +203,14 @@ class TranslatorService:
         """Queue a translation job or a tune job."""
         if isinstance(req, TuneJobCreate):
             return self._submit_tune(req.task, req.options.model_dump(exclude_unset=True))
-        items = [Item(x) if isinstance(x, str) else Item(x.input, x.id, x.reference)
-                 for x in req.items]
+        items = []
+        for i, x in enumerate(req.items):
+            item = Item(x) if isinstance(x, str) else Item(x.input, x.id, x.reference)
+            try:
+                items.append(check_item(req.task, item))
+            except InputError as exc:
+                raise exc.at(f"items[{i}]" if isinstance(x, str) else
+                             f"items[{i}].{exc.field}") from None
         return self._submit(req.task, items, req.options)
 
     def upload_job(self, task: str, filename: str | None, data: bytes,
@@ -209,8 +220,7 @@ class TranslatorService:
         opts = _parse_form_options(options_json, JobOptions)
         fmt = "jsonl" if (filename or "").lower().endswith((".jsonl", ".ndjson", ".json")) \
             else "tsv"
-        return self._submit(task, parse_items(task, _text(data, "file"), fmt, where="file",
-                                              max_heavy_atoms=self.settings.max_heavy_atoms),
+        return self._submit(task, parse_items(task, _text(data, "file"), fmt, where="file"),
                             opts)
 
     def upload_tune_job(self, task: str, options_json: str,
@@ -253,7 +263,7 @@ class TranslatorService:
         if len(items) > self.settings.max_job_items:
             raise InputError(f"{len(items)} items; a job takes at most "
                              f"{self.settings.max_job_items}", field="items")
-        self.options(task, opts.model_dump())  # refuse bad options now, not when it runs
+        self.job_options(task, opts.model_dump())  # refuse bad options now, not when it runs
         job = self.store.create("translate", task, opts.model_dump(exclude_defaults=True),
                                 items, max_active=self.settings.max_jobs)
         self.runner.wake()
@@ -314,22 +324,20 @@ def _text(data: bytes, field: str) -> str:
 
 
 def _parse_form_options(options_json: str, schema):
-    """The ``options`` form field of an upload: JSON, validated by ``schema`` (None: any
-    object, checked later)."""
+    """The ``options`` form field of an upload, read as a JSON body is (``icma.core.jsontext``)
+    and validated by ``schema`` with the same strictness (None: any object, checked later)."""
     try:
-        if schema is not None:
-            return schema.model_validate_json(options_json)
-        raw = json.loads(options_json)
+        raw = parse_json(options_json)
+    except JsonTextError as exc:
+        raise json_input_error(exc, "options") from None
+    if schema is None:
+        if not isinstance(raw, dict):
+            raise InputError("a JSON object of tune options", field="options")
+        return raw
+    try:
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InputError(f"{first['msg']}" + (f" (at {where})" if where else ""),
-                         field="options") from None
-    except ValueError as exc:
-        raise InputError(f"not valid JSON: {exc}", field="options") from None
-    if not isinstance(raw, dict):
-        raise InputError("a JSON object of tune options", field="options")
-    return raw
+        raise validation_input_error(exc, "options") from None
 
 
 def job_out(job) -> Job:

@@ -7,6 +7,7 @@ from pathlib import Path
 from icma.generation.engines.base import (
     BOUNDS,
     DECODINGS,
+    MIN_SAMPLING_TEMPERATURE,
     Adapter,
     Generation,
     GenerationInput,
@@ -20,7 +21,7 @@ from icma.core.settings import Settings
 ENGINES = ("transformers", "vllm", "nearest-neighbour")
 
 __all__ = ["Adapter", "BOUNDS", "DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
-           "Generator", "cut_at_stop", "load_engine"]
+           "Generator", "MIN_SAMPLING_TEMPERATURE", "cut_at_stop", "load_engine"]
 
 
 def load_engine(name: str, *, settings: Settings, model: str | Path | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -21,12 +21,21 @@ BOUNDS: dict[str, dict[str, float]] = {
     "max_new_tokens": {"ge": 1, "le": 4096},
     "temperature": {"gt": 0, "le": 10},
     "top_p": {"gt": 0, "le": 1},
-    "top_k": {"ge": 0},  # 0: no top-k cut
+    "top_k": {"ge": 0, "le": 2**31 - 1},  # 0: no top-k cut; vLLM keeps top_k in 32 bits
     "num_beams": {"ge": 1, "le": 16},
-    "repetition_penalty": {"gt": 0, "le": 10},
+    # Positive logits are divided by the penalty: a tiny one overflows them to inf (1e-300 is
+    # 0 in float32), and sampling from inf fails the whole batch.
+    "repetition_penalty": {"ge": 0.01, "le": 10},
     "seed": {"ge": 0, "le": 2**63 - 1},
 }
 _WORDS = {"gt": "above", "ge": "at least", "le": "at most"}
+_INTEGERS = ("max_new_tokens", "top_k", "num_beams", "seed")
+
+#: Sampling colder than this decodes greedily (the most likely token each step). Sampling at
+#: such a temperature is greedy decoding in all but rounding, and far colder ones (1e-40 with
+#: the transformers engine) overflow the logits to inf and fail the batch; vLLM clamps anything
+#: below 0.01 up to 0.01, with a warning per request.
+MIN_SAMPLING_TEMPERATURE = 0.01
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,27 @@ class GenerationParams:
                              f"{self.decoding!r}", field="decoding")
         for name, bound in BOUNDS.items():
             value = getattr(self, name)
+            kinds = int if name in _INTEGERS else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                what = "an integer" if name in _INTEGERS else "a number"
+                raise InputError(f"{name} must be {what}, got {value!r}", field=name)
             if not all(_holds(op, value, limit) for op, limit in bound.items()):
                 rule = " and ".join(f"{_WORDS[op]} {limit}" for op, limit in bound.items())
                 raise InputError(f"{name} must be {rule}, got {value!r}", field=name)
         return self
+
+    def for_engine(self) -> "GenerationParams":
+        """What an engine runs: the settings checked, and sampling colder than
+        ``MIN_SAMPLING_TEMPERATURE`` turned into greedy decoding."""
+        params = self.checked()
+        if params.decoding == "sample" and params.temperature < MIN_SAMPLING_TEMPERATURE:
+            return replace(params, decoding="greedy")
+        return params
+
+    def next_seed(self, n: int) -> "GenerationParams":
+        """The same settings ``n`` seeds on (another sample of the same prompt), wrapping
+        within the seed's range."""
+        return replace(self, seed=(self.seed + n) % (BOUNDS["seed"]["le"] + 1))
 
 
 def _holds(op: str, value, limit) -> bool:

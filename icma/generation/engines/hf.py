@@ -97,7 +97,7 @@ class TransformersGenerator(Generator):
                  adapter: Adapter | None = None) -> list[Generation]:
         import torch
 
-        params = params.checked()
+        params = params.for_engine()
         self._activate(adapter or self._default)
         out: list[Generation | None] = [None] * len(inputs)
         lengths = [self.count_tokens(x.prompt) for x in inputs]

@@ -92,7 +92,7 @@ class VllmGenerator(Generator):
 
     def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
                  adapter: Adapter | None = None) -> list[Generation]:
-        params = params.checked()
+        params = params.for_engine()
         lora = self._lora(adapter or self._default)
         prompts = [x.prompt for x in inputs]
         if not prompts:
