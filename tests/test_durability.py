@@ -333,6 +333,35 @@ def test_damage_met_later_is_a_clear_error_not_a_cut_answer(tmp_path, caplog):
     assert store.get(ids[0]).done == 10  # the rest of the store still answers
 
 
+def test_a_results_stream_meets_damage_as_an_error_response_or_a_last_line(tmp_path):
+    import anyio
+
+    from icma.jobs.results import aiter_results
+
+    path = tmp_path / "jobs.sqlite3"
+    (job_id,) = _filled_store(path, jobs=1, items=600)  # more than one chunk of lines (500)
+
+    def damage(idx: int) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE items SET result = '{\"index\": 3, \"predic' WHERE job_id = ? "
+                       "AND idx = ?", (job_id, idx))
+
+    async def read_all(lines):
+        return [line async for line in lines]
+
+    damage(550)  # met after the response has started: one last line says so
+    store = JobStore(path)
+    lines = anyio.run(read_all, aiter_results(store, job_id, follow=False))
+    # (the store reads lines in chunks of 500: the damaged row's chunk is the one lost)
+    assert len(lines) == 501 and json.loads(lines[499])["index"] == 499
+    last = json.loads(lines[-1])
+    assert last["error"]["code"] == "storage_damaged" and str(path) not in lines[-1]
+    damage(2)  # met in the first chunk: an error before any line (the route's 500 body)
+    with pytest.raises(StorageError):
+        aiter_results(store, job_id, follow=False)
+    store.close()
+
+
 # --- damaged index files are rebuilt ---------------------------------------------------------
 
 @pytest.fixture(scope="module")

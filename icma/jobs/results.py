@@ -19,7 +19,7 @@ from typing import AsyncIterator, Callable, Iterator
 import anyio
 from anyio import to_thread
 
-from icma.core.errors import QueueFullError
+from icma.core.errors import QueueFullError, StorageError
 from icma.evaluation.predictions import result_line
 from icma.jobs.store import JobStore
 
@@ -40,8 +40,17 @@ class _Cursor:
     def __init__(self, store: JobStore, job_id: str, follow: bool):
         self.store, self.job_id, self.follow = store, job_id, follow
         self.idx, self.waiting = 0, False
+        self._first: tuple[list[str], str] | None = None
+
+    def prefetch(self) -> None:
+        """Read the first chunk now, before a response starts: damage met here is then an error
+        response, not a 200 whose body breaks off."""
+        self._first = self.step()
 
     def step(self) -> tuple[list[str], str]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
         store, job_id = self.store, self.job_id
         # Waiting on an item: look at that one alone until it is done.
         rows = store.results(job_id, self.idx, 1) if self.waiting else \
@@ -80,14 +89,26 @@ def iter_results(store: JobStore, job_id: str, follow: bool = True,
             time.sleep(poll)
 
 
-async def aiter_results(store: JobStore, job_id: str, follow: bool = True,
-                        poll: float = POLL_SECONDS) -> AsyncIterator[str]:
-    """``iter_results`` for the event loop: each chunk is read in a worker thread (the store's
+def aiter_results(store: JobStore, job_id: str, follow: bool = True,
+                  poll: float = POLL_SECONDS) -> AsyncIterator[str]:
+    """``iter_results`` for the event loop. The first chunk is read at once, in the caller's
+    thread (see ``_Cursor.prefetch``); later chunks are read in a worker thread (the store's
     lock may be held by a writer for a moment) and the waits are awaited, so an open stream
-    holds no thread."""
+    holds no thread. Damage to the store met after the first chunk ends the stream with one
+    error line (the status line has gone out already), never a cut transfer."""
     cursor = _Cursor(store, job_id, follow)
+    cursor.prefetch()
+    return _follow(cursor, poll)
+
+
+async def _follow(cursor: _Cursor, poll: float) -> AsyncIterator[str]:
     while True:
-        lines, then = await to_thread.run_sync(cursor.step)
+        try:
+            lines, then = await to_thread.run_sync(cursor.step)
+        except StorageError as exc:
+            yield json.dumps({"error": {"code": exc.code, "field": None,
+                                        "message": exc.message}}, ensure_ascii=False) + "\n"
+            return
         for line in lines:
             yield line
         if then == _END:

@@ -309,7 +309,11 @@ class TranslatorService:
             raise JobConflict("a tune job has no result lines: GET /v1/jobs/{id} reports it "
                               "and its adapter is listed at GET /v1/adapters", field="job_id")
         release = self.followers.enter()
-        return ResultStream(aiter_results(self.store, job_id, follow=follow), release)
+        try:
+            return ResultStream(aiter_results(self.store, job_id, follow=follow), release)
+        except BaseException:  # the first chunk could not be read (a damaged store)
+            release()
+            raise
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued or running job (results so far are kept)."""
