@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -307,3 +308,62 @@ def test_serve_worker_refuses_a_hub_model_without_downloads(tmp_path):
     run = _serve(["worker", "--port", "0"], ICMA_DATA_DIR=str(tmp_path), ICMA_LLM_MODEL="gpt2")
     assert run.returncode == 2 and "ICMA_ALLOW_MODEL_DOWNLOADS" in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+# --- path traversal in every name-like field ------------------------------------------------
+
+TRAVERSALS = ["../../../../etc/passwd", "/etc/passwd", "..", ".", "~", "a/../../b", "a\\b",
+              "x\n", "%2e%2e%2fetc", ""]
+
+
+@pytest.fixture(scope="module")
+def retrieval_keyed(svc_dir):
+    from tests.conftest import SERVICE_KINDS
+
+    with LiveServer(retrieval_app(Settings(data_dir=svc_dir, retrieval_kinds=SERVICE_KINDS,
+                                           api_key="k"))) as s:
+        s.wait_ready()
+        yield s
+
+
+def _bodies(name: str):
+    caption = "The molecule is an alpha-amino acid."
+    yield "worker", "/mol2cap", {"smiles": "CCO", "retrieval": {"corpus": name}}, \
+        "retrieval.corpus"
+    yield "worker", "/cap2mol", {"caption": caption, "retrieval": {"corpus": name}}, \
+        "retrieval.corpus"
+    yield "worker", "/mol2cap", {"smiles": "CCO", "adapter": name}, "adapter"
+    yield "worker", "/v1/jobs", {"task": "mol2cap", "items": ["CCO"],
+                                 "options": {"adapter": name}}, "options.adapter"
+    yield "worker", "/v1/jobs", {"task": "cap2mol", "items": [caption],
+                                 "options": {"retrieval": {"corpus": name}}}, \
+        "options.retrieval.corpus"
+    yield "worker", "/v1/jobs", {"kind": "tune", "task": "mol2cap",
+                                 "options": {"name": name, "max_steps": 1}}, "options.name"
+    yield "retrieval", "/v1/retrieve/molecules", {"smiles": "CCO", "corpus": name}, "corpus"
+    yield "retrieval", "/v1/retrieve/captions", {"caption": caption, "corpus": name}, "corpus"
+
+
+@pytest.mark.parametrize("name", TRAVERSALS)
+def test_no_name_like_field_leaves_its_folder(worker, retrieval_keyed, name):
+    """Every field that names something the server keeps as a file, with traversal, absolute
+    paths, a trailing newline or nothing: a 4xx naming that field, whose message shows no
+    server path; job ids in the URL likewise."""
+    servers = {"worker": worker, "retrieval": retrieval_keyed}
+    for server, path, body, field in _bodies(name):
+        r = httpx.post(servers[server].url + path, json=body, headers=KEY, timeout=30)
+        assert r.status_code == 422, (path, field, r.status_code, r.text)
+        assert r.json()["error"]["field"] == field, (path, r.json())
+        assert str(worker.data) not in r.text and "root:" not in r.text
+    r = httpx.post(retrieval_keyed.url + "/v1/corpora", headers=KEY, timeout=30,
+                   data={"name": name}, files={"file": ("c.tsv", b"CID\tSMILES\tdescription\n"
+                                                                 b"1\tCCO\tThe molecule is x.\n")})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "name", r.text
+    job = quote(name, safe="")
+    for method, url in [("GET", f"/v1/jobs/{job}"), ("GET", f"/v1/jobs/{job}/results"),
+                        ("DELETE", f"/v1/jobs/{job}")]:
+        r = httpx.request(method, worker.url + url, headers=KEY, timeout=30)
+        # ("", "." and ".." leave no job id in the URL: those reach other routes)
+        lowest = 200 if name in ("", ".", "..") else 400
+        assert lowest <= r.status_code < 500 and "root:" not in r.text, (url, r.status_code)
+        assert str(worker.data) not in r.text
