@@ -223,16 +223,18 @@ def test_a_bad_jsonl_corpus_line_is_refused_and_leaves_no_file(retrieval, retrie
     before = sorted(p.relative_to(retrieval_data) for p in retrieval_data.rglob("*"))
     r = upload(retrieval.url + "/v1/corpora", "c.jsonl", line.encode("ascii") + b"\n",
                name="hostile")
-    error = assert_error(r, 422, "corpus", "line 1", words)
+    error = assert_error(r, 422, "file", "line 1", words)
     assert "\\ud8" in error["message"] or "\\udf" in error["message"] or "nested" in words
     assert sorted(p.relative_to(retrieval_data) for p in retrieval_data.rglob("*")) == before
 
 
 def test_tsv_uploads_name_the_file(retrieval, worker):
-    """A headerless TSV job upload names ``file`` (it said ``corpus``, a field the endpoint
-    does not have); TSV text cannot hold a lone surrogate (its UTF-8 form is refused)."""
+    """A headerless TSV upload (a job's, a corpus's) names ``file`` (it said ``corpus``, a field
+    the endpoint does not have); TSV text cannot hold a lone surrogate (its UTF-8 form is refused)."""
     r = upload(worker.url + "/v1/jobs/upload", "q.tsv", b"CCO\tCCO\n", task="mol2cap")
     assert_error(r, 422, "file", "lacks column")
+    r = upload(retrieval.url + "/v1/corpora", "c.tsv", b"CCO\tCCO\n", name="headless")
+    assert_error(r, 422, "file", "lacks column")  # the corpus upload's file too
     surrogate_bytes = "\ud800".encode("utf-8", "surrogatepass")
     tsv = b"CID\tSMILES\tdescription\n1\tCCO\tan " + surrogate_bytes + b"\n"
     assert_error(upload(worker.url + "/v1/jobs/upload", "q.tsv", tsv, task="mol2cap"),

@@ -276,9 +276,9 @@ class CorpusStore:
         """Validate an uploaded corpus, store it, and queue its indexes. Nothing is kept when the
         text is not a usable corpus."""
         check_name(name, field="name", what="corpus name")
-        corpus, report = parse_corpus_text(text, fmt=fmt, name=name,
-                                           max_heavy_atoms=self.settings.max_heavy_atoms)
-        try:
+        try:  # every problem of the text is the uploaded file's (the name was checked above)
+            corpus, report = parse_corpus_text(text, fmt=fmt, name=name,
+                                               max_heavy_atoms=self.settings.max_heavy_atoms)
             _servable(corpus)
             data = tsv_bytes(corpus)  # exactly what a restart will read back
         except CorpusError as exc:
