@@ -163,14 +163,20 @@ def test_healthz_answers_while_eight_max_size_molecules_are_served(retrieval):
     poller.start()
     try:
         time.sleep(0.2)
+        t0 = time.perf_counter()
         r = httpx.post(retrieval.url + "/v1/retrieve/molecules", timeout=120,
                        json={"smiles": [BIG] * 8, "k": 2, "method": "graph"})
+        took = time.perf_counter() - t0
     finally:
         done.set()
         poller.join()
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 8
-    assert len(stalls) > 5 and max(stalls) < 1.0, f"/healthz took up to {max(stalls):.2f} s"
+    # Held on the event loop, /healthz would wait for the whole request; in the thread pool it
+    # waits at most for GIL turns. Relative to the request, so that a busy machine (which
+    # slows both) does not fail it.
+    assert len(stalls) > 5 and max(stalls) < max(0.5, took / 2), \
+        f"/healthz took up to {max(stalls):.2f} s during a {took:.2f} s request"
 
 
 # --- whitespace inside a SMILES ------------------------------------------------------------------
