@@ -51,7 +51,8 @@ $(STAMP): pyproject.toml $(WORDNET_SRC)
 setup: $(STAMP)
 
 # The main job: both services on 127.0.0.1 (retrieval :8001, worker :8000) with the embedded
-# ChEBI-20 corpus and SmolLM2, one request each, then curl examples; Ctrl-C stops them.
+# ChEBI-20 corpus, SmolLM2 and the default adapters shipped in the package (icma/data/adapters,
+# read in place), one request each, then curl examples; Ctrl-C stops them.
 up: setup
 	$(BIN)/icma serve all
 

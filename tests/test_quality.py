@@ -11,7 +11,11 @@ from icma.cli import main
 
 
 def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypatch, capsys):  # noqa: F811
+    from tests.test_default_adapters import shipped_lora
+
     monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
+    shipped_lora(tiny_model, tmp_path / "shipped" / "tiny-m2c", "mol2cap", seed=3)
+    monkeypatch.setenv("ICMA_SHIPPED_ADAPTERS_DIR", str(tmp_path / "shipped"))
     from icma.core.settings import get_settings
 
     get_settings.cache_clear()
@@ -30,6 +34,12 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     assert ("mol2cap", "nearest neighbour (graph), first 4", 4) in systems
     assert ("mol2cap", "LLM 2-shot (graph), untuned", 4) in systems
     assert ("cap2mol", "LLM zero-shot, untuned", 4) in systems
+    # the shipped default for mol2cap gets a row of its own; the untuned rows ask for "base"
+    default = [r for r in data["rows"] if r["adapter"] == "tiny-m2c"]
+    assert [(r["task"], r["system"]) for r in default] == [
+        ("mol2cap", "LLM 2-shot + default adapter tiny-m2c")]
+    assert not default[0]["extra"]["prime_answer"]
+    assert all(r["adapter"] is None for r in data["rows"] if "untuned" in r["system"])
     for r in data["rows"]:
         keys = {"bleu2", "meteor", "rougeL"} if r["task"] == "mol2cap" else \
             {"bleu", "exact_match", "validity", "levenshtein"}

@@ -24,7 +24,8 @@ ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 def service(svc_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("translator")
     settings = Settings(data_dir=svc_dir, jobs_db=tmp / "jobs.sqlite3",
-                        adapters_dir=tmp / "adapters", progress=False, max_k=8)
+                        adapters_dir=tmp / "adapters", progress=False, max_k=8,
+                        engine="nearest-neighbour", shipped_adapters_dir=None)
     svc = TranslatorService(settings, LocalRetriever(settings, SERVICE_KINDS),
                             engine_loader=lambda: load_engine("nearest-neighbour", settings=settings))
     svc.start()

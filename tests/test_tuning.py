@@ -57,6 +57,7 @@ def train32(chebi_val, tmp_path_factory) -> Path:
     ({"epochs": 0}, "epochs"),
     ({"lr": 1e-4}, "lr"),  # a typo is not silently ignored
     ({"name": "no spaces"}, "name"),
+    ({"name": "base"}, "name"),  # reserved: requests ask for the untuned model by it
     ({"retrieval": "bm25"}, "retrieval"),  # captions cannot be queried with a molecule
     ({"method": "full", "quantization": "8bit"}, "quantization"),
     ({"task": "smiles2iupac"}, "task"),
@@ -226,6 +227,7 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
     assert saved["hyperparameters"]["lora_r"] == 8
     ev = saved["evaluation"]
     assert ev["n"] == 4 and ev["metrics"]["task"] == "mol2cap" and "bleu2" in ev["metrics"]
+    assert ev["split_sha256"] == saved["data"]["train_sha256"]  # evaluated on train32 itself
     info = AdapterRegistry(tmp_path / "adapters").get("tiny-icmt")
     assert info.task == "mol2cap" and info.r == 8
     assert sorted(info.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj",

@@ -92,8 +92,24 @@ def icmt_adapter(tiny_llama_wide, chebi_val, tmp_path_factory) -> tuple[Adapter,
 
 
 @pytest.fixture(scope="module")
-def vllm_report(vllm_python, tiny_llama_wide, adapters, icmt_adapter, smollm2, chebi_val,
-                tmp_path_factory) -> dict:
+def shipped_dir(tiny_llama_wide, adapters, tmp_path_factory) -> Path:
+    """The first adapter shipped as a default is (``icma adapters ship``: bfloat16 weights)."""
+    import shutil
+
+    from icma.generation.adapters import read_adapter, ship_adapter
+
+    root = tmp_path_factory.mktemp("shipping")
+    tuned = root / "registry" / "acid-default"
+    shutil.copytree(adapters[0].path, tuned)
+    (tuned / "icma-adapter.json").write_text(json.dumps(
+        {"task": "mol2cap", "base_model": str(tiny_llama_wide)}))
+    ship_adapter(read_adapter(tuned), root / "shipped")
+    return root / "shipped"
+
+
+@pytest.fixture(scope="module")
+def vllm_report(vllm_python, tiny_llama_wide, adapters, icmt_adapter, shipped_dir, smollm2,
+                chebi_val, tmp_path_factory) -> dict:
     """Everything vLLM did (tests/vllm_run.py), in one engine start per model."""
     tmp_path = tmp_path_factory.mktemp("vllm-run")
     recs = chebi_val.records
@@ -106,7 +122,8 @@ def vllm_report(vllm_python, tiny_llama_wide, adapters, icmt_adapter, smollm2, c
                  "adapter_name": ADAPTER_NAME, "adapters": [str(a.path) for a in adapters],
                  "stop_text": "acid", "bad_adapter": str(bad),  # a config, no weights
                  "missing_adapter": str(tmp_path / "nowhere"),
-                 "icmt_adapter": str(icmt_adapter[0].path), "icmt_prompts": icmt_adapter[1]},
+                 "icmt_adapter": str(icmt_adapter[0].path), "icmt_prompts": icmt_adapter[1],
+                 "shipped_dir": str(shipped_dir)},
         "smollm2": {"model": str(smollm2), "queries": [r.smiles for r in recs[:2]],
                     "examples": [[r.smiles, r.description] for r in recs[10:12]],
                     "max_new_tokens": 32, "count_text": recs[0].description},
@@ -156,6 +173,14 @@ def test_adapter_from_icma_tune_served_by_vllm(vllm_report, tiny_llama_wide, icm
     greedy = GenerationParams(decoding="greedy", max_new_tokens=NEW_TOKENS, stop=())
     items = [GenerationInput("mol2cap", p) for p in prompts]
     assert [g.text for g in hf.generate(items, greedy, adapter=adapter)] == tiny["icmt"]
+
+
+def test_shipped_default_adapter_served_by_vllm(vllm_report):
+    """A default shipped in bfloat16 is chosen under vLLM (rank within ICMA_VLLM_MAX_LORA_RANK)
+    and writes what its float32 original was trained to write."""
+    default = vllm_report["tiny"]["shipped_default"]
+    assert default["name"] == "acid-default"
+    assert default["texts"][0] == TARGETS[0] == vllm_report["tiny"]["adapted"][0]
 
 
 def test_adapters_switch_per_call_in_one_engine(vllm_report):

@@ -35,8 +35,10 @@ def retrieval(svc_dir):
 
 
 def worker_settings(tmp: Path, retrieval_url: str, **kw) -> Settings:
+    """No shipped adapters unless asked: these tests pin the base model's behaviour."""
     return Settings(data_dir=tmp, retrieval_url=retrieval_url, jobs_db=tmp / "jobs.sqlite3",
-                    adapters_dir=tmp / "adapters", progress=False, **kw)
+                    adapters_dir=tmp / "adapters", progress=False,
+                    **{"shipped_adapters_dir": None, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def in_thread(fn):
 
 
 def tiny_checks(spec: dict) -> dict:
+    from icma.generation.adapters import AdapterRegistry, DefaultAdapters
     from icma.generation.engines import Adapter, GenerationInput, GenerationParams, load_engine
     from icma.core.errors import InputError
     from icma.core.settings import get_settings
@@ -88,6 +89,15 @@ def tiny_checks(spec: dict) -> dict:
         out["icmt_base"] = texts(eng.generate(icmt, greedy))
         out["icmt"] = texts(eng.generate(icmt, greedy, adapter=Adapter("icmt", Path(
             spec["icmt_adapter"]))))
+        # A shipped default (bfloat16 weights), chosen as the worker chooses it under vLLM.
+        shipped = get_settings().model_copy(update={
+            "engine": "vllm", "llm_model": spec["model"],
+            "shipped_adapters_dir": Path(spec["shipped_dir"]),
+            "adapters_dir": Path(spec["shipped_dir"]) / "none", "default_adapters": None})
+        default = DefaultAdapters.from_settings(
+            shipped, AdapterRegistry.from_settings(shipped)).for_task("mol2cap")
+        out["shipped_default"] = {"name": default.name, "texts": texts(
+            eng.generate(items, greedy, adapter=default.as_adapter()))}
         return out
 
     result = in_thread(run_all)

@@ -1,8 +1,8 @@
 """The ``icma`` command line. Every user error ends in one line naming the problem, exit code 2.
 
 Each command group lives in its own module (``index``, ``data``, ``serve``, ``translate``,
-``tune``, ``evaluate``, ``demo``) with its sub-parser (``add_parser``) and its ``cmd_*``
-functions; here they are put together, and errors become exit codes.
+``tune``, ``adapters``, ``evaluate``, ``demo``) with its sub-parser (``add_parser``) and its
+``cmd_*`` functions; here they are put together, and errors become exit codes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from icma import __version__
-from icma.cli import data, demo, evaluate, index, serve, translate, tune
+from icma.cli import adapters, data, demo, evaluate, index, serve, translate, tune
 from icma.core.errors import IcmaError
 
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     translate.add_parser(sub)
     tune.add_parser(sub)
+    adapters.add_parser(sub)
     serve.add_openapi_parser(sub)
     evaluate.add_parser(sub)
     demo.add_parser(sub)

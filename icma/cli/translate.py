@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
                     help="input format (default: from the extension; .jsonl -> jsonl)")
     tr.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
     tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
-    tr.add_argument("--adapter", help="LoRA adapter: a folder, or a name in the registry")
+    tr.add_argument("--adapter", help="LoRA adapter: a folder, a name in the registry, or "
+                                      "'base' for the untuned model (default: the task's "
+                                      "default adapter, ICMA_DEFAULT_ADAPTERS)")
     tr.add_argument("--n-shot", type=int, help="examples per prompt (default 2 / 4)")
     tr.add_argument("--method", help="retrieval: " + ", ".join(
         f"{'|'.join(s.methods)} ({t})" for t, s in TASK_SPECS.items()))
@@ -37,7 +39,8 @@ def add_parser(sub) -> None:
     tr.add_argument("--num-candidates", type=int, default=1,
                     help="cap2mol: sample until a valid molecule, at most this many")
     tr.add_argument("--prime-answer", choices=["auto", "on", "off"], default="auto",
-                    help="end prompts with the answer marker (auto: on unless --adapter)")
+                    help="end prompts with the answer marker (auto: on for the untuned "
+                         "model, else as the adapter was tuned)")
     tr.add_argument("--batch-size", type=int, help="items per engine call (ICMA_JOB_BATCH_SIZE)")
     tr.set_defaults(func=cmd_translate)
 

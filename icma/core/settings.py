@@ -4,7 +4,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_DATA = Path(__file__).parents[1] / "data"
@@ -66,6 +66,36 @@ class Settings(BaseSettings):
         default=None,
         description="The adapter registry: one peft LoRA folder per adapter, served under the "
                     "folder's name (default: <data_dir>/adapters).")
+    # --- default adapters (issue 14) -----------------------------------------------------------
+    shipped_adapters_dir: Path | None = Field(
+        default=PACKAGE_DATA / "adapters",
+        description="The adapters shipped with icma, read in place below the registry (a "
+                    "registry folder of the same name wins); their manifests mark the default "
+                    "per task. Default: the package's icma/data/adapters; an empty value "
+                    "serves none.")
+    default_adapters: dict[str, str] | None = Field(
+        default=None,
+        description="Task -> the adapter a request that names none gets, or 'base' for the "
+                    "untuned model, e.g. {\"mol2cap\": \"base\"}; tasks not named keep the "
+                    "shipped default (the shipped adapter whose manifest says default: true).")
+
+    @field_validator("shipped_adapters_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value == "" else value
+
+    @field_validator("default_adapters")
+    @classmethod
+    def _check_default_adapters(cls, value):
+        from icma.core.names import is_name
+        from icma.core.tasks import TASKS
+
+        for task, name in (value or {}).items():
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; use {' or '.join(TASKS)}")
+            if not is_name(name):
+                raise ValueError(f"{task}: {name!r} is not an adapter name (or 'base')")
+        return value
 
     # --- services ----------------------------------------------------------------------------
     api_key: SecretStr | None = Field(

@@ -7,7 +7,10 @@ Rows, per task (mol2cap, cap2mol):
   ``llm_limit`` test queries in file order, with the nearest-neighbour baseline of the default
   method on the same queries beside it;
 - the LLM zero-shot, same queries;
+- the LLM with the task's default adapter (``icma.generation.adapters.DefaultAdapters``: the
+  shipped one, or ``ICMA_DEFAULT_ADAPTERS``'s), when one applies to the model, same queries;
 - the LLM with each given adapter (tuned: no priming), same queries.
+The untuned rows ask for the base model explicitly (``"adapter": "base"``).
 
 Protocols:
 - ``chebi20-val-test``: database = ChEBI-20 validation (3,301 pairs, shipped), queries = ChEBI-20
@@ -39,6 +42,7 @@ from icma.core.settings import Settings
 from icma.core.tasks import TASK_SPECS, Task, check_task
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
+from icma.generation.adapters import BASE, AdapterRegistry, DefaultAdapters
 from icma.generation.options import build_options
 from icma.generation.pipeline import translate
 
@@ -128,6 +132,8 @@ def run_quality(protocol: Protocol, *, settings: Settings,
     rows: list[Row] = []
     nn = load_engine("nearest-neighbour", settings=settings)
     llm_engine: Generator | None = None
+    registry = AdapterRegistry.from_settings(settings)
+    defaults = DefaultAdapters.from_settings(settings, registry, engine=engine, model=model)
     for task in tasks:
         check_task(task)
         records = protocol.queries.records
@@ -167,18 +173,25 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                                      **(engine_options or {}))
         request = {"n_shot": N_SHOT[task], "generation": {"max_new_tokens": max_new_tokens}}
         shots = [e[:N_SHOT[task]] for e in examples_of[default_method][:n]]
+        untuned = {"adapter": BASE}
         runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, shots,
-                 True)]
+                 untuned)]
         if zero_shot:
-            runs.append(("LLM zero-shot, untuned", llm_engine, [[] for _ in range(n)], True))
-        for adapter in adapters:
+            runs.append(("LLM zero-shot, untuned", llm_engine, [[] for _ in range(n)], untuned))
+        default = defaults.for_task(task)
+        if default is not None:  # the shipped default, served as a request naming none is
+            runs.append((f"LLM {N_SHOT[task]}-shot + default adapter {default.name}",
+                         llm_engine, shots, {}))
+        for adapter in adapters:  # the engine carries it: the request asks for no other
             runs.append((f"LLM {N_SHOT[task]}-shot + adapter {Path(adapter).name}",
                          load_engine(engine, settings=settings, model=model, adapter=adapter,
-                                     **(engine_options or {})), shots, False))
-        for system, eng, ex, prime in runs:
+                                     **(engine_options or {})), shots,
+                         {"adapter": BASE, "prime_answer": False}))
+        for system, eng, ex, asked in runs:
             t0 = time.perf_counter()
-            options = build_options(task, {**request, "prime_answer": prime})
-            params = options.params
+            options = build_options(task, {**request, **asked}, adapters=registry.get,
+                                    default_adapter=defaults.for_task)
+            params, prime = options.params, options.prime_answer
             out = translate(task, sub_q, ex, eng, options)
             secs = time.perf_counter() - t0
             extra = {"completion_tokens": sum(t.completion_tokens for t in out),
@@ -188,7 +201,9 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                      # what the model wrote, for a reader to see beside the scores
                      "samples": [{"query": t.query, "reference": ref, "answer": t.answer}
                                  for t, ref in zip(out[:SAMPLES], sub_refs)]}
-            rows.append(Row(task, system, eng.name, eng.model, eng.adapter, default_method
+            rows.append(Row(task, system, eng.name, eng.model,
+                            options.adapter.name if options.adapter else eng.adapter,
+                            default_method
                             if ex and ex[0] else None, len(ex[0]) if ex and ex[0] else 0, n,
                             evaluate(task, [t.answer for t in out], sub_refs,
                                      data_dir=settings.data_dir), secs, extra))

@@ -9,10 +9,12 @@ translation came in by::
      "exclude_same_caption", "random_walk": {"skip_probability", "seed"}},
      "generation": {"decoding", "temperature", "top_p", "top_k", "num_beams",
                     "max_new_tokens", "repetition_penalty", "seed"},
-     "adapter": "name", "prime_answer": null, "order": "reversed", "cutoff": 2048,
+     "adapter": "name" | "base", "prime_answer": null, "order": "reversed", "cutoff": 2048,
      "num_candidates": 1}
 
-Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``).
+Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``);
+a missing adapter is the task's default adapter (``icma.generation.adapters.DefaultAdapters``)
+and ``"base"`` the untuned model.
 Values are not coerced: an empty corpus or adapter name is an error, not the default, and
 ``"2"`` is not an integer. Errors name the request's fields (``n_shot``, ``retrieval.method``);
 the CLI renames them to its flags and jobs put them under ``options.``.
@@ -27,7 +29,7 @@ from icma.core.errors import InputError
 from icma.core.names import check_name
 from icma.core.rerank import Order
 from icma.core.tasks import Task, check_method, spec
-from icma.generation.adapters import AdapterInfo
+from icma.generation.adapters import BASE, AdapterInfo
 from icma.generation.engines import Adapter, GenerationParams
 
 #: ICMA's token budget of prompt + answer.
@@ -68,15 +70,19 @@ class Options:
 #: Finds an adapter by the name a request gives (the worker's registry; the CLI also takes
 #: folders).
 AdapterLookup = Callable[[str], AdapterInfo]
+#: The adapter a request for a task gets when it names none (None: the base model).
+DefaultAdapter = Callable[[str], "AdapterInfo | None"]
 
 
 def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
                   max_candidates: int | None = None, adapters: AdapterLookup | None = None,
-                  adapter: Adapter | None = None) -> Options:
+                  adapter: Adapter | None = None,
+                  default_adapter: DefaultAdapter | None = None) -> Options:
     """``Options`` for ``task`` from a request-shaped mapping (see the module docstring).
 
     ``max_k`` and ``max_candidates`` are a server's limits (None: unbounded, for local
-    callers). ``adapters`` resolves ``request["adapter"]`` by name; ``adapter`` gives one
+    callers). ``adapters`` resolves ``request["adapter"]`` by name, ``default_adapter`` gives
+    the task's adapter when the request names none (``"base"``: none); ``adapter`` gives one
     directly (a tuning run evaluates the adapter it just wrote) and then priming defaults to
     off, as for any adapter without a manifest.
     """
@@ -106,13 +112,17 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
         random_walk=None if walk is None else (walk["skip_probability"], walk.get("seed", 0)))
     prime, order = request.get("prime_answer"), request.get("order")
     name = request.get("adapter")
-    if name is not None and adapter is None:
+    info = None
+    if adapter is None and name is not None and name != BASE:
         if adapters is None:
             raise InputError("adapters are not served here", field="adapter")
         info = adapters(name)
         if info.task and info.task != task:
             raise InputError(f"adapter {info.name!r} was tuned for {info.task}, not {task}",
                              field="adapter")
+    elif adapter is None and name is None and default_adapter is not None:
+        info = default_adapter(task)
+    if info is not None:
         adapter = info.as_adapter()
         # Serve it with the prompt form it learned.
         prime = info.prime_answer if prime is None else prime

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from icma.core.errors import InputError
 from icma.core.settings import Settings
-from icma.generation.adapters import AdapterInfo, AdapterRegistry, read_adapter
+from icma.generation.adapters import AdapterInfo, AdapterRegistry, DefaultAdapters, \
+    read_adapter
 from icma.generation.options import build_options
 from icma.generation.engines import load_engine
 from icma.generation.retrievers import HttpRetriever, LocalRetriever
@@ -53,10 +54,13 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
                               "seed": seed},
                "adapter": adapter, "prime_answer": prime_answer,
                "num_candidates": num_candidates}
+    registry = AdapterRegistry.from_settings(settings)
+    defaults = DefaultAdapters.from_settings(settings, registry, engine=engine, model=model)
     try:
         options = build_options(task, request, max_k=settings.max_k,
                                 max_candidates=settings.max_candidates,
-                                adapters=lambda name: _adapter(name, settings))
+                                adapters=lambda name: _adapter(name, registry),
+                                default_adapter=defaults.for_task)
     except InputError as exc:
         raise exc.at(FLAGS.get(exc.field, exc.field)) from None
     output = Path(output)
@@ -109,7 +113,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
             f"{job.failed} failed)")
 
 
-def _adapter(spec: str, settings: Settings) -> AdapterInfo:
+def _adapter(spec: str, registry: AdapterRegistry) -> AdapterInfo:
     """A folder (the operator's own files), or a name in the registry."""
     path = Path(spec)
     if path.is_dir():
@@ -118,7 +122,7 @@ def _adapter(spec: str, settings: Settings) -> AdapterInfo:
             raise InputError(f"{path} is not a peft adapter folder (no adapter_config.json)",
                              field="adapter")
         return info
-    return AdapterRegistry(settings.adapters_path()).get(spec)
+    return registry.get(spec)
 
 
 def _bar(job, enabled: bool):

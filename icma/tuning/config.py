@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from icma.core.errors import InputError
-from icma.core.names import check_name
+from icma.generation.adapters import check_adapter_name
 from icma.generation.models import DEFAULT_LLM
 from icma.core.prompts import DEFAULT_EOS
 from icma.core.rerank import RandomWalk
@@ -123,7 +123,7 @@ class TuneConfig(TuneOptions):
     @model_validator(mode="after")
     def _consistent(self) -> "TuneConfig":
         # InputError is not a ValueError: pydantic lets it through, field and all.
-        check_name(self.name, field="name", what="adapter name")
+        check_adapter_name(self.name, field="name")  # "base" asks for the untuned model
         check_method(self.task, self.retrieval, field="retrieval")
         if self.method == "full" and self.quantization != "none":
             raise InputError("8/4-bit loading is for LoRA (a quantised model cannot be fully "

@@ -172,8 +172,10 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
     del net
     if eval_corpus is not None:
         report({"phase": "evaluating"})
-        manifest["evaluation"] = evaluate_adapter(cfg, plan, eval_corpus, index, base_path,
-                                                  device, report, settings)
+        manifest["evaluation"] = {
+            **evaluate_adapter(cfg, plan, eval_corpus, index, base_path, device, report,
+                               settings),
+            "split_sha256": eval_corpus.checksum}
         write_json(plan.target / MANIFEST, manifest)
     manifest["wall_s"] = time.time() - started
     write_json(plan.run_dir / "result.json", manifest)

@@ -72,8 +72,10 @@ class _Translate(Strict):
     retrieval: Retrieval = Field(default_factory=Retrieval)
     generation: Generation = Field(default_factory=Generation)
     adapter: str | None = Field(default=None, max_length=64,
-                                description="a LoRA adapter from GET /v1/adapters; default: "
-                                            "the base model")
+                                description="a LoRA adapter from GET /v1/adapters, or 'base' "
+                                            "for the untuned model; default: the task's "
+                                            "default adapter (GET /v1/adapters: defaults), "
+                                            "else the base model")
     prime_answer: bool | None = Field(
         default=None, description="end the prompt with the answer marker ('Caption:' / "
                                   "'Molecule:'); default: on for the base model, off with an "
@@ -241,7 +243,15 @@ class AdapterOut(BaseModel):
     evaluation: dict | None = Field(default=None,
                                     description="metrics measured after tuning, from the "
                                                 "manifest")
+    shipped: bool = Field(default=False, description="shipped with icma (read-only), not a "
+                                                     "folder of the registry")
+    default_for: str | None = Field(default=None,
+                                    description="the task whose requests get it when they "
+                                                "name no adapter")
 
 
 class Adapters(BaseModel):
     adapters: list[AdapterOut]
+    defaults: dict[str, str | None] = Field(
+        default_factory=dict, description="task -> the adapter a request that names none "
+                                          "gets (null: the base model)")

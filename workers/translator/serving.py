@@ -20,7 +20,7 @@ from icma.core.jsontext import JsonTextError, parse_json
 from icma.core.settings import Settings
 from icma.core.tempfiles import sweep
 from icma.core.tasks import check_task
-from icma.generation.adapters import AdapterInfo, AdapterRegistry
+from icma.generation.adapters import BASE, AdapterInfo, AdapterRegistry, DefaultAdapters
 from icma.generation.engines import Adapter, Generation, GenerationInput, GenerationParams, \
     Generator, load_engine
 from icma.generation.models import TEMP_PATTERNS as MODEL_TEMPS
@@ -33,7 +33,6 @@ from icma.jobs.results import Followers, ResultStream, aiter_results
 from icma.jobs.runner import JobRunner, batch_translator
 from icma.jobs.store import Item, JobConflict, JobStore
 from icma.jobs.tune import TuneRunner
-from icma.generation.models import model_label
 from icma.retrieval.store import usable_corpus
 from icma.server.http import Metrics, json_input_error, require_key_for_work, \
     validation_input_error
@@ -87,7 +86,8 @@ class TranslatorService:
             engine_loader or (lambda: load_engine(settings.engine, settings=settings,
                                                   model=settings.llm_model)),
             max_batch=max(settings.job_batch_size, 64))
-        self.registry = AdapterRegistry(settings.adapters_path())
+        self.registry = AdapterRegistry.from_settings(settings)
+        self.defaults = DefaultAdapters.from_settings(settings, self.registry)
         self.store = JobStore(settings.jobs_path())
         self.metrics = Metrics("icma_worker")
         for name, text, value in [
@@ -115,6 +115,7 @@ class TranslatorService:
         sweep(self.settings.data_dir, MODEL_TEMPS + TUNING_TEMPS)
         sweep(self.settings.adapters_path(), ADAPTER_TEMP_PATTERNS)
         self.queue.start()
+        self.defaults.table()  # a default that cannot be applied is logged now, not at first use
         self.runner.start()  # (also queues jobs left running by a stopped worker again)
         self.tuner.start()
 
@@ -136,7 +137,7 @@ class TranslatorService:
         adapter registry."""
         return build_options(task, request, max_k=self.settings.max_k,
                              max_candidates=self.settings.max_candidates,
-                             adapters=self.registry.get)
+                             adapters=self.registry.get, default_adapter=self.defaults.for_task)
 
     def job_options(self, task: str, raw: dict) -> Options:
         """A job's options (as stored, or as submitted); errors name ``options.<field>``."""
@@ -193,9 +194,12 @@ class TranslatorService:
     # --- adapters ------------------------------------------------------------------------------
 
     def adapters(self) -> Adapters:
-        """Adapters this worker can apply (folders of the registry directory; new ones are
-        served at once)."""
-        return Adapters(adapters=[_adapter_out(a) for a in self.registry.list()])
+        """Adapters this worker can apply (folders of the registry directory, new ones served at
+        once, and the shipped ones), and the default each task gets."""
+        defaults = self.defaults.table()
+        default_for = {name: task for task, name in defaults.items() if name}
+        return Adapters(adapters=[_adapter_out(a, default_for.get(a.name))
+                                  for a in self.registry.list()], defaults=defaults)
 
     # --- jobs ----------------------------------------------------------------------------------
 
@@ -263,9 +267,13 @@ class TranslatorService:
         if len(items) > self.settings.max_job_items:
             raise InputError(f"{len(items)} items; a job takes at most "
                              f"{self.settings.max_job_items}", field="items")
-        self.job_options(task, opts.model_dump())  # refuse bad options now, not when it runs
-        job = self.store.create("translate", task, opts.model_dump(exclude_defaults=True),
-                                items, max_active=self.settings.max_jobs)
+        checked = self.job_options(task, opts.model_dump())  # refuse bad options now
+        stored = opts.model_dump(exclude_defaults=True)
+        # The default adapter is pinned now: a job resumed after the defaults changed (a new
+        # setting, another shipped adapter) goes on with the model it started with.
+        stored.setdefault("adapter", checked.adapter.name if checked.adapter else BASE)
+        job = self.store.create("translate", task, stored, items,
+                                max_active=self.settings.max_jobs)
         self.runner.wake()
         return job_out(job)
 
@@ -282,7 +290,7 @@ class TranslatorService:
                                                s.allow_model_downloads, job_id))
         except InputError as exc:
             raise exc.at(f"options.{exc.field}") from None
-        if (self.registry.root / cfg.name).exists():
+        if (self.registry.root / cfg.name).exists() or self.registry.is_shipped(cfg.name):
             raise JobConflict(f"adapter {cfg.name!r} exists already; choose another name",
                               field="options.name")
         for other in self.store.list("queued") + self.store.list("running"):
@@ -354,11 +362,11 @@ def job_out(job) -> Job:
                else None, tuning=job.progress if job.kind == "tune" else None)
 
 
-def _adapter_out(a: AdapterInfo) -> AdapterOut:
-    base = a.manifest.get("base_model") or a.base_model
-    return AdapterOut(name=a.name, base_model=model_label(base) if base else None, r=a.r, lora_alpha=a.lora_alpha,
+def _adapter_out(a: AdapterInfo, default_for: str | None) -> AdapterOut:
+    return AdapterOut(name=a.name, base_model=a.base_label, r=a.r, lora_alpha=a.lora_alpha,
                       target_modules=a.target_modules, task=a.task,
-                      prime_answer=a.prime_answer, evaluation=_evaluation(a.manifest))
+                      prime_answer=a.prime_answer, evaluation=_evaluation(a.manifest),
+                      shipped=a.shipped, default_for=default_for)
 
 
 def _evaluation(manifest: dict) -> dict | None:
