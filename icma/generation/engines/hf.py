@@ -4,7 +4,8 @@ Prompts are generated in batches of similar length (left padding, so every conti
 at the same position); one seed per generate() call, so sampled outputs are reproducible for the
 same inputs in the same order and batch size, not across batch sizes. Several samples of a
 prompt (``num_samples``) come from one generate() call (``num_return_sequences``: the prompt is
-encoded once); the batch size counts sequences, so a call then holds batch_size // num_samples
+tokenized once, but transformers expands the batch before the prefill, which so runs once per
+sample); the batch size counts sequences, so a call then holds batch_size // num_samples
 prompts.
 """
 

@@ -19,7 +19,7 @@ is already set; ``vllm_cpu_reserved_cores`` sets ``VLLM_CPU_NUM_OF_RESERVED_CPU`
 computed 1.55x faster than transformers on 2 cores, the default 0.87x: ``engines.md``).
 
 Several samples of a prompt (``num_samples``, for consensus decoding) are one request with
-``n`` samples: vLLM computes the prompt once and seeds the k-th sample with seed + k.
+``n`` samples: vLLM seeds the k-th sample with seed + k.
 ``no_repeat_ngram_size`` is no sampling parameter of vLLM's: ``NoRepeatNGram`` below, a logits
 processor registered with the engine, applies it to the requests that ask for it
 (``extra_args``), with the transformers engine's rule (``banned_tokens``).
