@@ -186,6 +186,12 @@ def test_consensus_in_the_pipeline_picks_from_its_pool(tiny_model, looping):
     assert t.consensus.winner.source == "example" and t.consensus.pool == 7
     assert t.answer == next(e.caption for e in examples if e.cid == t.consensus.winner.cid)
     assert translate("mol2cap", ["CCO"], [examples], rnd, opts)[0].answer == t.answer
+    # colder than 0.01 is greedy: one answer stands for the samples (and no overflow)
+    cold = build_options("mol2cap", {"generation": {"decoding": "consensus", "num_samples": 4,
+                                                    "temperature": 1e-300,
+                                                    "max_new_tokens": 8}})
+    t_cold = translate("mol2cap", ["CCO"], [examples], rnd, cold)[0]
+    assert (t_cold.consensus.samples, t_cold.consensus.pool) == (1, 4)
     # a model whose samples agree: a sample wins (all four say the same), the first of them
     t = translate("mol2cap", ["CCO"], [examples], looping, opts)[0]
     assert (t.consensus.winner.source, t.consensus.winner.sample) == ("sample", 0)

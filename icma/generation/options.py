@@ -80,9 +80,10 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
     """``Options`` for ``task`` from a request-shaped mapping (see the module docstring).
 
     ``max_k``, ``max_candidates`` and ``max_samples`` are a server's limits (None: unbounded
-    but for the engines' own bounds, for local callers). ``adapters`` resolves ``request["adapter"]`` by name; ``adapter`` gives one
-    directly (a tuning run evaluates the adapter it just wrote) and then priming defaults to
-    off, as for any adapter without a manifest.
+    but for the engines' own bounds, for local callers). ``adapters`` resolves
+    ``request["adapter"]`` by name; ``adapter`` gives one directly (a tuning run evaluates the
+    adapter it just wrote) and then priming defaults to off, as for any adapter without a
+    manifest.
     """
     s = spec(task)
     n_shot = _bounded(_get(request, "n_shot", s.n_shot), 0, max_k, "n_shot")

@@ -6,7 +6,8 @@ benchmarks all come through here, so an answer does not depend on which door it 
 ``run_batch`` retrieves with a ``Retriever`` (the service over HTTP, or local indexes) and
 calls ``translate``; callers that hold their examples already (the quality benchmark) call
 ``translate`` directly. The engine is any ``Generator`` (in the worker, one that queues for the
-engine thread).
+engine thread). With consensus decoding the engine writes several answers per prompt and
+``icma.generation.consensus`` chooses among them and the examples' answers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from icma.core import chem
 from icma.core.errors import IcmaError, InputError, InternalError, UnavailableError
 from icma.core.prompts import Example, build_prompt, check_query, extract_answer
 from icma.core.tasks import Task, check_task
-from icma.generation import consensus
+from icma.generation.consensus import Choice, choose
 from icma.generation.engines import Generation, GenerationInput, Generator
 from icma.generation.options import Options, build_options
 from icma.generation.retrievers import Retriever
@@ -44,7 +45,7 @@ class Translation:
     canonical: str | None = None  # cap2mol: its canonical SMILES when valid
     timings: dict[str, float] = field(default_factory=dict)
     prompt: str = ""  # what the engine received
-    consensus: consensus.Choice | None = None  # decoding "consensus": the pool and its winner
+    consensus: Choice | None = None  # decoding "consensus": the pool and its winner
 
 
 @dataclass
@@ -90,15 +91,13 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
     for i, (q, p) in enumerate(zip(queries, prompts)):
         samples = gens[i * n:(i + 1) * n]
         answers = [extract_answer(task, g.text, stop=params.stop) for g in samples]
-        choice, g = None, samples[0]
+        choice, g, answer = None, samples[0], answers[0]
         if params.decoding == "consensus":
-            choice = consensus.choose(task, answers, p.examples)
-            winner = choice.winner
-            g = samples[winner.sample] if winner.source == "sample" else \
-                Generation(winner.text)  # an example's answer: written whole, not cut
-            answer = answers[winner.sample] if winner.source == "sample" else winner.text
-        else:
-            answer = answers[0]
+            choice = choose(task, answers, p.examples)
+            w = choice.winner
+            answer = w.text
+            # (an example's answer stands as the continuation: it was written whole)
+            g = samples[w.sample] if w.source == "sample" else Generation(w.text)
         t = Translation(task, q, answer, g.text, p.examples, p.n_requested, len(p.dropped),
                         samples[0].prompt_tokens or (p.n_tokens or 0),
                         sum(s.completion_tokens for s in samples), g.finish_reason,
