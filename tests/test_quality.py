@@ -22,6 +22,7 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     try:
         code = main(["bench", "quality", "--protocol", "chebi20-val-test", "--queries", "12",
                      "--limit", "4", "--model", str(tiny_model), "--max-new-tokens", "8",
+                     "--decodings", "sample,consensus", "--num-samples", "2",
                      "--out", str(tmp_path / "out")])
     finally:
         get_settings.cache_clear()
@@ -40,6 +41,12 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
         ("mol2cap", "LLM 2-shot + default adapter tiny-m2c")]
     assert not default[0]["extra"]["prime_answer"]
     assert all(r["adapter"] is None for r in data["rows"] if "untuned" in r["system"])
+    # each LLM row again with consensus decoding, on the same queries
+    assert ("cap2mol", "LLM 4-shot (bm25), untuned, consensus of 2", 4) in systems
+    assert ("mol2cap", "LLM zero-shot, untuned, consensus of 2", 4) in systems
+    voted = next(r for r in data["rows"] if r["system"].endswith("consensus of 2"))
+    assert voted["extra"]["decoding"]["num_samples"] == 2
+    assert 0 <= voted["extra"]["consensus_sample_wins"] <= 4
     for r in data["rows"]:
         keys = {"bleu2", "meteor", "rougeL"} if r["task"] == "mol2cap" else \
             {"bleu", "exact_match", "validity", "levenshtein"}
@@ -58,6 +65,9 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     (["--protocol", "pubchem324k-iupac"], "icma download pubchem324k-iupac"),
     (["--protocol", "chebi20-val-test", "--limit", "0"], "--limit"),
     (["--protocol", "chebi20-val-test", "--queries", "0"], "queries"),
+    (["--protocol", "chebi20-val-test", "--decodings", "sample,nucleus"], "--decodings"),
+    (["--protocol", "chebi20-val-test", "--decodings", "consensus", "--num-samples", "1"],
+     "--num-samples"),
 ])
 def test_quality_bad_arguments_are_one_line_errors(argv, says, capsys, tmp_path):
     assert main(["bench", "quality", *argv, "--out", str(tmp_path)]) == 2

@@ -128,12 +128,18 @@ def vllm_report(vllm_python, tiny_llama_wide, adapters, icmt_adapter, shipped_di
                     "examples": [[r.smiles, r.description] for r in recs[10:12]],
                     "max_new_tokens": 32, "count_text": recs[0].description},
     }
+    return run_vllm(vllm_python, spec, tmp_path)
+
+
+def run_vllm(vllm_python: Path, spec: dict, tmp_path: Path) -> dict:
+    """tests/vllm_run.py on ``spec``, in .venv-vllm: what it reports."""
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out.json"
-    # ICMA_DATA_DIR: nothing the run might cache lands outside the test's folders.
+    # ICMA_DATA_DIR: nothing the run might cache lands outside the test's folders. PYTHONPATH:
+    # this checkout's icma, wherever .venv-vllm's editable install points.
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ICMA_DATA_DIR": str(tmp_path),
            "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     run = subprocess.run([str(vllm_python), str(REPO / "tests/vllm_run.py"),
                           str(tmp_path / "spec.json"), str(out)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -224,3 +230,44 @@ def test_without_vllm_the_engine_is_unavailable_not_broken():
     with pytest.raises(InputError, match="not available") as e:
         load_engine("vllm", settings=get_settings())
     assert e.value.field == "engine"
+
+
+DECODING_PROMPTS = ["the molecule is a carboxylic", "ethanol"]
+
+
+@pytest.fixture(scope="module")
+def vllm_decoding(vllm_python, looping_model, chebi_val, tmp_path_factory) -> dict:
+    """The repetition control and consensus decoding through vLLM (tests/vllm_run.py), on
+    conftest's looping model: one engine start."""
+    recs = chebi_val.records[:3]
+    spec = {"decoding": {"model": str(looping_model), "prompts": DECODING_PROMPTS,
+                         "max_new_tokens": 12,
+                         "examples": [[r.smiles, r.description, r.cid] for r in recs]}}
+    return run_vllm(vllm_python, spec, tmp_path_factory.mktemp("vllm-decoding"))["decoding"]
+
+
+def test_vllm_stops_a_loop_as_the_transformers_engine_does(vllm_decoding, looping_model):
+    from tests.conftest import LOOP_WORDS
+
+    loop = " ".join(LOOP_WORDS)
+    assert all(t.count(loop) >= 5 for t in vllm_decoding["looped"]), vllm_decoding["looped"]
+    assert all(t.count(loop) <= 1 for t in vllm_decoding["stopped"]), vllm_decoding["stopped"]
+    # the same rule in both engines: the same tokens, looped and stopped (float32 both)
+    hf = load_engine("transformers", model=str(looping_model), device="cpu",
+                     settings=get_settings())
+    items = [GenerationInput("mol2cap", p) for p in DECODING_PROMPTS]
+    for key, n in (("looped", 0), ("stopped", 2)):
+        params = GenerationParams(decoding="greedy", max_new_tokens=12, stop=(),
+                                  no_repeat_ngram_size=n)
+        assert [g.text for g in hf.generate(items, params)] == vllm_decoding[key], key
+
+
+def test_vllm_consensus_samples_in_one_request_and_picks_from_its_pool(vllm_decoding,
+                                                                        chebi_val):
+    first, second = vllm_decoding["samples"]
+    assert len(first) == 2 * 3 and first == second  # K per prompt, seeded
+    assert len(set(first[:3])) > 1  # seed, seed+1, seed+2: different samples
+    c = vllm_decoding["consensus"]
+    assert c["samples"] == 3 and 1 <= c["pool"] <= 6
+    # every sample loops alike ("the acid the acid ..."): the first sample wins
+    assert (c["source"], c["sample"]) == ("sample", 0) and "the acid" in c["answer"]

@@ -120,6 +120,14 @@ def nn_worker(retrieval, tmp_path_factory):
                   "generation": {"decoding": "greedy"}}, 422, "num_candidates"),
     ("/cap2mol", {"caption": "an acid", "generation": {"top_p": 2}}, 422, "generation.top_p"),
     ("/mol2cap", {"smiles": "CCO", "bogus": 1}, 422, "bogus"),
+    *[("/mol2cap", {"smiles": "CCO", "generation": {"decoding": "consensus", "num_samples": n}},
+       422, "generation.num_samples") for n in (0, 1, 17, 100, "4", 2.0)],
+    ("/mol2cap", {"smiles": "CCO", "generation": {"num_samples": 4}}, 422,
+     "generation.num_samples"),  # sampling writes one answer: num_samples is consensus's
+    ("/cap2mol", {"caption": "an acid", "num_candidates": 3,
+                  "generation": {"decoding": "consensus"}}, 422, "num_candidates"),
+    ("/mol2cap", {"smiles": "CCO", "generation": {"no_repeat_ngram_size": -1}}, 422,
+     "generation.no_repeat_ngram_size"),
 ])
 def test_bad_input_is_a_clear_4xx(nn_worker, path, body, status, field):
     r = httpx.post(nn_worker.url + path, json=body, timeout=30)
@@ -337,6 +345,82 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CONSENSUS = {"decoding": "consensus", "num_samples": 4, "max_new_tokens": 8}
+
+
+def _in_pool(answer: str, consensus: dict, examples: list[dict], field: str) -> bool:
+    """Whether ``answer`` is what ``consensus`` says won: a sample, or that example's answer."""
+    if consensus["source"] == "sample":
+        return 0 <= consensus["sample"] < consensus["samples"]
+    best = examples[consensus["rank"] - 1]
+    return best["cid"] == consensus["cid"] and best[field] == answer
+
+
+def test_consensus_over_http_picks_from_its_pool_and_repeats_for_a_seed(tiny_worker):
+    for path, body, answer, field in (
+            ("/mol2cap", {"smiles": ASPIRIN}, "caption", "description"),
+            ("/cap2mol", {"caption": CAPTION}, "smiles", "smiles")):
+        body = {**body, "generation": CONSENSUS}
+        first, again = (httpx.post(tiny_worker.url + path, json=body, timeout=120)
+                        for _ in range(2))
+        assert first.status_code == 200, first.text
+        out = first.json()
+        c = out["consensus"]
+        assert c["samples"] == 4 and 1 <= c["pool"] <= 4 + len(out["examples"])
+        assert _in_pool(out[answer], c, out["examples"], field), out
+        assert out["usage"]["completion_tokens"] <= 4 * 8
+        same = again.json()
+        assert (same[answer], same["consensus"]) == (out[answer], c)  # deterministic per seed
+        if path == "/cap2mol":  # the random model writes no molecule: an example wins
+            assert out["valid"] and c["source"] == "example"
+    plain = httpx.post(tiny_worker.url + "/mol2cap", json={"smiles": ASPIRIN, "generation": {
+        "max_new_tokens": 8}}, timeout=120).json()
+    assert plain["consensus"] is None
+
+
+def test_consensus_job_lines_say_where_each_answer_came_from(tiny_worker):
+    items = ["CCO", "CC(=O)O", "c1ccccc1"]
+    bad = httpx.post(tiny_worker.url + "/v1/jobs", json={
+        "task": "mol2cap", "items": items,
+        "options": {"generation": {**CONSENSUS, "num_samples": 1}}})
+    assert bad.status_code == 422 and \
+        bad.json()["error"]["field"] == "options.generation.num_samples", bad.text
+    r = httpx.post(tiny_worker.url + "/v1/jobs", json={
+        "task": "mol2cap", "items": items, "options": {"generation": CONSENSUS, "n_shot": 2}})
+    assert r.status_code == 202, r.text
+    job = _wait(tiny_worker.url, r.json()["id"])
+    assert job["state"] == "succeeded" and job["failed"] == 0, job
+    lines = [json.loads(x) for x in
+             httpx.get(tiny_worker.url + job["results_url"]).text.splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        c = line["consensus"]
+        assert c["samples"] == 4 and c["source"] in ("sample", "example")
+        if c["source"] == "example":
+            assert c["cid"] == line["examples"][c["rank"] - 1]
+
+
+def test_icma_translate_with_consensus(svc_dir, chebi_val, tiny_model, tmp_path):
+    src = tmp_path / "q.jsonl"
+    recs = chebi_val.records[:3]
+    src.write_text("".join(json.dumps({"input": r.description, "id": r.cid}) + "\n"
+                           for r in recs))
+    out = tmp_path / "pred.jsonl"
+    env = {**os.environ, "ICMA_DATA_DIR": str(svc_dir), "ICMA_PROGRESS": "false"}
+    cmd = [sys.executable, "-m", "icma", "translate", "--task", "cap2mol", "--input", str(src),
+           "--output", str(out), "--model", str(tiny_model), "--engine", "transformers",
+           "--decoding", "consensus", "--num-samples", "3", "--max-new-tokens", "8",
+           "--no-repeat-ngram-size", "3"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    by_cid = {r.cid: r.smiles for r in chebi_val.records}
+    for line in lines:
+        c = line["consensus"]
+        assert (c["samples"], c["source"]) == (3, "example"), line  # the random model's
+        assert line["valid"] and line["prediction"] == by_cid[c["cid"]]  # are no molecules
 
 
 def test_icma_translate_cli_writes_jsonl_that_icma_eval_reads(svc_dir, chebi_val, tmp_path):

@@ -125,9 +125,44 @@ def smollm2_checks(spec: dict) -> dict:
     return result
 
 
+def decoding_checks(spec: dict) -> dict:
+    """The repetition control and consensus decoding on conftest's looping model."""
+    from icma.core.prompts import Example
+    from icma.core.settings import get_settings
+    from icma.generation.engines import GenerationInput, GenerationParams, load_engine
+    from icma.generation.options import build_options
+    from icma.generation.pipeline import translate
+
+    eng = load_engine("vllm", model=spec["model"], settings=get_settings())
+    items = [GenerationInput("mol2cap", p) for p in spec["prompts"]]
+    n = spec["max_new_tokens"]
+
+    def texts(params):
+        return [g.text for g in eng.generate(items, params)]
+
+    out = {"looped": texts(GenerationParams(decoding="greedy", max_new_tokens=n, stop=())),
+           "stopped": texts(GenerationParams(decoding="greedy", max_new_tokens=n, stop=(),
+                                             no_repeat_ngram_size=2))}
+    # K samples of each prompt in one request; the control makes them differ after a while
+    sampled = GenerationParams(decoding="consensus", num_samples=3, max_new_tokens=n, stop=(),
+                               no_repeat_ngram_size=2, seed=7)
+    out["samples"] = [texts(sampled) for _ in range(2)]
+    examples = [Example(s, c, cid) for s, c, cid in spec["examples"]]
+    opts = build_options("mol2cap", {"n_shot": len(examples), "generation": {
+        "decoding": "consensus", "num_samples": 3, "max_new_tokens": n}})
+    t = translate("mol2cap", spec["prompts"][:1], [examples], eng, opts)[0]
+    out["consensus"] = {"answer": t.answer, **t.consensus.summary()}
+    eng.close()
+    return out
+
+
+#: What a spec may ask for: its keys, each run with its part of the spec.
+CHECKS = {"tiny": tiny_checks, "smollm2": smollm2_checks, "decoding": decoding_checks}
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    out = {"tiny": tiny_checks(spec["tiny"]), "smollm2": smollm2_checks(spec["smollm2"])}
+    out = {key: CHECKS[key](part) for key, part in spec.items()}
     Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 
 

@@ -59,6 +59,11 @@ def add_parser(sub) -> None:
     bq.add_argument("--max-new-tokens", type=int, default=256, help="per answer (ICMA: 256)")
     bq.add_argument("--no-llm", action="store_true", help="nearest-neighbour rows only")
     bq.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot rows")
+    bq.add_argument("--decodings", default="sample",
+                    help="comma-separated decodings of every LLM row: sample (ICMA's), greedy, "
+                         "beam, consensus (default sample)")
+    bq.add_argument("--num-samples", type=int,
+                    help="answers sampled per query by consensus rows (default 8)")
     bq.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                     help="results folder (default benchmarks/results)")
     bq.set_defaults(func=cmd_bench_quality)
@@ -87,10 +92,19 @@ def cmd_bench_quality(args) -> int:
     from icma.core.settings import get_settings
     from icma.evaluation import quality
     from icma.evaluation.machine import git_commit, machine
+    from icma.generation.options import build_options
 
     if args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}", field="--limit")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    decodings = [d.strip() for d in args.decodings.split(",") if d.strip()]
+    for d in decodings:  # checked now, not after the nearest-neighbour rows
+        try:
+            build_options("mol2cap", {"generation": {"decoding": d, "num_samples": (
+                args.num_samples if d == "consensus" else None)}})
+        except InputError as exc:
+            raise exc.at("--num-samples" if exc.field == "generation.num_samples"
+                         else "--decodings") from None
     protocol = quality.load_protocol(args.protocol, args.data, args.queries)
     figure = quality.can_plot()
     if not figure:  # said now, not after the hours of the run: there is time to install it
@@ -102,6 +116,7 @@ def cmd_bench_quality(args) -> int:
         protocol, settings=get_settings(), tasks=tasks, llm_limit=args.limit, engine=args.engine,
         model=args.model, adapters=args.adapter, zero_shot=not args.no_zero_shot,
         llm=not args.no_llm, max_new_tokens=args.max_new_tokens, engine_options=options,
+        decodings=decodings, num_samples=args.num_samples,
         report=lambda line: print(line, flush=True))
     llm = next((r for r in rows if r.engine != "nearest-neighbour"), None)
     meta = {"engine": llm.engine if llm else "none", "model": llm.model if llm else "none",

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from icma.core.tasks import TASK_SPECS, TASKS
+from icma.generation.engines import DECODINGS
 
 
 def add_parser(sub) -> None:
@@ -33,7 +34,14 @@ def add_parser(sub) -> None:
     tr.add_argument("--corpus", help="retrieval corpus name (default: the embedded ChEBI-20)")
     tr.add_argument("--retrieval-url",
                     help="use this retrieval service; default: local indexes in the data dir")
-    tr.add_argument("--decoding", choices=["sample", "greedy", "beam"], default="sample")
+    tr.add_argument("--decoding", choices=DECODINGS, default="sample",
+                    help="consensus: sample --num-samples answers per input and write the one "
+                         "most similar to them and to the examples' answers")
+    tr.add_argument("--num-samples", type=int,
+                    help="consensus: answers sampled per input (default 8, at most "
+                         "ICMA_MAX_SAMPLES)")
+    tr.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                    help="no n-gram of this many tokens twice in an answer (0: off)")
     tr.add_argument("--max-new-tokens", type=int, default=256)
     tr.add_argument("--seed", type=int, default=42)
     tr.add_argument("--num-candidates", type=int, default=1,
@@ -57,6 +65,7 @@ def cmd_translate(args) -> int:
         model=args.model, adapter=args.adapter, n_shot=args.n_shot, method=args.method,
         corpus=args.corpus, retrieval_url=args.retrieval_url, decoding=args.decoding,
         max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,
+        num_samples=args.num_samples, no_repeat_ngram_size=args.no_repeat_ngram_size,
         prime_answer=prime, batch_size=args.batch_size)
     print(summary, file=sys.stderr)
     return 0

@@ -133,6 +133,10 @@ class Settings(BaseSettings):
                                 description="Job items sent to the engine together.")
     max_candidates: int = Field(default=8, ge=1,
                                 description="Most cap2mol candidates one request may sample.")
+    # --- decoding (issue 14) ---------------------------------------------------------------------
+    max_samples: int = Field(default=16, ge=2, le=64,
+                             description="Most answers one consensus-decoding request may "
+                                         "sample per input (generation.num_samples).")
     # --- security and operations (README "Security and operations") ----------------------------
     allow_remote_without_key: bool = Field(
         default=False,

@@ -10,7 +10,9 @@ Rows, per task (mol2cap, cap2mol):
 - the LLM with the task's default adapter (``icma.generation.adapters.DefaultAdapters``: the
   shipped one, or ``ICMA_DEFAULT_ADAPTERS``'s), when one applies to the model, same queries;
 - the LLM with each given adapter (tuned: no priming), same queries.
-The untuned rows ask for the base model explicitly (``"adapter": "base"``).
+The untuned rows ask for the base model explicitly (``"adapter": "base"``). Each LLM row runs
+once per decoding asked for (default ICMA's sampling only; ``greedy`` and ``consensus`` of
+``num_samples`` add rows named after them), on the same retrieved examples.
 
 Protocols:
 - ``chebi20-val-test``: database = ChEBI-20 validation (3,301 pairs, shipped), queries = ChEBI-20
@@ -29,6 +31,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import product
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -122,7 +125,8 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                 llm_limit: int = 300, engine: str = "transformers", model: str | None = None,
                 adapters: Sequence[str] = (), zero_shot: bool = True, llm: bool = True,
                 data_dir: str | Path | None = None, max_new_tokens: int = 256,
-                engine_options: dict | None = None,
+                engine_options: dict | None = None, decodings: Sequence[str] = ("sample",),
+                num_samples: int | None = None,
                 report: Callable[[str], None] = print) -> list[Row]:
     """Every row of the benchmark for ``protocol`` (see the module docstring). Indexes are
     cached in ``data_dir`` (default: the settings'); the engines load with ``settings``."""
@@ -187,13 +191,18 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                          load_engine(engine, settings=settings, model=model, adapter=adapter,
                                      **(engine_options or {})), shots,
                          {"adapter": BASE, "prime_answer": False}))
-        for system, eng, ex, asked in runs:
+        for (system, eng, ex, asked), decoding in product(runs, decodings):
             t0 = time.perf_counter()
-            options = build_options(task, {**request, **asked}, adapters=registry.get,
-                                    default_adapter=defaults.for_task)
+            generation = {**request["generation"], "decoding": decoding,
+                          "num_samples": num_samples if decoding == "consensus" else None}
+            options = build_options(task, {**request, **asked, "generation": generation},
+                                    adapters=registry.get, default_adapter=defaults.for_task)
             params, prime = options.params, options.prime_answer
             out = translate(task, sub_q, ex, eng, options)
             secs = time.perf_counter() - t0
+            if decoding != "sample":
+                system += f", {decoding}" + (f" of {params.num_samples}"
+                                             if decoding == "consensus" else "")
             extra = {"completion_tokens": sum(t.completion_tokens for t in out),
                      "stopped_by_length": sum(t.finish_reason == "length" for t in out),
                      "prime_answer": prime, "max_new_tokens": max_new_tokens,
@@ -201,6 +210,9 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                      # what the model wrote, for a reader to see beside the scores
                      "samples": [{"query": t.query, "reference": ref, "answer": t.answer}
                                  for t, ref in zip(out[:SAMPLES], sub_refs)]}
+            if decoding == "consensus":  # how often a sample, not an example's answer, won
+                extra["consensus_sample_wins"] = sum(t.consensus.winner.source == "sample"
+                                                     for t in out)
             rows.append(Row(task, system, eng.name, eng.model,
                             options.adapter.name if options.adapter else eng.adapter,
                             default_method
@@ -263,7 +275,8 @@ def render_markdown(p: dict, stem: str, figure: bool = True) -> str:
              f"Engine for LLM rows: {p.get('engine')}, model {p.get('model')} "
              f"({p.get('dtype')} weights), decoding: ICMA's "
              f"(sampling, temperature 0.7, top_p 0.85, top_k 40, seed 42; repetition penalty "
-             f"0.8 for cap2mol), at most {p.get('max_new_tokens')} new tokens; untuned rows "
+             f"0.8 for cap2mol) unless the row names another (consensus samples at these "
+             f"settings), at most {p.get('max_new_tokens')} new tokens; untuned rows "
              "prime the answer marker.",
              f"Metrics: MolT5's recipe (`icma.evaluation.metrics`; captions on SciBERT word pieces). "
              f"Machine: {p.get('machine')}; {p.get('date')}; commit {p.get('commit')}.", ""]

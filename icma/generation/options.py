@@ -8,7 +8,8 @@ translation came in by::
     {"n_shot": 2, "retrieval": {"method", "corpus", "exclude_cids", "exclude_same_structure" |
      "exclude_same_caption", "random_walk": {"skip_probability", "seed"}},
      "generation": {"decoding", "temperature", "top_p", "top_k", "num_beams",
-                    "max_new_tokens", "repetition_penalty", "seed"},
+                    "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
+                    "num_samples", "seed"},
      "adapter": "name" | "base", "prime_answer": null, "order": "reversed", "cutoff": 2048,
      "num_candidates": 1}
 
@@ -30,10 +31,12 @@ from icma.core.names import check_name
 from icma.core.rerank import Order
 from icma.core.tasks import Task, check_method, spec
 from icma.generation.adapters import BASE, AdapterInfo
-from icma.generation.engines import Adapter, GenerationParams
+from icma.generation.engines import BOUNDS, Adapter, GenerationParams
 
 #: ICMA's token budget of prompt + answer.
 DEFAULT_CUTOFF = 2048
+#: Samples of consensus decoding when a request names none (fewer if a server allows fewer).
+DEFAULT_NUM_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Options:
     """A translation's settings. ``prime_answer``: end the prompt with the answer marker (on for
     untuned models, off for ICMA-tuned checkpoints, which write it themselves); ``cutoff``: the
     token budget of prompt + answer; ``num_candidates``: cap2mol samples until RDKit parses one,
-    at most this many times."""
+    at most this many times (not with consensus decoding, which pools its samples instead)."""
 
     n_shot: int
     params: GenerationParams
@@ -75,28 +78,34 @@ DefaultAdapter = Callable[[str], "AdapterInfo | None"]
 
 
 def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
-                  max_candidates: int | None = None, adapters: AdapterLookup | None = None,
-                  adapter: Adapter | None = None,
+                  max_candidates: int | None = None, max_samples: int | None = None,
+                  adapters: AdapterLookup | None = None, adapter: Adapter | None = None,
                   default_adapter: DefaultAdapter | None = None) -> Options:
     """``Options`` for ``task`` from a request-shaped mapping (see the module docstring).
 
-    ``max_k`` and ``max_candidates`` are a server's limits (None: unbounded, for local
-    callers). ``adapters`` resolves ``request["adapter"]`` by name, ``default_adapter`` gives
-    the task's adapter when the request names none (``"base"``: none); ``adapter`` gives one
-    directly (a tuning run evaluates the adapter it just wrote) and then priming defaults to
-    off, as for any adapter without a manifest.
+    ``max_k``, ``max_candidates`` and ``max_samples`` are a server's limits (None: unbounded
+    but for the engines' own bounds, for local callers). ``adapters`` resolves
+    ``request["adapter"]`` by name, ``default_adapter`` gives the task's adapter when the
+    request names none (``"base"``: none); ``adapter`` gives one directly (a tuning run
+    evaluates the adapter it just wrote) and then priming defaults to off, as for any adapter
+    without a manifest.
     """
     s = spec(task)
     n_shot = _bounded(_get(request, "n_shot", s.n_shot), 0, max_k, "n_shot")
     num_candidates = _bounded(_get(request, "num_candidates", 1), 1, max_candidates,
                               "num_candidates")
     generation = {k: v for k, v in (request.get("generation") or {}).items() if v is not None}
+    _check_num_samples(generation, max_samples)
     try:
         params = GenerationParams.for_task(task, **generation)
     except TypeError as exc:  # a key GenerationParams does not have
         raise InputError(str(exc), field="generation") from None
     except InputError as exc:
         raise exc.at(f"generation.{exc.field}") from None
+    if num_candidates > 1 and params.decoding == "consensus":
+        raise InputError("consensus decoding pools its samples and only valid molecules "
+                         "compete: set generation.num_samples, not num_candidates",
+                         field="num_candidates")
     if num_candidates > 1 and params.decoding != "sample":
         raise InputError("more than one candidate needs decoding 'sample' (greedy and beam "
                          "search give the same molecule every time)", field="num_candidates")
@@ -135,6 +144,19 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
                    prime_answer=prime, order=order or "reversed",
                    cutoff=_get(request, "cutoff", DEFAULT_CUTOFF),
                    num_candidates=num_candidates)
+
+
+def _check_num_samples(generation: dict, max_samples: int | None) -> None:
+    """``num_samples`` belongs to consensus decoding: 2 .. ``max_samples`` there (default
+    ``DEFAULT_NUM_SAMPLES``, filled into ``generation``), and an error anywhere else."""
+    field = "generation.num_samples"
+    high = max_samples or BOUNDS["num_samples"]["le"]
+    if generation.get("decoding") != "consensus":
+        if "num_samples" in generation:
+            raise InputError("num_samples is for decoding 'consensus'", field=field)
+        return
+    generation["num_samples"] = _bounded(
+        generation.get("num_samples", min(DEFAULT_NUM_SAMPLES, high)), 2, high, field)
 
 
 def _bounded(value: int, low: int, high: int | None, field: str) -> int:

@@ -6,7 +6,8 @@ benchmarks all come through here, so an answer does not depend on which door it 
 ``run_batch`` retrieves with a ``Retriever`` (the service over HTTP, or local indexes) and
 calls ``translate``; callers that hold their examples already (the quality benchmark) call
 ``translate`` directly. The engine is any ``Generator`` (in the worker, one that queues for the
-engine thread).
+engine thread). With consensus decoding the engine writes several answers per prompt and
+``icma.generation.consensus`` chooses among them and the examples' answers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from icma.core import chem
 from icma.core.errors import IcmaError, InputError, InternalError, UnavailableError
 from icma.core.prompts import Example, build_prompt, check_query, extract_answer
 from icma.core.tasks import Task, check_task
-from icma.generation.engines import GenerationInput, Generator
+from icma.generation.consensus import Choice, choose
+from icma.generation.engines import Generation, GenerationInput, Generator
 from icma.generation.options import Options, build_options
 from icma.generation.retrievers import Retriever
 
@@ -43,6 +45,7 @@ class Translation:
     canonical: str | None = None  # cap2mol: its canonical SMILES when valid
     timings: dict[str, float] = field(default_factory=dict)
     prompt: str = ""  # what the engine received
+    consensus: Choice | None = None  # decoding "consensus": the pool and its winner
 
 
 @dataclass
@@ -84,11 +87,21 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
     out = []
     per_query = {"prompt_ms": (t1 - t0) * 1e3 / max(len(queries), 1),
                  "generate_ms": (t2 - t1) * 1e3 / max(len(queries), 1)}
-    for q, p, g in zip(queries, prompts, gens):
-        answer = extract_answer(task, g.text, stop=params.stop)
+    n = params.samples_per_prompt
+    for i, (q, p) in enumerate(zip(queries, prompts)):
+        samples = gens[i * n:(i + 1) * n]
+        answers = [extract_answer(task, g.text, stop=params.stop) for g in samples]
+        choice, g, answer = None, samples[0], answers[0]
+        if params.decoding == "consensus":
+            choice = choose(task, answers, p.examples)
+            w = choice.winner
+            answer = w.text
+            # (an example's answer stands as the continuation: it was written whole)
+            g = samples[w.sample] if w.source == "sample" else Generation(w.text)
         t = Translation(task, q, answer, g.text, p.examples, p.n_requested, len(p.dropped),
-                        g.prompt_tokens or (p.n_tokens or 0), g.completion_tokens,
-                        g.finish_reason, timings=dict(per_query), prompt=p.text)
+                        samples[0].prompt_tokens or (p.n_tokens or 0),
+                        sum(s.completion_tokens for s in samples), g.finish_reason,
+                        timings=dict(per_query), prompt=p.text, consensus=choice)
         if task == "cap2mol":
             t.canonical = chem.try_canonical(answer)[0] if answer else None
             t.valid = t.canonical is not None

@@ -158,7 +158,7 @@ class GenerationQueue:
             for w in live:
                 w.future.set_exception(exc)
             return
-        at = 0
+        at, per = 0, live[0].params.samples_per_prompt  # (one key: the same settings)
         for w in live:
-            w.future.set_result(out[at:at + len(w.inputs)])
-            at += len(w.inputs)
+            w.future.set_result(out[at:at + len(w.inputs) * per])
+            at += len(w.inputs) * per

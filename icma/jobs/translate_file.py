@@ -30,7 +30,9 @@ from icma.jobs.store import JobStore
 FLAGS = {"n_shot": "--n-shot", "num_candidates": "--num-candidates", "adapter": "--adapter",
          "prime_answer": "--prime-answer", "retrieval.method": "--method",
          "retrieval.corpus": "--corpus", "generation.decoding": "--decoding",
-         "generation.max_new_tokens": "--max-new-tokens", "generation.seed": "--seed"}
+         "generation.max_new_tokens": "--max-new-tokens", "generation.seed": "--seed",
+         "generation.num_samples": "--num-samples",
+         "generation.no_repeat_ngram_size": "--no-repeat-ngram-size"}
 
 
 def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
@@ -39,6 +41,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
                    method: str | None = None, corpus: str | None = None,
                    retrieval_url: str | None = None, decoding: str = "sample",
                    max_new_tokens: int = 256, seed: int = 42, num_candidates: int = 1,
+                   num_samples: int | None = None, no_repeat_ngram_size: int = 0,
                    prime_answer: bool | None = None, batch_size: int | None = None,
                    progress: bool | None = None) -> str:
     """Translate ``input`` into ``output`` (JSON lines, input order); returns a summary."""
@@ -51,7 +54,8 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
     items = parse_items(task, text, fmt, where=str(input))
     request = {"n_shot": n_shot, "retrieval": {"method": method, "corpus": corpus},
                "generation": {"decoding": decoding, "max_new_tokens": max_new_tokens,
-                              "seed": seed},
+                              "seed": seed, "num_samples": num_samples,
+                              "no_repeat_ngram_size": no_repeat_ngram_size},
                "adapter": adapter, "prime_answer": prime_answer,
                "num_candidates": num_candidates}
     registry = AdapterRegistry.from_settings(settings)
@@ -59,6 +63,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
     try:
         options = build_options(task, request, max_k=settings.max_k,
                                 max_candidates=settings.max_candidates,
+                                max_samples=settings.max_samples,
                                 adapters=lambda name: _adapter(name, registry),
                                 default_adapter=defaults.for_task)
     except InputError as exc:

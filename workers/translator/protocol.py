@@ -12,7 +12,7 @@ from icma.core.rerank import RandomWalk
 from icma.core.tasks import ALL_METHODS, TASK_SPECS, TASKS, per_task
 from icma.generation.engines import BOUNDS, DECODINGS, MIN_SAMPLING_TEMPERATURE, \
     GenerationParams
-from icma.generation.options import DEFAULT_CUTOFF
+from icma.generation.options import DEFAULT_CUTOFF, DEFAULT_NUM_SAMPLES
 from icma.tuning.config import TuneOptions
 
 Method = Literal[ALL_METHODS]
@@ -52,7 +52,11 @@ class Generation(Strict):
     0.85, top_k 40, 256 new tokens, seed 42; repetition penalty 0.8 for cap2mol, 1.0 for
     mol2cap)."""
 
-    decoding: Literal[DECODINGS] = _DEFAULT.decoding
+    decoding: Literal[DECODINGS] = Field(
+        default=_DEFAULT.decoding,
+        description="sample (ICMA's), greedy, beam, or consensus: sample num_samples answers, "
+                    "pool them with the examples' answers and return the one most similar to "
+                    "the rest (captions: n-gram F1; molecules: Morgan Tanimoto, valid ones only)")
     temperature: float = Field(default=_DEFAULT.temperature, **BOUNDS["temperature"],
                                description=f"below {MIN_SAMPLING_TEMPERATURE}, sampling "
                                            "decodes greedily (it is greedy in effect, and "
@@ -65,6 +69,15 @@ class Generation(Strict):
     repetition_penalty: float | None = Field(
         default=None, **BOUNDS["repetition_penalty"],
         description="default: " + per_task("repetition_penalty"))
+    no_repeat_ngram_size: int = Field(
+        default=_DEFAULT.no_repeat_ngram_size, **BOUNDS["no_repeat_ngram_size"],
+        description="no n-gram of this many tokens twice in the answer (the prompt's do not "
+                    "count); 0: off; not with vLLM's beam search")
+    num_samples: int | None = Field(
+        default=None, ge=2, le=BOUNDS["num_samples"]["le"],
+        description=f"consensus only: answers sampled per input (seeds seed, seed+1, ... with "
+                    f"vLLM; one seeded call with transformers); default {DEFAULT_NUM_SAMPLES}, "
+                    f"at most ICMA_MAX_SAMPLES")
     seed: int = Field(default=_DEFAULT.seed, **BOUNDS["seed"])
 
 
@@ -125,6 +138,20 @@ class TranslationTimings(BaseModel):
     total_ms: float
 
 
+class Consensus(BaseModel):
+    """Which candidate consensus decoding returned, and from where."""
+
+    samples: int = Field(description="answers sampled")
+    pool: int = Field(description="candidates that competed: the non-empty samples and the "
+                                  "examples' answers (cap2mol: only those RDKit parses)")
+    source: Literal["sample", "example"] = Field(description="where the answer came from")
+    sample: int | None = Field(description="the winning sample (0-based, in seed order)")
+    cid: str | None = Field(description="the example whose answer won")
+    rank: int | None = Field(description="that example's rank (1 = best)")
+    score: float | None = Field(description="the winner's mean similarity to the rest of the "
+                                            "pool (null for a pool of one or none)")
+
+
 class _Translated(BaseModel):
     examples: list[ExampleUsed] = Field(description="examples in the prompt, best first")
     n_examples_dropped: int = Field(description="examples dropped to fit the token budget")
@@ -136,6 +163,8 @@ class _Translated(BaseModel):
     usage: Usage
     timings: TranslationTimings
     prompt: str | None = Field(default=None, description="when return_prompt was set")
+    consensus: Consensus | None = Field(default=None,
+                                        description="decoding consensus: the chosen candidate")
 
 
 class Mol2CapResponse(_Translated):

@@ -137,6 +137,7 @@ class TranslatorService:
         adapter registry."""
         return build_options(task, request, max_k=self.settings.max_k,
                              max_candidates=self.settings.max_candidates,
+                             max_samples=self.settings.max_samples,
                              adapters=self.registry.get, default_adapter=self.defaults.for_task)
 
     def job_options(self, task: str, raw: dict) -> Options:
@@ -189,7 +190,8 @@ class TranslatorService:
             adapter=opts.adapter.name if opts.adapter else None,
             prime_answer=opts.prime_answer, finish_reason=t.finish_reason,
             usage=Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens),
-            timings=timings, prompt=out.prompt if return_prompt else None)
+            timings=timings, prompt=out.prompt if return_prompt else None,
+            consensus=t.consensus.summary() if t.consensus else None)
 
     # --- adapters ------------------------------------------------------------------------------
 

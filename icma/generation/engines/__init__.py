@@ -13,6 +13,7 @@ from icma.generation.engines.base import (
     GenerationInput,
     GenerationParams,
     Generator,
+    banned_tokens,
     cut_at_stop,
 )
 from icma.core.errors import InputError
@@ -21,7 +22,7 @@ from icma.core.settings import Settings
 ENGINES = ("transformers", "vllm", "nearest-neighbour")
 
 __all__ = ["Adapter", "BOUNDS", "DECODINGS", "ENGINES", "Generation", "GenerationInput", "GenerationParams",
-           "Generator", "MIN_SAMPLING_TEMPERATURE", "cut_at_stop", "load_engine"]
+           "Generator", "MIN_SAMPLING_TEMPERATURE", "banned_tokens", "cut_at_stop", "load_engine"]
 
 
 def load_engine(name: str, *, settings: Settings, model: str | Path | None = None,

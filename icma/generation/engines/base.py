@@ -11,8 +11,10 @@ from icma.core.errors import InputError
 from icma.core.prompts import DEFAULT_EOS, Example
 from icma.core.tasks import Task, spec
 
-Decoding = Literal["sample", "greedy", "beam"]
-DECODINGS: tuple[str, ...] = ("sample", "greedy", "beam")
+Decoding = Literal["sample", "greedy", "beam", "consensus"]
+#: ``consensus`` samples ``num_samples`` answers per prompt and returns the most central of
+#: them and the examples' answers (``icma.generation.consensus``); to an engine it is sampling.
+DECODINGS: tuple[str, ...] = ("sample", "greedy", "beam", "consensus")
 
 
 #: The range of each decoding setting, defined once: ``GenerationParams.checked`` enforces it
@@ -26,10 +28,14 @@ BOUNDS: dict[str, dict[str, float]] = {
     # Positive logits are divided by the penalty: a tiny one overflows them to inf (1e-300 is
     # 0 in float32), and sampling from inf fails the whole batch.
     "repetition_penalty": {"ge": 0.01, "le": 10},
+    "no_repeat_ngram_size": {"ge": 0, "le": 64},  # 0: off
+    # Continuations per prompt; a server caps consensus further (ICMA_MAX_SAMPLES).
+    "num_samples": {"ge": 1, "le": 64},
     "seed": {"ge": 0, "le": 2**63 - 1},
 }
 _WORDS = {"gt": "above", "ge": "at least", "le": "at most"}
-_INTEGERS = ("max_new_tokens", "top_k", "num_beams", "seed")
+_INTEGERS = ("max_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size", "num_samples",
+             "seed")
 
 #: Sampling colder than this decodes greedily (the most likely token each step). Sampling at
 #: such a temperature is greedy decoding in all but rounding, and far colder ones (1e-40 with
@@ -51,6 +57,12 @@ class GenerationParams:
     top_k: int = 40
     num_beams: int = 4  # beam search only
     repetition_penalty: float = 1.0
+    #: No n-gram of this many tokens occurs twice in the answer (0: off). Only the generated
+    #: tokens count, unlike transformers' option of the same name, which also bans every n-gram
+    #: of the prompt: an ICMA prompt's examples hold the phrases a good answer reuses.
+    no_repeat_ngram_size: int = 0
+    #: Continuations per prompt: sampling only (``consensus``: the pool's samples).
+    num_samples: int = 1
     seed: int = 42
     #: Generation ends at the model's own EOS / end-of-turn token or at any of these texts.
     stop: tuple[str, ...] = (DEFAULT_EOS, "\n\n")
@@ -73,15 +85,29 @@ class GenerationParams:
             if not all(_holds(op, value, limit) for op, limit in bound.items()):
                 rule = " and ".join(f"{_WORDS[op]} {limit}" for op, limit in bound.items())
                 raise InputError(f"{name} must be {rule}, got {value!r}", field=name)
+        if self.decoding == "consensus" and self.num_samples < 2:
+            raise InputError(f"consensus needs at least 2 samples, got {self.num_samples}",
+                             field="num_samples")
+        if self.decoding in ("greedy", "beam") and self.num_samples != 1:
+            raise InputError(f"{self.decoding} decoding writes one answer per prompt; "
+                             f"num_samples is for sampling", field="num_samples")
         return self
 
     def for_engine(self) -> "GenerationParams":
-        """What an engine runs: the settings checked, and sampling colder than
-        ``MIN_SAMPLING_TEMPERATURE`` turned into greedy decoding."""
+        """What an engine runs: the settings checked, consensus as the sampling it needs, and
+        sampling colder than ``MIN_SAMPLING_TEMPERATURE`` turned into greedy decoding (one
+        answer per prompt: every sample would be the same)."""
         params = self.checked()
+        if params.decoding == "consensus":
+            params = replace(params, decoding="sample")
         if params.decoding == "sample" and params.temperature < MIN_SAMPLING_TEMPERATURE:
-            return replace(params, decoding="greedy")
+            return replace(params, decoding="greedy", num_samples=1)
         return params
+
+    @property
+    def samples_per_prompt(self) -> int:
+        """Generations an engine returns per prompt for these settings."""
+        return self.for_engine().num_samples
 
     def next_seed(self, n: int) -> "GenerationParams":
         """The same settings ``n`` seeds on (another sample of the same prompt), wrapping
@@ -130,7 +156,9 @@ class Generator(ABC):
 
     @abstractmethod
     def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,
-                 adapter: Adapter | None = None) -> list[Generation]: ...
+                 adapter: Adapter | None = None) -> list[Generation]:
+        """``params.samples_per_prompt`` generations per input, input by input (input 0's
+        samples first)."""
 
     def count_tokens(self, text: str) -> int | None:
         """Tokens of ``text`` as the model sees it, for the prompt budget (None: no budget)."""
@@ -138,6 +166,19 @@ class Generator(ABC):
 
     def close(self) -> None:
         """Free the model (engines holding a GPU override this)."""
+
+
+def banned_tokens(generated: Sequence[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram of ``generated`` (the answer's tokens so far): the
+    tokens that followed each earlier occurrence of its last ``n - 1`` tokens. Both engines ban
+    them, so ``no_repeat_ngram_size`` means the same in each."""
+    if n < 1 or len(generated) < n - 1:
+        return []
+    if n == 1:
+        return sorted(set(generated))
+    tail = tuple(generated[len(generated) - n + 1:])
+    return sorted({generated[i + n - 1] for i in range(len(generated) - n + 1)
+                   if tuple(generated[i:i + n - 1]) == tail})
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

@@ -2,7 +2,11 @@
 
 Prompts are generated in batches of similar length (left padding, so every continuation starts
 at the same position); one seed per generate() call, so sampled outputs are reproducible for the
-same inputs in the same order and batch size, not across batch sizes.
+same inputs in the same order and batch size, not across batch sizes. Several samples of a
+prompt (``num_samples``) come from one generate() call (``num_return_sequences``: the prompt is
+tokenized once, but transformers expands the batch before the prefill, which so runs once per
+sample); the batch size counts sequences, so a call then holds batch_size // num_samples
+prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from icma.generation.engines.base import (
     GenerationInput,
     GenerationParams,
     Generator,
+    banned_tokens,
     cut_at_stop,
 )
 from icma.core.errors import InputError
@@ -99,15 +104,18 @@ class TransformersGenerator(Generator):
 
         params = params.for_engine()
         self._activate(adapter or self._default)
-        out: list[Generation | None] = [None] * len(inputs)
+        n = params.num_samples
+        out: list[list[Generation]] = [[] for _ in inputs]
         lengths = [self.count_tokens(x.prompt) for x in inputs]
         order = sorted(range(len(inputs)), key=lambda i: -lengths[i])
+        per_call = max(1, self.batch_size // n)
         torch.manual_seed(params.seed)
-        for lo in range(0, len(order), self.batch_size):
-            idx = order[lo:lo + self.batch_size]
-            for i, g in zip(idx, self._batch([inputs[i].prompt for i in idx], params)):
-                out[i] = g
-        return out  # type: ignore[return-value]
+        for lo in range(0, len(order), per_call):
+            idx = order[lo:lo + per_call]
+            gens = self._batch([inputs[i].prompt for i in idx], params)
+            for j, i in enumerate(idx):
+                out[i] = gens[j * n:(j + 1) * n]
+        return [g for group in out for g in group]
 
     def _batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         import torch
@@ -116,24 +124,28 @@ class TransformersGenerator(Generator):
             batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         # Only what a causal LM takes (BERT-style tokenizers add token_type_ids).
         enc = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+        width = enc["input_ids"].shape[1]
         kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
                       pad_token_id=self.tokenizer.pad_token_id,
                       repetition_penalty=params.repetition_penalty)
+        if params.no_repeat_ngram_size:
+            kwargs["logits_processor"] = [_NoRepeatNGram(params.no_repeat_ngram_size, width)]
         stops = [s for s in params.stop if s]
         if stops:  # text stops, matched across token boundaries by transformers
             kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         if params.decoding == "sample":
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k, num_beams=1)
+                          top_k=params.top_k, num_beams=1,
+                          num_return_sequences=params.num_samples)
         elif params.decoding == "greedy":
             kwargs.update(do_sample=False, num_beams=1)
         else:
             kwargs.update(do_sample=False, num_beams=params.num_beams)
         with torch.inference_mode():
             seqs = self.net.generate(**enc, **kwargs)
-        width = enc["input_ids"].shape[1]
         results = []
-        for row, mask in zip(seqs, enc["attention_mask"]):
+        for r, row in enumerate(seqs):  # a prompt's samples are consecutive rows
+            mask = enc["attention_mask"][r // params.num_samples]
             new = row[width:].tolist()
             ended = False
             for j, t in enumerate(new):  # up to the first EOS (padding follows it)
@@ -188,6 +200,22 @@ class TransformersGenerator(Generator):
         del self.net
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+class _NoRepeatNGram:
+    """A transformers logits processor: ``banned_tokens`` of each row's answer so far (the
+    tokens after the padded prompt's ``width``) get no chance. transformers' own
+    ``no_repeat_ngram_size`` would ban the prompt's n-grams too."""
+
+    def __init__(self, n: int, width: int):
+        self.n, self.width = n, width
+
+    def __call__(self, input_ids, scores):
+        for r, row in enumerate(input_ids[:, self.width:].tolist()):
+            banned = banned_tokens(row, self.n)
+            if banned:
+                scores[r, banned] = float("-inf")
+        return scores
 
 
 def _check_adapter(adapter: Path) -> None:

@@ -1,6 +1,7 @@
 """The nearest-neighbour engine: the best retrieved example's answer, no model at all.
 
-It is the baseline every model must beat, and a way to serve with no LLM.
+It is the baseline every model must beat, and a way to serve with no LLM. Asked for several
+samples of a prompt, it gives that answer each time (it has nothing else to say).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ class NearestNeighbourGenerator(Generator):
             raise InputError("the nearest-neighbour engine takes no adapter", field="adapter")
         out = []
         for item in inputs:
-            if not item.examples:  # zero-shot: there is nothing to copy
-                out.append(Generation(""))
-                continue
-            best = item.examples[0]
-            out.append(Generation(best.caption if item.task == "mol2cap" else best.smiles))
+            best = item.examples[0] if item.examples else None  # zero-shot: nothing to copy
+            text = "" if best is None else best.caption if item.task == "mol2cap" \
+                else best.smiles
+            out.extend(Generation(text) for _ in range(params.samples_per_prompt))
         return out

@@ -17,6 +17,12 @@ for its scheduler process and computes on the others, and sizes its KV cache fro
 ``VLLM_CPU_KVCACHE_SPACE`` (GiB), which this engine sets from ``vllm_cpu_kvcache_gib`` unless it
 is already set; ``vllm_cpu_reserved_cores`` sets ``VLLM_CPU_NUM_OF_RESERVED_CPU`` the same way (0
 computed 1.55x faster than transformers on 2 cores, the default 0.87x: ``engines.md``).
+
+Several samples of a prompt (``num_samples``, for consensus decoding) are one request with
+``n`` samples: vLLM seeds the k-th sample with seed + k.
+``no_repeat_ngram_size`` is no sampling parameter of vLLM's: ``NoRepeatNGram`` below, a logits
+processor registered with the engine, applies it to the requests that ask for it
+(``extra_args``), with the transformers engine's rule (``banned_tokens``).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
 from vllm.sampling_params import BeamSearchParams
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from icma.generation.engines.base import (Adapter, Generation, GenerationInput, GenerationParams, Generator,
-                               cut_at_stop)
+                               banned_tokens, cut_at_stop)
 from icma.generation.engines.hf import _check_adapter, pick_dtype
 from icma.core.errors import InputError
 from icma.generation.models import model_label, resolve_model
@@ -69,7 +76,8 @@ class VllmGenerator(Generator):
                                       str(settings.vllm_cpu_reserved_cores))
         else:
             options["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
-        self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype, **options)
+        self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype,
+                       logits_processors=[NoRepeatNGram], **options)
         self.max_lora_rank = settings.vllm_max_lora_rank
         # Our own copy of the tokenizer vLLM loads: count_tokens runs in callers' threads
         # (the prompt budget) while vLLM uses its copy in the thread that generates.
@@ -102,8 +110,9 @@ class VllmGenerator(Generator):
             return self._beam(prompts, params, lora)
         outs = self.llm.generate(prompts, self._sampling(params), lora_request=lora,
                                  use_tqdm=False)
-        return [self._generation(len(o.prompt_token_ids), o.outputs[0].token_ids,
-                                 o.outputs[0].finish_reason == "stop", params) for o in outs]
+        return [self._generation(len(o.prompt_token_ids), c.token_ids, c.finish_reason == "stop",
+                                 params)
+                for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
 
     def _check_lengths(self, prompts: list[str]) -> None:
         """vLLM refuses a prompt that fills its whole context by failing the whole batch: name
@@ -123,14 +132,16 @@ class VllmGenerator(Generator):
             max_tokens=params.max_new_tokens, seed=params.seed,
             temperature=0.0 if greedy else params.temperature,  # vLLM's greedy
             top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else params.top_k,
-            repetition_penalty=params.repetition_penalty,
-            stop=[s for s in params.stop if s], stop_token_ids=self.eos_ids)
+            repetition_penalty=params.repetition_penalty, n=params.num_samples,
+            stop=[s for s in params.stop if s], stop_token_ids=self.eos_ids,
+            extra_args={NGRAM_ARG: params.no_repeat_ngram_size}
+            if params.no_repeat_ngram_size else None)
 
     def _beam(self, prompts: list[str], params: GenerationParams, lora) -> list[Generation]:
         """vLLM's beam search (one engine step per token, every beam a request sharing the
-        prompt's cached prefix). It knows no stop texts and no repetition penalty: beams run to
+        prompt's cached prefix). It knows no stop texts and no repetition controls: beams run to
         EOS or ``max_new_tokens``, the best one is cut at the first stop text afterwards, and
-        ``repetition_penalty`` does not apply."""
+        ``repetition_penalty`` and ``no_repeat_ngram_size`` do not apply."""
         beams = BeamSearchParams(beam_width=params.num_beams, max_tokens=params.max_new_tokens)
         outs = self.llm.beam_search([{"prompt": p} for p in prompts], beams, lora_request=lora)
         results = []
@@ -191,6 +202,32 @@ class VllmGenerator(Generator):
             import torch
 
             torch.cuda.empty_cache()
+
+
+#: The ``SamplingParams.extra_args`` key that asks ``NoRepeatNGram`` for its n.
+NGRAM_ARG = "icma_no_repeat_ngram_size"
+
+
+class NoRepeatNGram(AdapterLogitsProcessor):
+    """``no_repeat_ngram_size`` for vLLM: each request that names an n in ``extra_args`` gets
+    the tokens that would repeat an n-gram of its output so far banned (its prompt does not
+    count, as with the transformers engine)."""
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes greedy choices: that is its purpose
+
+    def new_req_logits_processor(self, params):
+        n = (params.extra_args or {}).get(NGRAM_ARG)
+        if not n:
+            return None
+
+        def ban(output_ids, logits):
+            banned = banned_tokens(output_ids, n)
+            if banned:
+                logits[banned] = float("-inf")
+            return logits
+
+        return ban
 
 
 def _check_device(device: str, on_cpu: bool) -> str:
