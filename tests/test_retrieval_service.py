@@ -187,7 +187,7 @@ def test_upload_builds_in_background_and_serves(svc_dir, tmp_path, chebi_val):
         err(c.post("/v1/corpora", data={"name": "val120"}, headers=auth,
                    files={"file": ("small.tsv", path.read_bytes())}), 409, "name", "exists")
         err(c.post("/v1/corpora", data={"name": "broken"}, headers=auth,
-                   files={"file": ("b.tsv", b"id,smiles\n1,CCO\n")}), 422, "corpus", "lacks column")
+                   files={"file": ("b.tsv", b"id,smiles\n1,CCO\n")}), 422, "file", "lacks column")
         err(c.post("/v1/corpora", data={"name": "../evil"}, headers=auth,
                    files={"file": ("b.tsv", path.read_bytes())}), 422, "name")
     assert not (svc_dir / "corpora/broken.tsv").exists()
