@@ -45,9 +45,11 @@ MAX_NEW_TOKENS = 160
 #: ICMA's recipe (icma-method.md section 4) as this machine can afford it: LoRA r 32 / alpha 64
 #: on every Linear but the head, AdamW 2e-4, effective batch 32, loss on the answer only, the
 #: task's ICMA examples (2 graph / 4 BM25), reversed order, cutoff 2048 (keeps 3,288 / 3,223 of
-#: 3,301 examples: icmt_lengths.md), bf16 autocast.
-BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 8,
-        "grad_accum": 4, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
+#: 3,301 examples: icmt_lengths.md), bf16 autocast. Micro-batches of 2: at cutoff 2048 a
+#: micro-batch of 8 long prompts held attention matrices of ~1.2 GB per layer for the backward
+#: pass and the run was killed at 21 GB (the first smoke run here).
+BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 2,
+        "grad_accum": 16, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
 ARMS = {
     "icma": {},
     "lr1e-3": {"learning_rate": 1e-3},
