@@ -35,11 +35,13 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     assert ("mol2cap", "nearest neighbour (graph), first 4", 4) in systems
     assert ("mol2cap", "LLM 2-shot (graph), untuned", 4) in systems
     assert ("cap2mol", "LLM zero-shot, untuned", 4) in systems
-    # the shipped default for mol2cap gets a row of its own; the untuned rows ask for "base"
+    # the shipped default for mol2cap gets rows of its own (each decoding asked for); the
+    # untuned rows ask for "base"
     default = [r for r in data["rows"] if r["adapter"] == "tiny-m2c"]
     assert [(r["task"], r["system"]) for r in default] == [
-        ("mol2cap", "LLM 2-shot + default adapter tiny-m2c")]
-    assert not default[0]["extra"]["prime_answer"]
+        ("mol2cap", "LLM 2-shot + default adapter tiny-m2c"),
+        ("mol2cap", "LLM 2-shot + default adapter tiny-m2c, consensus of 2")]
+    assert not any(r["extra"]["prime_answer"] for r in default)
     assert all(r["adapter"] is None for r in data["rows"] if "untuned" in r["system"])
     # each LLM row again with consensus decoding, on the same queries
     assert ("cap2mol", "LLM 4-shot (bm25), untuned, consensus of 2", 4) in systems
