@@ -87,6 +87,36 @@ def test_schedule_visits_every_example_once_per_epoch():
     assert s.micro_batches(3, 7) == s.micro_batches(3, 7)  # a pure function of step and seed
 
 
+def test_length_grouped_batches_cover_each_epoch_with_little_padding():
+    """Grouped micro-batches still visit every example once per epoch in a seed-determined
+    order, and pad far less than plain shuffled ones (lengths spread as ICMT prompts' are)."""
+    import random
+
+    lengths = [random.Random(i).randint(80, 900) for i in range(500)]
+    on = parse_config({"task": "mol2cap", "name": "x", "batch_size": 8, "grad_accum": 2,
+                       "epochs": 2})
+    off = parse_config({**on.model_dump(), "task": "mol2cap", "group_by_length": False})
+
+    def padding(s):
+        batches = [b for step in range(s.total_steps) for b in s.micro_batches(step, 3)]
+        pad = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return batches, 1 - 2 * sum(lengths) / pad
+
+    grouped, plain = Schedule.plan(500, on, lengths), Schedule.plan(500, off, lengths)
+    (gb, gpad), (pb, ppad) = padding(grouped), padding(plain)
+    per_epoch = grouped.per_epoch
+    for batches in (gb, pb):
+        for e in range(2):
+            seen = [i for b in batches[e * per_epoch:(e + 1) * per_epoch] for i in b]
+            assert sorted(seen) == list(range(500))
+    assert gpad < 0.1 < 0.3 < ppad
+    assert gb != pb and grouped.micro_batches(5, 3) == grouped.micro_batches(5, 3)
+    assert grouped.micro_batches(5, 3) != grouped.micro_batches(5, 4)
+    # micro-batches of one step come from all over the epoch, not from one window
+    firsts = [sorted(lengths[i] for i in b)[0] for b in gb[:per_epoch]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
 # --- training examples -----------------------------------------------------------------------
 
 def test_no_training_context_contains_its_own_answer_whole_chebi_val(chebi_val, tiny_tok):
@@ -263,6 +293,56 @@ def test_output_head_on_labelled_positions_matches_the_full_loss(tiny_model, che
         fast = _loss_sum(net, enc, split)
         slow = _loss_sum(net, enc, None)
     assert torch.allclose(fast, slow, rtol=1e-5)
+
+
+def test_bfloat16_lora_stores_frozen_weights_in_bfloat16_with_autocasts_results(
+        tiny_model, chebi_val, tiny_tok):
+    """Under bfloat16 LoRA the frozen Linear weights are bfloat16 from the start (no cast in
+    every pass), the LoRA weights float32, and loss and gradients are exactly autocast's over
+    float32 weights (with the head cast once by the loop)."""
+    from icma.tuning.loop import _head_split, _loss_sum
+    from icma.tuning.model import load_model, store_frozen_in
+
+    index = build_index("morgan", chebi_val.subset(range(100)))
+    data = build_training_set("mol2cap", chebi_val.records[:3], index, Tokens(tiny_tok, "</s>"),
+                              n_shot=2, cutoff=4096, prime_answer=True)
+    enc = collate(data.examples, tiny_tok.pad_token_id)
+    cfg = parse_config({"task": "mol2cap", "name": "x", "lora_r": 4})
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        net = load_model(cfg, str(tiny_model), "cpu", "bfloat16")
+        q = net.get_base_model().model.layers[0].self_attn.q_proj
+        assert q.base_layer.weight.dtype == torch.bfloat16
+        assert q.lora_A["default"].weight.dtype == torch.float32
+        assert net.get_output_embeddings().weight.dtype == torch.float32
+        if not fast:
+            store_frozen_in(net, "float32")
+        net.eval()  # no dropout: the two must agree exactly
+        split = _head_split(net, torch.bfloat16 if fast else None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _loss_sum(net, enc, split)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in net.parameters() if p.requires_grad]))
+    (fast_loss, fast_grads), (slow_loss, slow_grads) = results
+    assert torch.equal(fast_loss, slow_loss)
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, slow_grads))
+
+
+def test_lora_dropout_drops_at_its_rate_and_scales_the_rest():
+    from icma.tuning.model import fast_dropout
+
+    drop = fast_dropout(0.1)
+    x = torch.ones(400, 500)
+    torch.manual_seed(1)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9), rtol=1e-4)
+    assert abs(y.mean().item() - 1) < 0.005  # unbiased, as nn.Dropout
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), y)  # drawn from torch's generator: checkpoints resume it
+    assert torch.equal(drop.eval()(x), x)
 
 
 def test_full_fine_tuning_writes_a_model_folder(tiny_model, train32, tmp_path):

@@ -101,6 +101,10 @@ class TuneOptions(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=1024, description="examples per forward pass")
     grad_accum: int = Field(default=4, ge=1, le=1024,
                             description="forward passes per optimiser step")
+    group_by_length: bool = Field(
+        default=True, description="micro-batches of examples of similar length (sorted within "
+                                  "windows of 16 micro-batches of the shuffled data, then "
+                                  "shuffled): less padding; off: plain shuffled batches")
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
     # bookkeeping
     save_steps: int = Field(default=100, ge=1, description="checkpoint every N steps")

@@ -1,10 +1,16 @@
 """The training loop: one readable loop with checkpoints, resume and cancellation.
 
-Data order is a pure function of the seed: micro-batch ``m`` is slice ``m mod per_epoch`` of
-epoch ``m div per_epoch``'s permutation (seeded by seed + epoch), and optimiser step ``s`` takes
-micro-batches ``s*accum`` to ``s*accum + accum - 1``. A checkpoint stores the trainable weights,
-the optimiser, the schedule and every random generator, so a run resumed from step ``s`` goes on
-exactly as if it had never stopped (a test compares the losses).
+Data order is a pure function of the seed: micro-batch ``m`` is batch ``m mod per_epoch`` of
+epoch ``m div per_epoch``'s order (seeded by seed + epoch), and optimiser step ``s`` takes
+micro-batches ``s*accum`` to ``s*accum + accum - 1``. An epoch's order is a permutation of the
+examples cut into micro-batches; with ``group_by_length`` (the default) each window of
+``GROUP_WINDOW`` micro-batches of that permutation is sorted by length before it is cut, and the
+epoch's micro-batches are then shuffled (same generator), so a micro-batch holds examples of
+similar length (padding on ChEBI-20 prompts: 20% of a micro-batch's tokens ungrouped, 2.5%
+grouped) while each step still draws its micro-batches from all over the epoch. A checkpoint
+stores the trainable weights, the optimiser, the schedule and every random generator, so a run
+resumed from step ``s`` goes on exactly as if it had never stopped (a test compares the
+losses).
 
 The loss is the mean over the answer tokens of a whole optimiser step (not a mean of
 micro-batch means, which would weigh short answers up). Where the architecture allows, the
@@ -35,6 +41,9 @@ log = logging.getLogger(__name__)
 HEAD_ONLY_ON_LABELS = {"llama", "mistral", "qwen2", "qwen3", "opt"}
 
 ProgressFn = Callable[[dict], None]
+#: Micro-batches per window sorted by length (``group_by_length``): 16 leaves 2.5% padding on
+#: ChEBI-20 ICMT prompts (4: 8%, 64: 1%) while every window is still a random draw.
+GROUP_WINDOW = 16
 
 
 class Stopped(IcmaError):
@@ -48,32 +57,52 @@ class Schedule:
     grad_accum: int
     total_steps: int
     warmup_steps: int
+    lengths: Sequence[int] | None = None  # set: group micro-batches by length
 
     @property
     def per_epoch(self) -> int:
         return math.ceil(self.examples / self.batch_size)
 
     @classmethod
-    def plan(cls, examples: int, cfg) -> "Schedule":
+    def plan(cls, examples: int, cfg, lengths: Sequence[int] | None = None) -> "Schedule":
+        """``lengths`` (each example's tokens) group micro-batches by length when
+        ``cfg.group_by_length``."""
         per_epoch = math.ceil(examples / cfg.batch_size)
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
         warmup = cfg.warmup_for(total)
         if warmup >= total and cfg.warmup_steps is not None:
             raise InputError(f"{warmup} warm-up steps leave none of the {total} steps to train "
                              f"at the full rate", field="warmup_steps")
-        return cls(examples, cfg.batch_size, cfg.grad_accum, total, warmup)
+        grouped = lengths is not None and cfg.group_by_length
+        return cls(examples, cfg.batch_size, cfg.grad_accum, total, warmup,
+                   list(lengths) if grouped else None)
 
     def micro_batches(self, step: int, seed: int) -> list[list[int]]:
         """The example indexes of each micro-batch of optimiser step ``step`` (0-based)."""
-        import torch
-
+        orders: dict[int, list[list[int]]] = {}
         out = []
         for m in range(step * self.grad_accum, (step + 1) * self.grad_accum):
             epoch, j = divmod(m, self.per_epoch)
-            g = torch.Generator().manual_seed(seed + epoch)
-            perm = torch.randperm(self.examples, generator=g).tolist()
-            out.append(perm[j * self.batch_size:(j + 1) * self.batch_size])
+            if epoch not in orders:
+                orders[epoch] = self.epoch_order(epoch, seed)
+            out.append(orders[epoch][j])
         return out
+
+    def epoch_order(self, epoch: int, seed: int) -> list[list[int]]:
+        """The micro-batches of one epoch, in order (see the module's docstring)."""
+        import torch
+
+        g = torch.Generator().manual_seed(seed + epoch)
+        perm = torch.randperm(self.examples, generator=g).tolist()
+        size = self.batch_size
+        if self.lengths is None:
+            return [perm[lo:lo + size] for lo in range(0, self.examples, size)]
+        batches = []
+        window = size * GROUP_WINDOW
+        for lo in range(0, self.examples, window):
+            part = sorted(perm[lo:lo + window], key=lambda i: -self.lengths[i])  # stable
+            batches += [part[k:k + size] for k in range(0, len(part), size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def epoch_at(self, step: int) -> float:
         return step * self.grad_accum / self.per_epoch
@@ -101,7 +130,7 @@ def train(net, data: Sequence[TrainingExample], cfg, run_dir: Path, *, device: s
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
     import torch
 
-    sched = Schedule.plan(len(data), cfg)
+    sched = Schedule.plan(len(data), cfg, [len(e.input_ids) for e in data])
     params = trainable(net)
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]  # biases and norms, as Trainer does
@@ -120,7 +149,7 @@ def train(net, data: Sequence[TrainingExample], cfg, run_dir: Path, *, device: s
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-    head_split = _head_split(net)
+    head_split = _head_split(net, autocast_dtype)
     net.train()
     t_session, tokens_session, start_step = time.perf_counter(), 0, state["step"]
     for step in range(state["step"], sched.total_steps):
@@ -179,15 +208,24 @@ def train(net, data: Sequence[TrainingExample], cfg, run_dir: Path, *, device: s
                  "tokens_per_s": tokens_session / elapsed if elapsed else None})
 
 
-def _head_split(net):
-    """(decoder, head) when logits may be computed on labelled positions only, else None."""
+def _head_split(net, dtype=None):
+    """(decoder, head) when logits may be computed on labelled positions only, else None.
+    With ``dtype`` (autocast's) a frozen head is cast once here rather than by autocast in every
+    pass (same products: autocast would cast the same weights to the same type)."""
+    import torch
+
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
     if getattr(base.config, "model_type", None) not in HEAD_ONLY_ON_LABELS:
         return None
     try:
-        return base.get_decoder(), base.get_output_embeddings()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
+    if dtype is None or head.weight.requires_grad or not isinstance(head, torch.nn.Linear):
+        return decoder, head
+    weight = head.weight.detach().to(dtype)
+    bias = None if head.bias is None else head.bias.detach().to(dtype)
+    return decoder, lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
 
 
 def _loss_sum(net, enc: dict, head_split):
