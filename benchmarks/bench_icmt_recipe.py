@@ -205,7 +205,6 @@ def save_results(task: str, res: dict) -> None:
 
 
 def report(task: str, res: dict, n: int) -> str:
-    cols = METRICS[task]
     lines = [f"# ICMT recipe on a dev slice: {task}", "",
              f"{machine()}; commit {git_commit()}. Produced by "
              "`benchmarks/bench_icmt_recipe.py`.", "",
@@ -215,19 +214,26 @@ def report(task: str, res: dict, n: int) -> str:
              f"trained on); the first {n} dev queries, greedy decoding, at most "
              f"{MAX_NEW_TOKENS} new tokens, MolT5's metrics. The test split is not used. Shared "
              f"settings: {json.dumps(BASE)}; each arm changes what its row says.", ""]
+    return "\n".join(lines + curve_table(task, res)) + "\n"
+
+
+def curve_table(task: str, res: dict) -> list[str]:
+    """Markdown rows: the nearest-neighbour baseline, then every arm's dev metrics at every
+    checkpoint (the learning curves as a table)."""
+    cols = METRICS[task]
     nn = res.get("nearest_neighbour", {}).get("metrics") or {}
-    lines += ["| arm | change | step | epoch | " + " | ".join(cols) + " |",
-              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+    lines = ["| arm | change | epoch | step | train loss | " + " | ".join(cols) + " |",
+             "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in cols) + " |"]
     if nn:
-        lines.append("| nearest neighbour | the best example's answer | | | "
+        lines.append("| nearest neighbour | the best example's answer | | | | "
                      + " | ".join(_fmt(nn.get(c)) for c in cols) + " |")
     for arm, data in res["arms"].items():
         for point in sorted(data.get("curve", []), key=lambda p: p["step"]):
             m = point.get("metrics") or {}
-            lines.append(f"| {arm} | {json.dumps(ARMS.get(arm, {}))} | {point['step']} | "
-                         f"{point.get('epoch', '')} | "
+            lines.append(f"| {arm} | {json.dumps(ARMS.get(arm, {}))} | {point.get('epoch', '')} "
+                         f"| {point['step']} | {_fmt(point.get('loss'))} | "
                          + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _fmt(v) -> str:

@@ -76,6 +76,25 @@ def test_icma_defaults():
     assert cfg.warmup_for(8000) == 1000 and cfg.warmup_for(50) == 6
 
 
+def test_loop_and_model_load_without_rdkit_faiss_or_pydantic():
+    """benchmarks/icmt_device.py trains with this loop on a GPU machine that has torch,
+    transformers and peft only: the loop and the model helpers must not import the rest."""
+    code = (
+        "import sys\n"
+        "BLOCK = {'rdkit', 'faiss', 'pydantic', 'fastapi', 'nltk', 'torch_geometric'}\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCK:\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from icma.tuning.loop import Stopped, train\n"
+        "from icma.tuning.model import load_model, store_frozen_in\n"
+        "from icma.tuning.batches import collate\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_schedule_visits_every_example_once_per_epoch():
     cfg = parse_config({"task": "mol2cap", "name": "x", "batch_size": 3, "grad_accum": 2,
                         "epochs": 2})

@@ -21,8 +21,8 @@ from icma.core.prompts import Example, Task, build_prompt, marker
 from icma.core.rerank import RerankConfig
 from icma.retrieval import ExclusionRule
 from icma.retrieval.base import Index
+from icma.tuning.batches import IGNORE, collate  # noqa: F401  (re-exported)
 
-IGNORE = -100  # label of positions without loss (torch's cross-entropy ignore_index)
 
 
 @dataclass
@@ -153,23 +153,3 @@ def build_training_set(task: Task, records: Sequence[Record], index: Index, toke
         except InputError as exc:
             out.skipped.append((record.cid, str(exc)))
     return out
-
-
-def collate(batch: Sequence[TrainingExample], pad_id: int):
-    """Left-padded tensors (as generation pads), labels -100 on padding, and position ids that
-    start at 0 on each example's first real token (as ``generate`` numbers a left-padded
-    prompt), so training sees the positions serving will."""
-    import torch
-
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, width - n:] = torch.tensor(e.input_ids)
-        labels[i, width - n:] = torch.tensor(e.labels)
-        mask[i, width - n:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "position_ids": positions}

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from icma.core.errors import IcmaError, InputError
-from icma.tuning.data import IGNORE, TrainingExample, collate
+from icma.tuning.batches import IGNORE, Tokenised, collate
 from icma.tuning.model import trainable, write_json
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class TrainResult:
     session: dict = field(default_factory=dict)  # throughput of this session alone
 
 
-def train(net, data: Sequence[TrainingExample], cfg, run_dir: Path, *, device: str,
+def train(net, data: Sequence[Tokenised], cfg, run_dir: Path, *, device: str,
           precision: str, pad_id: int, fingerprint: dict,
           on_progress: ProgressFn | None = None,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:

@@ -6,8 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from icma.core.errors import InputError
-from icma.tuning.config import TuneConfig
+
+if TYPE_CHECKING:  # not at run time: this module loads without pydantic (icma.tuning)
+    from icma.tuning.config import TuneConfig
 
 
 def pick_device(device: str) -> str:
