@@ -26,7 +26,8 @@ from icma.retrieval import ExclusionRule, build_index
 from icma.retrieval.cache import cached_index
 from icma.generation.retrievers import LocalRetriever
 from icma.tuning import TuneConfig, parse_config, tune
-from icma.tuning.data import IGNORE, Tokens, build_training_set, collate
+from icma.tuning.batches import IGNORE, collate
+from icma.tuning.data import Tokens, build_training_set
 from icma.tuning.loop import Schedule
 from tests.conftest import REPO, SERVICE_KINDS
 from tests.service_helpers import Recording
@@ -219,7 +220,7 @@ def test_cutoff_drops_lowest_ranked_examples_then_skips(chebi_val, tiny_tok):
         assert [x.cid for x in e.examples] == [x.cid for x in f.examples][:len(e.examples)]
 
 
-def test_collate_left_pads_with_generation_positions(chebi_val, tiny_tok, tiny_model):
+def test_collate_right_pads_with_generation_positions_and_no_fully_masked_row(chebi_val, tiny_tok, tiny_model):
     from icma.tuning.model import config_eos_id
 
     # BERT's tokenizer has no EOS; the model's config has
@@ -234,11 +235,36 @@ def test_collate_left_pads_with_generation_positions(chebi_val, tiny_tok, tiny_m
     assert a.labels[1:-1] == a.input_ids[1:-1]  # train_on_inputs: loss on the prompt too
     batch = collate([a, b], tiny_tok.pad_token_id)
     short = 0 if len(a.input_ids) < len(b.input_ids) else 1
-    pad = batch["input_ids"].shape[1] - len((a, b)[short].input_ids)
-    assert pad > 0 and batch["attention_mask"][short, :pad].sum() == 0
-    assert (batch["labels"][short, :pad] == IGNORE).all()
-    assert batch["position_ids"][short, pad] == 0  # first real token at position 0
-    assert batch["labels"][short, pad] == IGNORE  # nothing before it to predict it from
+    n = len((a, b)[short].input_ids)
+    assert n < batch["input_ids"].shape[1] and batch["attention_mask"][short, n:].sum() == 0
+    assert (batch["labels"][short, n:] == IGNORE).all()
+    assert batch["position_ids"][short, 0] == 0  # first real token at position 0
+    assert batch["position_ids"][short, n - 1] == n - 1
+    assert (batch["labels"][:, 0] == IGNORE).all()  # nothing before it to predict it from
+    # every row's first key is a real token: no query row is fully masked (CUDA SDPA's NaN)
+    assert batch["attention_mask"][:, 0].all()
+
+
+def test_padding_leaves_the_loss_unchanged(chebi_val, tiny_tok, tiny_model):
+    """A padded batch's summed loss is the sum of its examples' losses, each alone."""
+    from transformers import AutoModelForCausalLM
+
+    from icma.tuning.loop import _head_split, _loss_sum
+
+    index = build_index("morgan", chebi_val.subset(range(100)))
+    data = build_training_set("mol2cap", chebi_val.records[:3], index,
+                              Tokens(tiny_tok, "</s>"), n_shot=1, cutoff=4096,
+                              prime_answer=True)
+    assert len({len(e.input_ids) for e in data.examples}) > 1  # padding is needed
+    net = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    split = _head_split(net)
+    with torch.no_grad():
+        together = _loss_sum(net, collate(data.examples, tiny_tok.pad_token_id), split)
+        alone = sum(_loss_sum(net, collate([e], tiny_tok.pad_token_id), split)
+                    for e in data.examples)
+    assert torch.allclose(together, alone, rtol=1e-4), (together, alone)
+
+
 
 
 # --- training --------------------------------------------------------------------------------

@@ -15,9 +15,16 @@ class Tokenised(Protocol):
 
 
 def collate(batch: Sequence[Tokenised], pad_id: int):
-    """Left-padded tensors (as generation pads), labels -100 on padding, and position ids that
-    start at 0 on each example's first real token (as ``generate`` numbers a left-padded
-    prompt), so training sees the positions serving will."""
+    """Right-padded tensors, labels -100 on padding, position ids from 0 on each example's
+    first token (as ``generate`` numbers a prompt, whatever its padding).
+
+    Right, not left as generation pads: a left-padded row's padding positions attend to nothing
+    (every key up to them is padding), and CUDA's memory-efficient SDPA kernel gives such fully
+    masked rows NaN gradients, which reach every weight: the first GPU run of
+    ``benchmarks/icmt_device.py`` turned its losses NaN within ten steps. With right padding no
+    row is fully masked, and a real token sees the same keys at the same positions as with left
+    padding (causal attention, explicit position ids), so the loss is the same (a test sums
+    single-example losses against a padded batch's)."""
     import torch
 
     width = max(len(e.input_ids) for e in batch)
@@ -26,9 +33,9 @@ def collate(batch: Sequence[Tokenised], pad_id: int):
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, e in enumerate(batch):
         n = len(e.input_ids)
-        ids[i, width - n:] = torch.tensor(e.input_ids)
-        labels[i, width - n:] = torch.tensor(e.labels)
-        mask[i, width - n:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    positions = torch.arange(width).expand(len(batch), width).clone()
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "position_ids": positions}

@@ -21,7 +21,7 @@ from icma.core.prompts import Example, Task, build_prompt, marker
 from icma.core.rerank import RerankConfig
 from icma.retrieval import ExclusionRule
 from icma.retrieval.base import Index
-from icma.tuning.batches import IGNORE, collate  # noqa: F401  (re-exported)
+from icma.tuning.batches import IGNORE
 
 
 
