@@ -954,7 +954,7 @@ def _manifest(task: str, choice: dict, meta: dict, blob: dict, recipe: dict, row
                                                          ("bleu4", "rougeL", "meteor",
                                                           "exact_match", "validity",
                                                           "maccs_fts") if k in p["metrics"]}}
-                                 for p in recipe["arms"][arm]["curve"]]},
+                                 for p in recipe["arms"].get(arm, {}).get("curve", [])]},
         "training": {"steps": final.get("train", {}).get("steps"),
                      "epochs": choice["epochs"], "first_loss": final["losses"][0],
                      "final_loss": final["losses"][-1], "losses": final["losses"],
