@@ -45,11 +45,14 @@ MAX_NEW_TOKENS = 160
 #: ICMA's recipe (icma-method.md section 4) as this machine can afford it: LoRA r 32 / alpha 64
 #: on every Linear but the head, AdamW 2e-4, effective batch 32, loss on the answer only, the
 #: task's ICMA examples (2 graph / 4 BM25), reversed order, cutoff 2048 (keeps 3,288 / 3,223 of
-#: 3,301 examples: icmt_lengths.md), bf16 autocast. Micro-batches of 2: at cutoff 2048 a
-#: micro-batch of 8 long prompts held attention matrices of ~1.2 GB per layer for the backward
-#: pass and the run was killed at 21 GB (the first smoke run here).
-BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 2,
-        "grad_accum": 16, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
+#: 3,301 examples: icmt_lengths.md), bf16 autocast. The comparisons run at small scale, the
+#: same steps for every arm (``--steps`` of ``SMALL`` prompts each): on two cores ICMA's
+#: effective batch of 32 for an epoch of val-train is hours per arm. Micro-batches of 4: the
+#: loop's causal attention (no mask, right padding) no longer holds T x T score matrices (the
+#: masked kernel's ~1.2 GB per layer for 8 prompts of 2048 tokens killed the first smoke run).
+BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 4,
+        "grad_accum": 8, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
+SMALL = {"grad_accum": 4}  # effective batch 16 for the small-scale comparisons
 ARMS = {
     "icma": {},
     "lr1e-3": {"learning_rate": 1e-3},
@@ -59,6 +62,7 @@ ARMS = {
     "inputs": {"train_on_inputs": True},
     "naive-sft": {"n_shot": 0},
     "ranked": {"order": "ranked"},  # sequence reversal off: the best example first
+    "nodrop": {"lora_dropout": 0.0},  # LoRA without dropout (ICMA: 0.1): 1.6x a CPU step
 }
 METRICS = {"mol2cap": ["bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"],
            "cap2mol": ["bleu", "exact_match", "levenshtein", "validity", "maccs_fts",
@@ -93,26 +97,30 @@ def env() -> dict:
             "ICMA_ADAPTERS_DIR": str(WORK / "adapters"), "ICMA_LLM_DTYPE": "bfloat16"}
 
 
-def run_name(task: str, arm: str) -> str:
-    return f"{task}-{arm}"
+def run_name(task: str, arm: str, steps: int | None = None) -> str:
+    """``mol2cap-icma``; a small-scale comparison run ``mol2cap-icma-s40``."""
+    return f"{task}-{arm}" + (f"-s{steps}" if steps else "")
 
 
-def options(task: str, arm: str, epochs: float, every: int) -> dict:
-    return {"task": task, "name": run_name(task, arm), "train": "val-train", **BASE,
-            **ARMS[arm], "epochs": epochs, "save_steps": every, "keep_checkpoints": 1000}
+def options(task: str, arm: str, epochs: float, every: int, steps: int | None = None) -> dict:
+    """The arm's ``icma tune`` config: ``steps`` set, the small-scale comparison (``SMALL``
+    batches, that many optimiser steps); else ``epochs`` of ICMA's batches."""
+    length = {**SMALL, "max_steps": steps} if steps else {"epochs": epochs}
+    return {"task": task, "name": run_name(task, arm, steps), "train": "val-train", **BASE,
+            **ARMS[arm], **length, "save_steps": every, "keep_checkpoints": 1000}
 
 
 # --- training ------------------------------------------------------------------------------------
 
-def train(task: str, arm: str, epochs: float, every: int) -> None:
+def train(task: str, arm: str, epochs: float, every: int, steps: int | None) -> None:
     """``icma tune`` for the arm (resumes from its last checkpoint); done once the adapter is
     registered."""
-    name = run_name(task, arm)
+    name = run_name(task, arm, steps)
     if (WORK / "adapters" / name).exists() or (WORK / "models" / name).exists():
         return
     config = WORK / "configs" / f"{name}.json"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps(options(task, arm, epochs, every), indent=2))
+    config.write_text(json.dumps(options(task, arm, epochs, every, steps), indent=2))
     print(f"[{time.strftime('%H:%M:%S')}] training {name}", flush=True)
     subprocess.run([sys.executable, "-m", "icma", "tune", "--config", str(config)],
                    cwd=REPO, env=env(), check=True)
@@ -120,12 +128,12 @@ def train(task: str, arm: str, epochs: float, every: int) -> None:
 
 # --- evaluation of checkpoints -------------------------------------------------------------------
 
-def checkpoints(task: str, arm: str) -> list[Path]:
-    root = WORK / "tuning" / run_name(task, arm) / "checkpoints"
+def checkpoints(name: str) -> list[Path]:
+    root = WORK / "tuning" / name / "checkpoints"
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
 
 
-def evaluate_checkpoint(task: str, arm: str, ckpt: Path, n: int) -> dict:
+def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
     """The checkpoint as an adapter (or model), served on the first ``n`` dev queries."""
     import torch
 
@@ -137,13 +145,12 @@ def evaluate_checkpoint(task: str, arm: str, ckpt: Path, n: int) -> dict:
     from icma.tuning.model import load_model, trainable
     from icma.tuning.run import evaluate_adapter
 
-    cfg = parse_config({**json.loads((WORK / "configs" / f"{run_name(task, arm)}.json")
-                                     .read_text()),
+    cfg = parse_config({**json.loads((WORK / "configs" / f"{name}.json").read_text()),
                         "eval": "val-dev", "eval_limit": n, "eval_decoding": "greedy",
                         "eval_max_new_tokens": MAX_NEW_TOKENS})
     settings = Settings(data_dir=WORK, llm_dtype="bfloat16", progress=False)
     base = resolve_model(cfg.base_model, WORK)
-    out = WORK / "exported" / run_name(task, arm) / ckpt.name
+    out = WORK / "exported" / name / ckpt.name
     if not out.exists():
         net = load_model(cfg, base, "cpu", "float32")
         weights = torch.load(ckpt / "trainable.pt", weights_only=True)
@@ -230,7 +237,8 @@ def curve_table(task: str, res: dict) -> list[str]:
     for arm, data in res["arms"].items():
         for point in sorted(data.get("curve", []), key=lambda p: p["step"]):
             m = point.get("metrics") or {}
-            lines.append(f"| {arm} | {json.dumps(ARMS.get(arm, {}))} | {point.get('epoch', '')} "
+            change = json.dumps(ARMS.get(data.get("arm", arm), {}))
+            lines.append(f"| {arm} | {change} | {point.get('epoch', '')} "
                          f"| {point['step']} | {_fmt(point.get('loss'))} | "
                          + " | ".join(_fmt(m.get(c)) for c in cols) + " |")
     return lines
@@ -274,6 +282,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50, help="checkpoint (and curve point) every N "
                                                            "optimiser steps")
     ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--steps", type=int, help="small-scale comparison: this many optimiser "
+                                              "steps of SMALL batches (overrides --epochs)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--work", type=Path, default=WORK, help="where runs and results are kept "
                                                            "(a smoke test uses another)")
@@ -288,18 +298,20 @@ def main() -> None:
         for arm in args.arms.split(","):
             if arm not in ARMS:
                 raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-            train(args.task, arm, args.epochs, args.every)
-            data = res["arms"].setdefault(arm, {"options": options(args.task, arm, args.epochs,
-                                                                   args.every), "curve": []})
+            train(args.task, arm, args.epochs, args.every, args.steps)
+            name = run_name(args.task, arm, args.steps)
+            opts = options(args.task, arm, args.epochs, args.every, args.steps)
+            data = res["arms"].setdefault(name.split("-", 1)[1], {"arm": arm, "options": opts,
+                                                                  "curve": []})
             done = {p["step"] for p in data["curve"]}
-            for ckpt in checkpoints(args.task, arm):
+            for ckpt in checkpoints(name):
                 step = int(ckpt.name.split("-")[1])
                 if step in done:
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] evaluating {arm} step {step}", flush=True)
-                point = evaluate_checkpoint(args.task, arm, ckpt, args.dev)
+                point = evaluate_checkpoint(name, ckpt, args.dev)
                 state = json.loads((ckpt / "state.json").read_text())
-                point["epoch"] = round(step * BASE["batch_size"] * BASE["grad_accum"]
+                point["epoch"] = round(step * opts["batch_size"] * opts["grad_accum"]
                                        / (3301 - DEV), 2)
                 point["loss"] = state["losses"][-1] if state.get("losses") else None
                 data["curve"].append(point)

@@ -70,6 +70,8 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     (["--protocol", "chebi20-val-test", "--decodings", "sample,nucleus"], "--decodings"),
     (["--protocol", "chebi20-val-test", "--decodings", "consensus", "--num-samples", "1"],
      "--num-samples"),
+    (["--protocol", "chebi20-val-test", "--decodings", "greedy", "--baseline-decodings",
+      "sample"], "--baseline-decodings"),
 ])
 def test_quality_bad_arguments_are_one_line_errors(argv, says, capsys, tmp_path):
     assert main(["bench", "quality", *argv, "--out", str(tmp_path)]) == 2
@@ -96,3 +98,43 @@ def test_quality_without_matplotlib_writes_the_tables_and_says_why(tmp_path, mon
     assert "## cap2mol" in md and ".png" not in md
     assert (tmp_path / "out/quality-chebi20-val-test.json").exists()
     assert not (tmp_path / "out/quality-chebi20-val-test.png").exists()
+
+
+def test_quality_keeps_answers_and_resumes_an_interrupted_run(tmp_path, tiny_model, monkeypatch,
+                                                              capsys):
+    """With --answers a row's answers are kept chunk by chunk; a run started again reuses the
+    kept ones (an edited kept answer shows up in the results) and generates only the rest."""
+    from icma.core.settings import get_settings
+    from icma.evaluation import quality
+
+    monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(quality, "ANSWER_CHUNK", 2)
+    argv = ["bench", "quality", "--protocol", "chebi20-val-test", "--queries", "6", "--limit",
+            "4", "--tasks", "cap2mol", "--model", str(tiny_model), "--max-new-tokens", "6",
+            "--no-zero-shot", "--decodings", "greedy,sample", "--baseline-decodings", "greedy",
+            "--answers", str(tmp_path / "answers"), "--out", str(tmp_path / "out")]
+    get_settings.cache_clear()
+    try:
+        assert main(argv) == 0, capsys.readouterr().err
+        first = json.loads((tmp_path / "out/quality-chebi20-val-test.json").read_text())
+        # no default adapter here: the untuned row runs only the baseline decoding
+        assert [r["system"] for r in first["rows"] if r["engine"] != "nearest-neighbour"] == [
+            "LLM 4-shot (bm25), untuned, greedy"]
+        [kept] = (tmp_path / "answers").glob("cap2mol-*.jsonl")
+        lines = kept.read_text().splitlines()
+        assert json.loads(lines[0])["system"] == "LLM 4-shot (bm25), untuned, greedy"
+        assert len(lines) == 5  # the row's identity, then one line per query
+        edited = {**json.loads(lines[1]), "answer": "C1CCCCC1O"}  # interrupted after a chunk
+        kept.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+    assert "resuming after 2 of 4 answers" in capsys.readouterr().out
+    again = json.loads((tmp_path / "out/quality-chebi20-val-test.json").read_text())
+    row = next(r for r in again["rows"] if r["engine"] != "nearest-neighbour")
+    assert row["extra"]["samples"][0]["answer"] == "C1CCCCC1O"  # reused, not generated again
+    assert len(kept.read_text().splitlines()) == 5
+    # the regenerated chunk is the same as the first run's (greedy)
+    assert [json.loads(x)["answer"] for x in kept.read_text().splitlines()[3:]] == \
+        [json.loads(x)["answer"] for x in lines[3:]]

@@ -62,8 +62,14 @@ def add_parser(sub) -> None:
     bq.add_argument("--decodings", default="sample",
                     help="comma-separated decodings of every LLM row: sample (ICMA's), greedy, "
                          "beam, consensus (default sample)")
+    bq.add_argument("--baseline-decodings",
+                    help="comma-separated subset of --decodings for the LLM rows other than the "
+                         "default adapter's (default: all of them)")
     bq.add_argument("--num-samples", type=int,
                     help="answers sampled per query by consensus rows (default 8)")
+    bq.add_argument("--answers", type=Path,
+                    help="keep each LLM row's answers in this folder as they come; run the same "
+                         "command again after an interruption and it goes on where it stopped")
     bq.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                     help="results folder (default benchmarks/results)")
     bq.set_defaults(func=cmd_bench_quality)
@@ -105,6 +111,13 @@ def cmd_bench_quality(args) -> int:
         except InputError as exc:
             raise exc.at("--num-samples" if exc.field == "generation.num_samples"
                          else "--decodings") from None
+    baseline = None
+    if args.baseline_decodings is not None:
+        baseline = [d.strip() for d in args.baseline_decodings.split(",") if d.strip()]
+        extra = sorted(set(baseline) - set(decodings))
+        if extra:
+            raise InputError(f"{', '.join(extra)} not among --decodings "
+                             f"({', '.join(decodings)})", field="--baseline-decodings")
     protocol = quality.load_protocol(args.protocol, args.data, args.queries)
     figure = quality.can_plot()
     if not figure:  # said now, not after the hours of the run: there is time to install it
@@ -116,8 +129,8 @@ def cmd_bench_quality(args) -> int:
         protocol, settings=get_settings(), tasks=tasks, llm_limit=args.limit, engine=args.engine,
         model=args.model, adapters=args.adapter, zero_shot=not args.no_zero_shot,
         llm=not args.no_llm, max_new_tokens=args.max_new_tokens, engine_options=options,
-        decodings=decodings, num_samples=args.num_samples,
-        report=lambda line: print(line, flush=True))
+        decodings=decodings, num_samples=args.num_samples, baseline_decodings=baseline,
+        answers_dir=args.answers, report=lambda line: print(line, flush=True))
     llm = next((r for r in rows if r.engine != "nearest-neighbour"), None)
     meta = {"engine": llm.engine if llm else "none", "model": llm.model if llm else "none",
             "dtype": args.dtype or "auto", "max_new_tokens": args.max_new_tokens,

@@ -12,7 +12,12 @@ Rows, per task (mol2cap, cap2mol):
 - the LLM with each given adapter (tuned: no priming), same queries.
 The untuned rows ask for the base model explicitly (``"adapter": "base"``). Each LLM row runs
 once per decoding asked for (default ICMA's sampling only; ``greedy`` and ``consensus`` of
-``num_samples`` add rows named after them), on the same retrieved examples.
+``num_samples`` add rows named after them), on the same retrieved examples; rows other than the
+default adapter's may be given fewer decodings (``baseline_decodings``).
+
+With ``answers_dir`` every LLM row keeps its answers there as they come, ``ANSWER_CHUNK``
+queries at a time, and a run started again with the same arguments reuses them: a full test
+split is hours of generation on a CPU, and a session that ends loses at most one chunk.
 
 Protocols:
 - ``chebi20-val-test``: database = ChEBI-20 validation (3,301 pairs, shipped), queries = ChEBI-20
@@ -58,6 +63,7 @@ NN_METHODS: dict[str, tuple[str, ...]] = {t: tuple(m for m in s.methods if m != 
                                           for t, s in TASK_SPECS.items()}
 N_SHOT = {t: s.n_shot for t, s in TASK_SPECS.items()}  # ICMA's released settings
 SAMPLES = 3  # answers of each LLM row shown in the report
+ANSWER_CHUNK = 32  # queries generated between two appends to a row's kept answers
 
 
 @dataclass
@@ -126,7 +132,8 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                 adapters: Sequence[str] = (), zero_shot: bool = True, llm: bool = True,
                 data_dir: str | Path | None = None, max_new_tokens: int = 256,
                 engine_options: dict | None = None, decodings: Sequence[str] = ("sample",),
-                num_samples: int | None = None,
+                num_samples: int | None = None, baseline_decodings: Sequence[str] | None = None,
+                answers_dir: Path | None = None,
                 report: Callable[[str], None] = print) -> list[Row]:
     """Every row of the benchmark for ``protocol`` (see the module docstring). Indexes are
     cached in ``data_dir`` (default: the settings'); the engines load with ``settings``."""
@@ -183,26 +190,32 @@ def run_quality(protocol: Protocol, *, settings: Settings,
         if zero_shot:
             runs.append(("LLM zero-shot, untuned", llm_engine, [[] for _ in range(n)], untuned))
         default = defaults.for_task(task)
+        default_system = None
         if default is not None:  # the shipped default, served as a request naming none is
-            runs.append((f"LLM {N_SHOT[task]}-shot + default adapter {default.name}",
-                         llm_engine, shots, {}))
+            default_system = f"LLM {N_SHOT[task]}-shot + default adapter {default.name}"
+            runs.append((default_system, llm_engine, shots, {}))
         for adapter in adapters:  # the engine carries it: the request asks for no other
             runs.append((f"LLM {N_SHOT[task]}-shot + adapter {Path(adapter).name}",
                          load_engine(engine, settings=settings, model=model, adapter=adapter,
                                      **(engine_options or {})), shots,
                          {"adapter": BASE, "prime_answer": False}))
         for (system, eng, ex, asked), decoding in product(runs, decodings):
-            t0 = time.perf_counter()
+            if baseline_decodings is not None and system != default_system \
+                    and decoding not in baseline_decodings:
+                continue
             generation = {**request["generation"], "decoding": decoding,
                           "num_samples": num_samples if decoding == "consensus" else None}
             options = build_options(task, {**request, **asked, "generation": generation},
                                     adapters=registry.get, default_adapter=defaults.for_task)
             params, prime = options.params, options.prime_answer
-            out = translate(task, sub_q, ex, eng, options)
-            secs = time.perf_counter() - t0
             if decoding != "sample":
                 system += f", {decoding}" + (f" of {params.num_samples}"
                                              if decoding == "consensus" else "")
+            identity = {"task": task, "system": system, "engine": eng.name, "model": eng.model,
+                        "adapter": options.adapter.name if options.adapter else eng.adapter,
+                        "decoding": asdict(params), "queries": n,
+                        "database": len(protocol.database)}
+            out, secs = _answers(task, sub_q, ex, eng, options, identity, answers_dir, report)
             extra = {"completion_tokens": sum(t.completion_tokens for t in out),
                      "stopped_by_length": sum(t.finish_reason == "length" for t in out),
                      "prime_answer": prime, "max_new_tokens": max_new_tokens,
@@ -211,8 +224,7 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                      "samples": [{"query": t.query, "reference": ref, "answer": t.answer}
                                  for t, ref in zip(out[:SAMPLES], sub_refs)]}
             if decoding == "consensus":  # how often a sample, not an example's answer, won
-                extra["consensus_sample_wins"] = sum(t.consensus.winner.source == "sample"
-                                                     for t in out)
+                extra["consensus_sample_wins"] = sum(t.winner == "sample" for t in out)
             rows.append(Row(task, system, eng.name, eng.model,
                             options.adapter.name if options.adapter else eng.adapter,
                             default_method
@@ -221,6 +233,61 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                                      data_dir=settings.data_dir), secs, extra))
             report(_line(rows[-1]))
     return rows
+
+
+@dataclass
+class Answer:
+    """What a row keeps of a translation (and what ``answers_dir`` stores, a line each)."""
+
+    query: str
+    answer: str
+    completion_tokens: int
+    finish_reason: str
+    winner: str | None = None  # consensus: where the chosen candidate came from
+
+
+def _answers(task: str, queries: Sequence[str], examples, engine, options, identity: dict,
+             answers_dir: Path | None, report: Callable[[str], None]) -> tuple[list[Answer], float]:
+    """The row's answers and the seconds they took (those of earlier runs included), generated
+    ``ANSWER_CHUNK`` queries at a time and appended to ``answers_dir`` after each chunk; answers
+    kept there by an earlier run with the same ``identity`` are reused, not generated again.
+    A chunk's sampled answers depend only on the chunk (a run resumed after any chunk gives
+    what an uninterrupted one gives)."""
+    import hashlib
+
+    path = None
+    done: list[Answer] = []
+    seconds = 0.0
+    if answers_dir is not None:
+        key = json.dumps(identity, sort_keys=True, default=str)
+        path = Path(answers_dir) / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+        if path.exists():
+            lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+            for x in lines[1:]:
+                seconds += x.pop("seconds")
+                done.append(Answer(**x))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(key + "\n", encoding="utf-8")
+        if done:
+            report(f"{task} | {identity['system']} | resuming after {len(done)} of "
+                   f"{len(queries)} answers kept in {path}")
+    step = ANSWER_CHUNK if path is not None else max(len(queries), 1)
+    for lo in range(len(done), len(queries), step):
+        t0 = time.perf_counter()
+        out = translate(task, queries[lo:lo + step], examples[lo:lo + step], engine, options)
+        secs = time.perf_counter() - t0
+        chunk = [Answer(t.query, t.answer, t.completion_tokens, t.finish_reason,
+                        t.consensus.winner.source if t.consensus else None) for t in out]
+        done += chunk
+        seconds += secs
+        if path is not None:
+            with path.open("a", encoding="utf-8") as fh:
+                for i, a in enumerate(chunk):  # the chunk's time on its first line
+                    fh.write(json.dumps({**asdict(a), "seconds": secs if i == 0 else 0.0})
+                             + "\n")
+                fh.flush()
+    return done, seconds
 
 
 def _search_queries(task: Task, queries: Sequence[str]) -> list[str]:
