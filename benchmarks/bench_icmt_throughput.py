@@ -54,16 +54,27 @@ TUNE = {"task": "mol2cap", "name": "throughput", "n_shot": 2, "cutoff": 512,
         "batch_size": 8, "grad_accum": 1, "warmup_steps": 0, "save_steps": 100000,
         "precision": "bfloat16", "learning_rate": 2e-4}
 
-#: name -> (what it is, the loop's speed-ups on)
+#: name -> (what it is, the loop's speed-ups on). ``nodrop`` is not a speed-up of the same
+#: computation but a recipe change (LoRA dropout 0; ICMA's is 0.1), measured beside them because
+#: the mask is still a large share of a step; whether it costs quality is the recipe
+#: benchmark's question (``bench_icmt_recipe.py``, arm ``nodrop``).
 CONFIGS = {
-    "before": ("the loop before this change: float32 frozen weights autocast in every pass, "
-               "torch's dropout, plain shuffled batches", set()),
+    "before": ("the loop before issue 14: float32 frozen weights autocast in every pass, "
+               "torch's dropout, plain shuffled batches, the padding mask", set()),
     "bf16 frozen weights": ("frozen Linear weights and the head stored in bfloat16 once",
                             {"frozen"}),
-    "fast dropout": ("LoRA dropout masks from 15-bit integers", {"dropout"}),
+    "fast dropout": ("LoRA dropout masks from 15-bit integers, one draw each", {"dropout"}),
     "length grouping": ("micro-batches grouped by length", {"group"}),
-    "all (default)": ("the three together: `icma tune`'s default now",
-                      {"frozen", "dropout", "group"}),
+    "causal attention": ("no attention mask under right padding: SDPA's causal kernel",
+                         {"causal"}),
+    "three (stop 21)": ("bf16 frozen weights, fast dropout, length grouping",
+                        {"frozen", "dropout", "group"}),
+    "all (default)": ("the three, causal attention, and the dropout masks drawn 4 per 64-bit "
+                      "word: `icma tune`'s default now",
+                      {"frozen", "dropout", "group", "causal", "lanes"}),
+    "all without LoRA dropout": ("the default with lora_dropout 0 (a recipe change, not the same "
+                             "computation)", {"frozen", "dropout", "group", "causal", "lanes",
+                                              "nodrop"}),
 }
 
 
@@ -154,29 +165,56 @@ def as_before(net, speedups: set) -> None:
                         drops[key] = torch.nn.Dropout(drop.p)
 
 
+def masked_loss_sum(net, enc: dict, head_split):
+    """The loop's loss as it was before causal attention: the padding mask passed, so SDPA
+    takes its masked kernel."""
+    import torch.nn.functional as F
+
+    from icma.tuning.loop import IGNORE
+
+    labels = enc["labels"][:, 1:]
+    keep = labels != IGNORE
+    decoder, head = head_split
+    hidden = decoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     position_ids=enc["position_ids"]).last_hidden_state[:, :-1]
+    return F.cross_entropy(head(hidden[keep]).float(), labels[keep], reduction="sum")
+
+
+def one_draw_per_element(x):
+    """The dropout mask's integers as they were drawn before the 64-bit lanes."""
+    import torch
+
+    return torch.empty(x.shape, dtype=torch.int16, device=x.device).random_(0, 32768)
+
+
 def one_run(d: Path, model_path: str, data, pad_id: int, name: str, speedups: set,
             seed: int) -> dict:
     import torch
 
-    from icma.tuning import loop
+    from icma.tuning import loop, model
     from icma.tuning.config import parse_config
     from icma.tuning.model import load_model
 
     cfg = parse_config({**TUNE, "max_steps": STEPS, "seed": seed,
-                        "group_by_length": "group" in speedups})
+                        "group_by_length": "group" in speedups,
+                        **({"lora_dropout": 0.0} if "nodrop" in speedups else {})})
     torch.manual_seed(seed)
     net = load_model(cfg, model_path, "cpu", "bfloat16")
     as_before(net, speedups)
     run_dir = d / "tuning" / ".throughput"
     shutil.rmtree(run_dir, ignore_errors=True)
-    split = loop._head_split
+    split, loss_sum, draw = loop._head_split, loop._loss_sum, model._uniform15
     if "frozen" not in speedups:  # the head cast by autocast in every pass, as before
         loop._head_split = lambda net, dtype=None: split(net)
+    if "causal" not in speedups:
+        loop._loss_sum = masked_loss_sum
+    if "lanes" not in speedups:
+        model._uniform15 = one_draw_per_element
     try:
         res = loop.train(net, data.examples, cfg, run_dir, device="cpu", precision="bfloat16",
                          pad_id=pad_id, fingerprint={})
     finally:
-        loop._head_split = split
+        loop._head_split, loop._loss_sum, model._uniform15 = split, loss_sum, draw
         shutil.rmtree(run_dir, ignore_errors=True)
     sched = loop.Schedule.plan(len(data.examples), cfg, [len(e.input_ids) for e in data.examples])
     batches = [[data.examples[i] for i in b] for s in range(STEPS)
@@ -262,8 +300,8 @@ def report(res: dict) -> str:
         f"On {res['machine']}, torch {res['torch']} ({res['threads']} threads), commit "
         f"{res['commit']}. Produced by `benchmarks/bench_icmt_throughput.py` (protocol and the "
         f"FLOPs formula in its docstring). Run {res['started']}.", "",
-        "Setting: SmolLM2-135M-Instruct, LoRA r 32 / alpha 64 / dropout 0.1 on every Linear but "
-        "the head, bfloat16 autocast, 8 prompts per step (no accumulation), loss on the answers "
+        "Setting: SmolLM2-135M-Instruct, LoRA r 32 / alpha 64 / dropout 0.1 (unless the row "
+        "says otherwise) on every Linear but the head, bfloat16 autocast, 8 prompts per step (no accumulation), loss on the answers "
         f"only; the whole ChEBI-20 validation split as `icma tune` builds it (graph retrieval, "
         f"2 examples, cutoff 512): {st['examples']:,} examples, median {st['median_tokens']} "
         f"tokens, longest {st['max_tokens']}. {res['steps']} steps per run, "
