@@ -47,12 +47,13 @@ MAX_NEW_TOKENS = 160
 #: task's ICMA examples (2 graph / 4 BM25), reversed order, cutoff 2048 (keeps 3,288 / 3,223 of
 #: 3,301 examples: icmt_lengths.md), bf16 autocast. The comparisons run at small scale, the
 #: same steps for every arm (``--steps`` of ``SMALL`` prompts each): on two cores ICMA's
-#: effective batch of 32 for an epoch of val-train is hours per arm. Micro-batches of 4: the
-#: loop's causal attention (no mask, right padding) no longer holds T x T score matrices (the
-#: masked kernel's ~1.2 GB per layer for 8 prompts of 2048 tokens killed the first smoke run).
-BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 4,
-        "grad_accum": 8, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
-SMALL = {"grad_accum": 4}  # effective batch 16 for the small-scale comparisons
+#: effective batch of 32 for an epoch of val-train is hours per arm. Micro-batches of 2: what a
+#: step keeps for its backward pass is about 1.2 MB per token on SmolLM2 with LoRA (30 layers of
+#: activations, dropped LoRA inputs and masks), and 4 prompts of up to 2,000 tokens (13.6 GB)
+#: were killed for memory beside other work on this 24 GB machine.
+BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 2,
+        "grad_accum": 16, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
+SMALL = {"grad_accum": 8}  # effective batch 16 for the small-scale comparisons
 ARMS = {
     "icma": {},
     "lr1e-3": {"learning_rate": 1e-3},
