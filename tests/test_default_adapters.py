@@ -24,14 +24,16 @@ GREEDY = {"decoding": "greedy", "max_new_tokens": 12}
 
 
 def shipped_lora(base: Path, folder: Path, task: str, *, seed: int, default: bool = True,
-                 base_model: str | None = None) -> None:
-    """A tiny LoRA as a shipped default is laid out: peft files and the manifest."""
+                 base_model: str | None = None, prompt: dict | None = None) -> None:
+    """A tiny LoRA as a shipped default is laid out: peft files and the manifest (``prompt``:
+    more of the tuned prompt form)."""
     from tests.test_engines import _random_lora
 
     _random_lora(base, folder, seed)
     (folder / "icma-adapter.json").write_text(json.dumps({
         "format": "icma-adapter/1", "name": folder.name, "task": task, "default": default,
-        "base_model": base_model or str(base), "prompt": {"prime_answer": False},
+        "base_model": base_model or str(base), "prompt": {"prime_answer": False,
+                                                          **(prompt or {})},
         "evaluation": {"split": "chebi20-test", "n": 3300, "metrics": {"bleu4": 0.5}}}))
 
 
@@ -39,7 +41,9 @@ def shipped_lora(base: Path, folder: Path, task: str, *, seed: int, default: boo
 def shipped(tiny_model, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shipped")
     shipped_lora(tiny_model, root / "tiny-m2c", "mol2cap", seed=3)
-    shipped_lora(tiny_model, root / "tiny-m2c-other", "mol2cap", seed=4, default=False)
+    # tuned without examples (naive SFT) on Morgan neighbours' prompt form
+    shipped_lora(tiny_model, root / "tiny-m2c-other", "mol2cap", seed=4, default=False,
+                 prompt={"n_shot": 0, "retrieval": "morgan"})
     # marked default, but tuned from another model than the engine's: never applied
     shipped_lora(tiny_model, root / "smol-c2m", "cap2mol", seed=5,
                  base_model="smollm2-135m-instruct")
@@ -74,6 +78,27 @@ def test_a_request_naming_no_adapter_gets_the_default_and_base_bypasses_it(worke
     c2m = httpx.post(worker.url + "/cap2mol", json={"caption": "an acid",
                                                     "generation": GREEDY}).json()
     assert c2m["adapter"] is None and c2m["prime_answer"]
+
+
+def test_an_adapter_is_served_with_the_examples_it_was_tuned_on(worker):
+    """The manifest's n_shot and retrieval are the defaults of a request naming the adapter;
+    the request's own values win."""
+    url = worker.url + "/mol2cap"
+    tuned = httpx.post(url, json={"smiles": ASPIRIN, "generation": GREEDY,
+                                  "adapter": "tiny-m2c-other"}).json()
+    assert tuned["adapter"] == "tiny-m2c-other" and tuned["examples"] == []
+    asked = httpx.post(url, json={"smiles": ASPIRIN, "generation": GREEDY, "n_shot": 1,
+                                  "adapter": "tiny-m2c-other"}).json()
+    assert len(asked["examples"]) == 1
+
+    def top(method):
+        return httpx.post(url, json={"smiles": ASPIRIN, "generation": GREEDY, "n_shot": 1,
+                                     "adapter": "base", "retrieval": {"method": method}}
+                          ).json()["examples"]
+
+    assert asked["examples"] == top("morgan") != top("graph")  # the tuned retrieval
+    default = httpx.post(url, json={"smiles": ASPIRIN, "generation": GREEDY}).json()
+    assert len(default["examples"]) == 2  # the default adapter's manifest names none: ICMA's
 
 
 def test_adapters_listing_marks_the_defaults(worker):

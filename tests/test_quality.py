@@ -39,8 +39,8 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
     # untuned rows ask for "base"
     default = [r for r in data["rows"] if r["adapter"] == "tiny-m2c"]
     assert [(r["task"], r["system"]) for r in default] == [
-        ("mol2cap", "LLM 2-shot + default adapter tiny-m2c"),
-        ("mol2cap", "LLM 2-shot + default adapter tiny-m2c, consensus of 2")]
+        ("mol2cap", "LLM 2-shot (graph) + default adapter tiny-m2c"),
+        ("mol2cap", "LLM 2-shot (graph) + default adapter tiny-m2c, consensus of 2")]
     assert not any(r["extra"]["prime_answer"] for r in default)
     assert all(r["adapter"] is None for r in data["rows"] if "untuned" in r["system"])
     # each LLM row again with consensus decoding, on the same queries
@@ -107,20 +107,28 @@ def test_quality_keeps_answers_and_resumes_an_interrupted_run(tmp_path, tiny_mod
     from icma.core.settings import get_settings
     from icma.evaluation import quality
 
+    from tests.test_default_adapters import shipped_lora
+
     monkeypatch.setenv("ICMA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(quality, "ANSWER_CHUNK", 2)
+    naive = tmp_path / "naive-c2m"  # tuned without examples: its row is zero-shot
+    shipped_lora(tiny_model, naive, "cap2mol", seed=2, default=False, prompt={"n_shot": 0})
     argv = ["bench", "quality", "--protocol", "chebi20-val-test", "--queries", "6", "--limit",
             "4", "--tasks", "cap2mol", "--model", str(tiny_model), "--max-new-tokens", "6",
             "--no-zero-shot", "--decodings", "greedy,sample", "--baseline-decodings", "greedy",
+            "--adapter", str(naive),
             "--answers", str(tmp_path / "answers"), "--out", str(tmp_path / "out")]
     get_settings.cache_clear()
     try:
         assert main(argv) == 0, capsys.readouterr().err
         first = json.loads((tmp_path / "out/quality-chebi20-val-test.json").read_text())
-        # no default adapter here: the untuned row runs only the baseline decoding
-        assert [r["system"] for r in first["rows"] if r["engine"] != "nearest-neighbour"] == [
-            "LLM 4-shot (bm25), untuned, greedy"]
-        [kept] = (tmp_path / "answers").glob("cap2mol-*.jsonl")
+        # no default adapter here: the other rows run only the baseline decoding
+        llm = [r for r in first["rows"] if r["engine"] != "nearest-neighbour"]
+        assert [(r["system"], r["n_shot"]) for r in llm] == [
+            ("LLM 4-shot (bm25), untuned, greedy", 4),
+            ("LLM zero-shot + adapter naive-c2m, greedy", 0)]
+        kept = next(f for f in (tmp_path / "answers").glob("cap2mol-*.jsonl")
+                    if "untuned" in f.read_text().splitlines()[0])
         lines = kept.read_text().splitlines()
         assert json.loads(lines[0])["system"] == "LLM 4-shot (bm25), untuned, greedy"
         assert len(lines) == 5  # the row's identity, then one line per query

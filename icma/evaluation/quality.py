@@ -50,7 +50,7 @@ from icma.core.settings import Settings
 from icma.core.tasks import TASK_SPECS, Task, check_task
 from icma.retrieval import Exclusion
 from icma.retrieval.cache import cached_index
-from icma.generation.adapters import BASE, AdapterRegistry, DefaultAdapters
+from icma.generation.adapters import BASE, AdapterRegistry, DefaultAdapters, read_adapter
 from icma.generation.options import build_options
 from icma.generation.pipeline import translate
 
@@ -158,7 +158,7 @@ def run_quality(protocol: Protocol, *, settings: Settings,
             index = cached_index(method, protocol.database, data_dir, settings=settings,
                                  **({"seed": 0} if method == "random" else {}))
             search_q = _search_queries(task, queries)
-            k = max(N_SHOT[task], 1)
+            k = max(N_SHOT.values())  # any row's examples (an adapter may be tuned on more)
             examples_of[method] = retrieve_examples(index, search_q, k, exclusions=exclusions)
             preds = [t.answer for t in translate(task, queries, [e[:1] for e in
                                                                  examples_of[method]], nn)]
@@ -182,32 +182,42 @@ def run_quality(protocol: Protocol, *, settings: Settings,
         if llm_engine is None:
             llm_engine = load_engine(engine, settings=settings, model=model,
                                      **(engine_options or {}))
-        request = {"n_shot": N_SHOT[task], "generation": {"max_new_tokens": max_new_tokens}}
-        shots = [e[:N_SHOT[task]] for e in examples_of[default_method][:n]]
-        untuned = {"adapter": BASE}
-        runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, shots,
-                 untuned)]
+        untuned = {"adapter": BASE, "n_shot": N_SHOT[task]}
+        runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, untuned)]
         if zero_shot:
-            runs.append(("LLM zero-shot, untuned", llm_engine, [[] for _ in range(n)], untuned))
+            runs.append(("LLM zero-shot, untuned", llm_engine, {**untuned, "n_shot": 0}))
         default = defaults.for_task(task)
         default_system = None
         if default is not None:  # the shipped default, served as a request naming none is
-            default_system = f"LLM {N_SHOT[task]}-shot + default adapter {default.name}"
-            runs.append((default_system, llm_engine, shots, {}))
+            default_system = "LLM {shots} + default adapter " + default.name
+            runs.append((default_system, llm_engine, {}))
         for adapter in adapters:  # the engine carries it: the request asks for no other
-            runs.append((f"LLM {N_SHOT[task]}-shot + adapter {Path(adapter).name}",
+            info = read_adapter(Path(adapter))
+            tuned = info.tuned_prompt if info is not None else {}
+            # served with the prompt form it was tuned on, as the worker serves a named adapter
+            asked = {"adapter": BASE, "prime_answer": tuned.get("prime_answer", False),
+                     "order": tuned.get("order"), "n_shot": tuned.get("n_shot"),
+                     "retrieval": {"method": tuned.get("retrieval")}}
+            if asked["retrieval"]["method"] not in NN_METHODS[task]:
+                asked["retrieval"] = {}
+            runs.append(("LLM {shots} + adapter " + Path(adapter).name,
                          load_engine(engine, settings=settings, model=model, adapter=adapter,
-                                     **(engine_options or {})), shots,
-                         {"adapter": BASE, "prime_answer": False}))
-        for (system, eng, ex, asked), decoding in product(runs, decodings):
-            if baseline_decodings is not None and system != default_system \
+                                     **(engine_options or {})), asked))
+        for (label, eng, asked), decoding in product(runs, decodings):
+            if baseline_decodings is not None and label != default_system \
                     and decoding not in baseline_decodings:
                 continue
-            generation = {**request["generation"], "decoding": decoding,
+            generation = {"max_new_tokens": max_new_tokens, "decoding": decoding,
                           "num_samples": num_samples if decoding == "consensus" else None}
-            options = build_options(task, {**request, **asked, "generation": generation},
+            options = build_options(task, {**asked, "generation": generation},
                                     adapters=registry.get, default_adapter=defaults.for_task)
             params, prime = options.params, options.prime_answer
+            method, k = options.retrieval.method, options.n_shot
+            system = label.format(shots=f"{k}-shot ({method})" if k else "zero-shot")
+            if k > len(examples_of[method][0]):
+                raise InputError(f"{system} wants {k} examples; the benchmark retrieves "
+                                 f"{len(examples_of[method][0])}", field="n_shot")
+            ex = [e[:k] for e in examples_of[method][:n]]
             if decoding != "sample":
                 system += f", {decoding}" + (f" of {params.num_samples}"
                                              if decoding == "consensus" else "")
@@ -227,8 +237,7 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                 extra["consensus_sample_wins"] = sum(t.winner == "sample" for t in out)
             rows.append(Row(task, system, eng.name, eng.model,
                             options.adapter.name if options.adapter else eng.adapter,
-                            default_method
-                            if ex and ex[0] else None, len(ex[0]) if ex and ex[0] else 0, n,
+                            method if k else None, k, n,
                             evaluate(task, [t.answer for t in out], sub_refs,
                                      data_dir=settings.data_dir), secs, extra))
             report(_line(rows[-1]))

@@ -15,7 +15,8 @@ translation came in by::
 
 Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``);
 a missing adapter is the task's default adapter (``icma.generation.adapters.DefaultAdapters``)
-and ``"base"`` the untuned model.
+and ``"base"`` the untuned model. A registered adapter with a manifest brings the prompt it was
+tuned on as the defaults of ``n_shot``, ``retrieval.method``, ``prime_answer`` and ``order``.
 Values are not coerced: an empty corpus or adapter name is an error, not the default, and
 ``"2"`` is not an integer. Errors name the request's fields (``n_shot``, ``retrieval.method``);
 the CLI renames them to its flags and jobs put them under ``options.``.
@@ -91,7 +92,14 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
     without a manifest.
     """
     s = spec(task)
-    n_shot = _bounded(_get(request, "n_shot", s.n_shot), 0, max_k, "n_shot")
+    info = _adapter_info(task, request, adapters, adapter, default_adapter)
+    # An adapter is served with the prompt form it learned: its examples and their retrieval
+    # unless the request says otherwise (a naive-SFT adapter saw none; a Morgan-tuned one saw
+    # Morgan neighbours).
+    tuned = info.tuned_prompt if info is not None else {}
+    tuned_k = tuned.get("n_shot")
+    n_shot = _bounded(_get(request, "n_shot", tuned_k if isinstance(tuned_k, int)
+                           and not isinstance(tuned_k, bool) else s.n_shot), 0, max_k, "n_shot")
     num_candidates = _bounded(_get(request, "num_candidates", 1), 1, max_candidates,
                               "num_candidates")
     generation = {k: v for k, v in (request.get("generation") or {}).items() if v is not None}
@@ -114,23 +122,15 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
     corpus = r.get("corpus")
     if corpus is not None:  # (an empty name once meant the default corpus, silently)
         check_name(corpus, field="retrieval.corpus", what="corpus name")
+    method = r.get("method")
+    if method is None and tuned.get("retrieval") in s.methods:
+        method = tuned["retrieval"]
     retrieval = RetrievalOptions(
-        method=check_method(task, r.get("method")), corpus=corpus,
+        method=check_method(task, method), corpus=corpus,
         exclude_cids=tuple(r.get("exclude_cids") or ()),
         exclude_same=_flag(r.get(s.exclude_same), f"retrieval.{s.exclude_same}"),
         random_walk=None if walk is None else (walk["skip_probability"], walk.get("seed", 0)))
     prime, order = request.get("prime_answer"), request.get("order")
-    name = request.get("adapter")
-    info = None
-    if adapter is None and name is not None and name != BASE:
-        if adapters is None:
-            raise InputError("adapters are not served here", field="adapter")
-        info = adapters(name)
-        if info.task and info.task != task:
-            raise InputError(f"adapter {info.name!r} was tuned for {info.task}, not {task}",
-                             field="adapter")
-    elif adapter is None and name is None and default_adapter is not None:
-        info = default_adapter(task)
     if info is not None:
         adapter = info.as_adapter()
         # Serve it with the prompt form it learned.
@@ -144,6 +144,24 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
                    prime_answer=prime, order=order or "reversed",
                    cutoff=_get(request, "cutoff", DEFAULT_CUTOFF),
                    num_candidates=num_candidates)
+
+
+def _adapter_info(task: str, request: Mapping, adapters: AdapterLookup | None,
+                  adapter: Adapter | None, default_adapter: DefaultAdapter | None):
+    """The registered adapter the request gets: the one it names, else the task's default;
+    none for ``"base"`` or when ``adapter`` is given directly."""
+    name = request.get("adapter")
+    if adapter is not None or name == BASE:
+        return None
+    if name is not None:
+        if adapters is None:
+            raise InputError("adapters are not served here", field="adapter")
+        info = adapters(name)
+        if info.task and info.task != task:
+            raise InputError(f"adapter {info.name!r} was tuned for {info.task}, not {task}",
+                             field="adapter")
+        return info
+    return default_adapter(task) if default_adapter is not None else None
 
 
 def _check_num_samples(generation: dict, max_samples: int | None) -> None:

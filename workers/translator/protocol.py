@@ -102,8 +102,9 @@ class _Translate(Strict):
 class Mol2CapRequest(_Translate):
     smiles: str = Field(min_length=1, max_length=MAX_SMILES_CHARS,
                         examples=["CC(=O)Oc1ccccc1C(=O)O"])
-    n_shot: int = Field(default=TASK_SPECS["mol2cap"].n_shot, ge=0,
-                        description=f"examples in the prompt (ICMA: {TASK_SPECS['mol2cap'].n_shot})")
+    n_shot: int | None = Field(
+        default=None, ge=0, description=f"examples in the prompt; default: the adapter's tuned "
+                                        f"number, else ICMA's {TASK_SPECS['mol2cap'].n_shot}")
 
 
 class Cap2MolRequest(_Translate):
@@ -111,8 +112,9 @@ class Cap2MolRequest(_Translate):
                          examples=["The molecule is a member of the class of benzoic acids "
                                    "that is salicylic acid in which the hydroxy group has "
                                    "been acetylated."])
-    n_shot: int = Field(default=TASK_SPECS["cap2mol"].n_shot, ge=0,
-                        description=f"examples in the prompt (ICMA: {TASK_SPECS['cap2mol'].n_shot})")
+    n_shot: int | None = Field(
+        default=None, ge=0, description=f"examples in the prompt; default: the adapter's tuned "
+                                        f"number, else ICMA's {TASK_SPECS['cap2mol'].n_shot}")
     num_candidates: int = Field(
         default=1, ge=1, description="sample up to this many molecules (seeds seed, seed+1, "
                                      "...) and return the first that RDKit parses")
