@@ -20,6 +20,13 @@ again after an interruption (a session ends, a machine reboots) and it goes on.
         [--dev 200] [--every 50] [--epochs 2] [--report-only]
 
 Results: ``benchmarks/results/icmt_recipe_<task>.md`` and ``.png``.
+
+How the recipe is chosen (fixed before any arm was scored, 2026-11-27): at the last checkpoint
+of the small-scale comparisons, each arm's mean difference from ``icma`` over the task's
+``HEADLINE`` metrics; the recipe is the single arm with the largest mean difference, if it is
+above +0.005, else ICMA's; between arms within 0.005 of each other the cheaper one per step
+wins (``nodrop`` over ``icma``). ``naive-sft`` and ``ranked`` are the paper's ablations, not
+candidates. cap2mol runs ``icma``, the ablations and mol2cap's winning change.
 """
 
 from __future__ import annotations
@@ -222,7 +229,36 @@ def report(task: str, res: dict, n: int) -> str:
              f"trained on); the first {n} dev queries, greedy decoding, at most "
              f"{MAX_NEW_TOKENS} new tokens, MolT5's metrics. The test split is not used. Shared "
              f"settings: {json.dumps(BASE)}; each arm changes what its row says.", ""]
-    return "\n".join(lines + curve_table(task, res)) + "\n"
+    return "\n".join(lines + final_table(task, res) + ["", "Every checkpoint (the learning "
+                                                           "curves):", ""]
+                     + curve_table(task, res)) + "\n"
+
+
+def final_table(task: str, res: dict) -> list[str]:
+    """Each arm's last checkpoint against the nearest neighbour and against ICMA's recipe at
+    the same step (the comparison the recipe is chosen by)."""
+    heads = HEADLINE[task]
+    nn = res.get("nearest_neighbour", {}).get("metrics") or {}
+    last = {arm: max(d["curve"], key=lambda p: p["step"]) for arm, d in res["arms"].items()
+            if d.get("curve")}
+    ref = next((p for arm, p in last.items() if res["arms"][arm].get("arm", arm) == "icma"),
+               None)
+    lines = ["| arm | change | step | " + " | ".join(heads) + " | "
+             + " | ".join(f"{h} vs icma" for h in heads) + " |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in heads * 2) + " |"]
+    if nn:
+        lines.append("| nearest neighbour | | | " + " | ".join(_fmt(nn.get(h)) for h in heads)
+                     + " |" + " |" * len(heads))
+    for arm, p in last.items():
+        m = p.get("metrics") or {}
+        r = (ref or {}).get("metrics") or {}
+        deltas = [f"{m[h] - r[h]:+.3f}" if ref is not None and ref["step"] == p["step"]
+                  and isinstance(m.get(h), float) and isinstance(r.get(h), float) else ""
+                  for h in heads]
+        lines.append(f"| {arm} | {json.dumps(ARMS.get(res['arms'][arm].get('arm', arm), {}))} "
+                     f"| {p['step']} | " + " | ".join(_fmt(m.get(h)) for h in heads) + " | "
+                     + " | ".join(deltas) + " |")
+    return lines
 
 
 def curve_table(task: str, res: dict) -> list[str]:
