@@ -228,7 +228,10 @@ def report(task: str, res: dict, n: int) -> str:
              f"contexts and the dev queries retrieve from) and val-dev ({DEV} pairs, never "
              f"trained on); the first {n} dev queries, greedy decoding, at most "
              f"{MAX_NEW_TOKENS} new tokens, MolT5's metrics. The test split is not used. Shared "
-             f"settings: {json.dumps(BASE)}; each arm changes what its row says.", ""]
+             f"settings: {json.dumps(BASE)}; each arm changes what its row says. Arms named "
+             f"`-sN` are the small-scale comparisons: N optimiser steps with "
+             f"{json.dumps(SMALL)} (effective batch {BASE['batch_size'] * SMALL['grad_accum']}),"
+             f" the same data order for every arm. Dev decoding takes ~5 minutes per point.", ""]
     return "\n".join(lines + final_table(task, res) + ["", "Every checkpoint (the learning "
                                                            "curves):", ""]
                      + curve_table(task, res)) + "\n"
