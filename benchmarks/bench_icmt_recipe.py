@@ -202,6 +202,44 @@ def nearest_neighbour(task: str, n: int) -> dict:
     return {"metrics": evaluate(task, preds, [ref for _, ref in pairs], data_dir=WORK)}
 
 
+# --- shipping ------------------------------------------------------------------------------------
+
+def headline_score(task: str, metrics: dict) -> float:
+    """The mean of the task's headline metrics: what checkpoints and arms are chosen by."""
+    return sum(metrics[h] for h in HEADLINE[task]) / len(HEADLINE[task])
+
+
+def ship(task: str, label: str, name: str, dest: Path) -> Path:
+    """The arm ``label``'s dev-best checkpoint (by ``headline_score``) as a shipped default
+    adapter ``name`` in ``dest``: the run's manifest (recipe, data sha256, losses) with the
+    chosen step and its dev metrics, and that checkpoint's weights (``icma adapters ship``'s
+    layout: bfloat16, no machine paths, marked default)."""
+    import shutil
+
+    from icma.generation.adapters import read_adapter, ship_adapter
+
+    res = load_results(task)
+    data = res["arms"][label]
+    best = max(data["curve"], key=lambda p: headline_score(task, p["metrics"]))
+    run = WORK / "adapters" / f"{task}-{label}"  # the run's name (label: its arm and scale)
+    manifest = json.loads((run / "icma-adapter.json").read_text())
+    stage = WORK / "ship" / name
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(WORK / "exported" / run.name / f"step-{best['step']:07d}", stage,
+                    ignore=shutil.ignore_patterns("eval.jsonl", "README.md"))
+    manifest.update(name=name, selection={
+        "rule": "the checkpoint with the best mean of " + ", ".join(HEADLINE[task])
+                + " on the dev queries (bench_icmt_recipe.py)",
+        "step": best["step"], "of_steps": manifest["training"]["steps"],
+        "dev": {"split": f"val-dev (first {best['metrics'].get('n')} of {DEV})",
+                "metrics": {k: v for k, v in best["metrics"].items()
+                            if isinstance(v, (int, float))}},
+        "nearest_neighbour_dev": res.get("nearest_neighbour", {}).get("metrics")})
+    (stage / "icma-adapter.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return ship_adapter(read_adapter(stage), dest)
+
+
 # --- results -------------------------------------------------------------------------------------
 
 def results_path(task: str) -> Path:
@@ -325,11 +363,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="small-scale comparison: this many optimiser "
                                               "steps of SMALL batches (overrides --epochs)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--ship", metavar="LABEL=NAME",
+                    help="ship arm LABEL's dev-best checkpoint as default adapter NAME (into "
+                         "--ship-to) and stop")
+    ap.add_argument("--ship-to", type=Path, default=REPO / "icma" / "data" / "adapters")
     ap.add_argument("--work", type=Path, default=WORK, help="where runs and results are kept "
                                                            "(a smoke test uses another)")
     args = ap.parse_args()
     WORK = args.work
     prepare()
+    if args.ship:
+        label, _, name = args.ship.partition("=")
+        print("shipped", ship(args.task, label, name, args.ship_to))
+        return
     res = load_results(args.task)
     if not args.report_only:
         if "nearest_neighbour" not in res:
