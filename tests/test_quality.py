@@ -72,6 +72,7 @@ def test_quality_smoke_run_writes_tables_and_plot(tmp_path, tiny_model, monkeypa
      "--num-samples"),
     (["--protocol", "chebi20-val-test", "--decodings", "greedy", "--baseline-decodings",
       "sample"], "--baseline-decodings"),
+    (["--protocol", "chebi20-val-test", "--answers", "README.md"], "--answers"),
 ])
 def test_quality_bad_arguments_are_one_line_errors(argv, says, capsys, tmp_path):
     assert main(["bench", "quality", *argv, "--out", str(tmp_path)]) == 2
@@ -133,7 +134,8 @@ def test_quality_keeps_answers_and_resumes_an_interrupted_run(tmp_path, tiny_mod
         assert json.loads(lines[0])["system"] == "LLM 4-shot (bm25), untuned, greedy"
         assert len(lines) == 5  # the row's identity, then one line per query
         edited = {**json.loads(lines[1]), "answer": "C1CCCCC1O"}  # interrupted after a chunk
-        kept.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
+        # ... and killed while appending the next one: its half line is dropped, not a crash
+        kept.write_text("\n".join([lines[0], json.dumps(edited), lines[2], lines[3][:9]]))
         capsys.readouterr()
         assert main(argv) == 0, capsys.readouterr().err
     finally:

@@ -118,6 +118,9 @@ def cmd_bench_quality(args) -> int:
         if extra:
             raise InputError(f"{', '.join(extra)} not among --decodings "
                              f"({', '.join(decodings)})", field="--baseline-decodings")
+    if args.answers is not None and args.answers.exists() and not args.answers.is_dir():
+        raise InputError(f"{args.answers} is a file; give a folder to keep the answers in",
+                         field="--answers")
     protocol = quality.load_protocol(args.protocol, args.data, args.queries)
     figure = quality.can_plot()
     if not figure:  # said now, not after the hours of the run: there is time to install it

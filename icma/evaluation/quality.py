@@ -271,8 +271,12 @@ def _answers(task: str, queries: Sequence[str], examples, engine, options, ident
         key = json.dumps(identity, sort_keys=True, default=str)
         path = Path(answers_dir) / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
         if path.exists():
-            lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
-            for x in lines[1:]:
+            text = path.read_text(encoding="utf-8")
+            lines = text.splitlines()
+            if not text.endswith("\n"):  # cut while appending: that chunk is generated again
+                lines = lines[:-1]
+                path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+            for x in map(json.loads, lines[1:]):
                 seconds += x.pop("seconds")
                 done.append(Answer(**x))
         else:

@@ -149,7 +149,7 @@ def fast_dropout(p: float):
 def _uniform15(x):
     """A tensor of ``x``'s shape of independent uniform integers in [0, 32768). Drawn as 64-bit
     words cut into four 16-bit lanes with the sign bit cleared: a quarter of the generator's
-    calls of one draw per element, 2.2x faster on the CPU, and the mask is most of dropout's
+    calls of one draw per element, and the mask is most of dropout's
     cost (each lane's bits are uniform, and a test checks the keep rate)."""
     import torch
 
