@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,13 @@ def test_mol2cap_end_to_end_with_smollm2(smol_worker, smollm2):
                             reserve=GREEDY["max_new_tokens"]).text
     assert engine.prompts[-1] == expected == body["prompt"]
     assert body["usage"]["prompt_tokens"] == engine.count_tokens(expected)
+    # greedy decoding speculated: the caption copies the examples, and the counters say so
+    u = body["usage"]
+    assert u["draft_tokens"] >= u["accepted_tokens"] > 0
+    assert u["acceptance_rate"] == round(u["accepted_tokens"] / u["draft_tokens"], 4)
+    metrics = httpx.get(smol_worker.url + "/metrics").text
+    counted = re.search(r"^icma_worker_speculative_accepted_tokens (\S+)$", metrics, re.M)
+    assert counted and float(counted.group(1)) >= u["accepted_tokens"]
 
 
 def test_cap2mol_end_to_end_reports_validity(smol_worker):

@@ -4,8 +4,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from icma.core.errors import InputError
 
 PACKAGE_DATA = Path(__file__).parents[1] / "data"
 
@@ -48,6 +50,16 @@ class Settings(BaseSettings):
                                        "bfloat16 | float16.")
     generation_batch_size: int = Field(default=8, ge=1,
                                        description="Prompts per transformers generate() call.")
+    # --- prompt-lookup speculation (issue 15) ---------------------------------------------------
+    speculative_tokens: int = Field(
+        default=8, ge=0, le=64,
+        description="Greedy decoding drafts up to this many tokens per step by prompt lookup "
+                    "(the answer copies the examples) and verifies them in one forward pass: "
+                    "the same answer, fewer passes. 0: off. Sampling and beam search never "
+                    "speculate.")
+    speculative_ngram: int = Field(
+        default=3, ge=1, le=16,
+        description="Longest n-gram of the answer's tail matched in the prompt to draft from.")
     vllm_max_model_len: int = Field(default=2048, ge=64,
                                     description="vllm: context length (ICMA's cutoff is 2048).")
     vllm_max_loras: int = Field(default=4, ge=1,
@@ -190,4 +202,11 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment. A bad value is an ``InputError`` naming its
+    variable (the CLI prints one line, a service refuses to start with it), not a traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = f"ICMA_{str(err['loc'][0]).upper()}" if err["loc"] else "settings"
+        raise InputError(f"{err['msg']}, got {err.get('input')!r}", field=name) from None

@@ -46,6 +46,8 @@ class Translation:
     timings: dict[str, float] = field(default_factory=dict)
     prompt: str = ""  # what the engine received
     consensus: Choice | None = None  # decoding "consensus": the pool and its winner
+    draft_tokens: int = 0  # proposed by prompt-lookup speculation
+    accepted_tokens: int = 0  # of those, kept in the answer
 
 
 @dataclass
@@ -101,7 +103,9 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
         t = Translation(task, q, answer, g.text, p.examples, p.n_requested, len(p.dropped),
                         samples[0].prompt_tokens or (p.n_tokens or 0),
                         sum(s.completion_tokens for s in samples), g.finish_reason,
-                        timings=dict(per_query), prompt=p.text, consensus=choice)
+                        timings=dict(per_query), prompt=p.text, consensus=choice,
+                        draft_tokens=sum(s.draft_tokens for s in samples),
+                        accepted_tokens=sum(s.accepted_tokens for s in samples))
         if task == "cap2mol":
             t.canonical = chem.try_canonical(answer)[0] if answer else None
             t.valid = t.canonical is not None

@@ -56,6 +56,8 @@ class GenerationQueue:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.busy_seconds = 0.0  # time spent in generate(), for /metrics
+        self.draft_tokens = 0  # prompt-lookup speculation, requests and jobs alike
+        self.accepted_tokens = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -158,6 +160,8 @@ class GenerationQueue:
             for w in live:
                 w.future.set_exception(exc)
             return
+        self.draft_tokens += sum(g.draft_tokens for g in out)
+        self.accepted_tokens += sum(g.accepted_tokens for g in out)
         at, per = 0, live[0].params.samples_per_prompt  # (one key: the same settings)
         for w in live:
             w.future.set_result(out[at:at + len(w.inputs) * per])

@@ -131,6 +131,12 @@ class ExampleUsed(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    draft_tokens: int = Field(0, description="tokens prompt-lookup speculation proposed (greedy "
+                                             "decoding; 0 when it did not run)")
+    accepted_tokens: int = Field(0, description="of those, the ones greedy decoding confirmed and "
+                                                "the answer kept")
+    acceptance_rate: float | None = Field(None, description="accepted / draft tokens (null: "
+                                                            "nothing drafted)")
 
 
 class TranslationTimings(BaseModel):

@@ -94,6 +94,10 @@ class TranslatorService:
                 ("engine_queue_prompts", "Prompts waiting for the engine", self.queue.depth),
                 ("engine_busy_seconds", "Seconds the engine spent generating",
                  lambda: self.queue.busy_seconds),
+                ("speculative_draft_tokens", "Tokens prompt-lookup speculation proposed, since "
+                 "start", lambda: self.queue.draft_tokens),
+                ("speculative_accepted_tokens", "Proposed tokens the answers kept, since start",
+                 lambda: self.queue.accepted_tokens),
                 ("jobs_active", "Queued and running jobs", self.store.count_active)]:
             Gauge(f"icma_worker_{name}", text, registry=self.metrics.registry) \
                 .set_function(value)
@@ -189,7 +193,10 @@ class TranslatorService:
             n_examples_dropped=t.dropped, engine=engine.name, model=engine.model,
             adapter=opts.adapter.name if opts.adapter else None,
             prime_answer=opts.prime_answer, finish_reason=t.finish_reason,
-            usage=Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens),
+            usage=Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
+                        draft_tokens=t.draft_tokens, accepted_tokens=t.accepted_tokens,
+                        acceptance_rate=round(t.accepted_tokens / t.draft_tokens, 4)
+                        if t.draft_tokens else None),
             timings=timings, prompt=out.prompt if return_prompt else None,
             consensus=t.consensus.summary() if t.consensus else None)
 

@@ -140,6 +140,8 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length"] = "stop"
+    draft_tokens: int = 0  # proposed by prompt-lookup speculation
+    accepted_tokens: int = 0  # of those, kept in the answer
 
 
 class Generator(ABC):

@@ -6,7 +6,8 @@ same inputs in the same order and batch size, not across batch sizes. Several sa
 prompt (``num_samples``) come from one generate() call (``num_return_sequences``: the prompt is
 tokenized once, but transformers expands the batch before the prefill, which so runs once per
 sample); the batch size counts sequences, so a call then holds batch_size // num_samples
-prompts.
+prompts. Greedy decoding runs prompt-lookup speculation (``icma.generation.speculation``)
+unless ``ICMA_SPECULATIVE_TOKENS`` is 0; sampling and beam search run transformers' generate().
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from icma.generation.engines.base import (
 )
 from icma.core.errors import InputError
 from icma.generation.models import model_label, resolve_model
+from icma.generation.speculation import greedy_generate
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class TransformersGenerator(Generator):
                              allow_downloads=settings.allow_model_downloads)
         self.device = pick_device(device or settings.llm_device)
         self.batch_size = batch_size or settings.generation_batch_size
+        self.speculative_tokens = settings.speculative_tokens
+        self.speculative_ngram = settings.speculative_ngram
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # A fast tokenizer is one Rust object whose padding state a batch call changes: a
         # prompt count from a request thread during it fails with "Already borrowed".
@@ -124,13 +128,45 @@ class TransformersGenerator(Generator):
             batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         # Only what a causal LM takes (BERT-style tokenizers add token_type_ids).
         enc = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+        stops = [s for s in params.stop if s]
+        if params.decoding == "greedy" and self.speculative_tokens:
+            rows = greedy_generate(
+                self.net, enc["input_ids"], enc["attention_mask"],
+                max_new_tokens=params.max_new_tokens, eos_ids=self.eos_ids,
+                k=self.speculative_tokens, max_ngram=self.speculative_ngram,
+                adjust=_adjuster(params), stopped=self._stopper(stops),
+                pad_id=self.tokenizer.pad_token_id)
+            continuations = [(r.tokens, r.drafted, r.accepted) for r in rows]
+        else:
+            continuations = [(row, 0, 0) for row in self._generate(enc, params, stops)]
+        results = []
+        for r, (new, drafted, accepted) in enumerate(continuations):
+            # (a prompt's samples are consecutive rows)
+            mask = enc["attention_mask"][r // params.num_samples]
+            ended = False
+            for j, t in enumerate(new):  # up to the first EOS (padding follows it)
+                if t in self.eos_ids:
+                    new, ended = new[:j], True
+                    break
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text, stopped = cut_at_stop(text, params.stop)
+            done = ended or stopped
+            results.append(Generation(text, prompt_tokens=int(mask.sum()),
+                                      completion_tokens=len(new),
+                                      finish_reason="stop" if done else "length",
+                                      draft_tokens=drafted, accepted_tokens=accepted))
+        return results
+
+    def _generate(self, enc: dict, params: GenerationParams, stops: list[str]) -> list[list[int]]:
+        """transformers' generate(): sampling, beam search, and greedy without speculation."""
+        import torch
+
         width = enc["input_ids"].shape[1]
         kwargs = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
                       pad_token_id=self.tokenizer.pad_token_id,
                       repetition_penalty=params.repetition_penalty)
         if params.no_repeat_ngram_size:
             kwargs["logits_processor"] = [_NoRepeatNGram(params.no_repeat_ngram_size, width)]
-        stops = [s for s in params.stop if s]
         if stops:  # text stops, matched across token boundaries by transformers
             kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
         if params.decoding == "sample":
@@ -143,22 +179,20 @@ class TransformersGenerator(Generator):
             kwargs.update(do_sample=False, num_beams=params.num_beams)
         with torch.inference_mode():
             seqs = self.net.generate(**enc, **kwargs)
-        results = []
-        for r, row in enumerate(seqs):  # a prompt's samples are consecutive rows
-            mask = enc["attention_mask"][r // params.num_samples]
-            new = row[width:].tolist()
-            ended = False
-            for j, t in enumerate(new):  # up to the first EOS (padding follows it)
-                if t in self.eos_ids:
-                    new, ended = new[:j], True
-                    break
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            text, stopped = cut_at_stop(text, params.stop)
-            done = ended or stopped
-            results.append(Generation(text, prompt_tokens=int(mask.sum()),
-                                      completion_tokens=len(new),
-                                      finish_reason="stop" if done else "length"))
-        return results
+        return [row[width:].tolist() for row in seqs]
+
+    def _stopper(self, stops: list[str]):
+        """Whether an answer's tokens so far hold a stop text. Called after every token, so
+        only the tail can hold a new one: a few tokens more than the longest stop is enough."""
+        if not stops:
+            return None
+        window = max(len(s) for s in stops) + 2
+
+        def stopped(tokens: list[int]) -> bool:
+            tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+            return any(s in tail for s in stops)
+
+        return stopped
 
     def _activate(self, adapter: Adapter | None) -> None:
         """Run the next call with ``adapter`` (None: the base model). Adapters are loaded into
@@ -200,6 +234,32 @@ class TransformersGenerator(Generator):
         del self.net
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _adjuster(params: GenerationParams):
+    """The logits changes greedy decoding applies before its argmax, for prompt-lookup
+    speculation: transformers' repetition penalty (on float32 logits, as generate() computes
+    it), then ``banned_tokens``. None when there are none. transformers penalises the padding
+    of a left-padded row too; this penalises the row's own prompt and answer only, so a prompt
+    gets the same answer in any batch."""
+    penalty, n = params.repetition_penalty, params.no_repeat_ngram_size
+    if penalty == 1.0 and not n:
+        return None
+
+    def adjust(context: list[int], generated: list[int], logits):
+        import torch
+
+        logits = logits.to(torch.float32, copy=True)
+        if penalty != 1.0:
+            ids = torch.tensor(context + generated, device=logits.device)
+            seen = logits[ids]
+            logits[ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
+        banned = banned_tokens(generated, n) if n else []
+        if banned:
+            logits[banned] = float("-inf")
+        return logits
+
+    return adjust
 
 
 class _NoRepeatNGram:
