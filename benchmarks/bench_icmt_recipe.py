@@ -156,7 +156,10 @@ def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
     cfg = parse_config({**json.loads((WORK / "configs" / f"{name}.json").read_text()),
                         "eval": "val-dev", "eval_limit": n, "eval_decoding": "greedy",
                         "eval_max_new_tokens": MAX_NEW_TOKENS})
-    settings = Settings(data_dir=WORK, llm_dtype="bfloat16", progress=False)
+    # Speculation off: the arms were first scored without it, and in bfloat16 a pass over
+    # several positions rounds differently now and then; every checkpoint is scored alike.
+    settings = Settings(data_dir=WORK, llm_dtype="bfloat16", progress=False,
+                        speculative_tokens=0)
     base = resolve_model(cfg.base_model, WORK)
     out = WORK / "exported" / name / ckpt.name
     if not out.exists():
