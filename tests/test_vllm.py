@@ -218,11 +218,22 @@ def test_bad_input_is_the_callers_error(vllm_report):
 def test_shipped_smollm2_answers_an_icma_prompt(vllm_report, smollm2, chebi_val):
     from transformers import AutoTokenizer
 
-    small = vllm_report["smollm2"]
+    small = vllm_report["smollm2"]["speculating"]
     assert all(a.strip() for a in small["answers"]), small["raw"]
     assert all(n > 100 for n in small["prompt_tokens"])
     tok = AutoTokenizer.from_pretrained(smollm2)
     assert small["count_tokens"] == len(tok(chebi_val.records[0].description)["input_ids"])
+
+
+def test_vllm_speculation_keeps_greedy_answers_and_counts_what_it_kept(vllm_report):
+    on, off = vllm_report["smollm2"]["speculating"], vllm_report["smollm2"]["plain"]
+    assert on["raw"] == off["raw"] and on["completion_tokens"] == off["completion_tokens"]
+    assert all(d >= a for d, a in zip(on["draft_tokens"], on["accepted_tokens"]))
+    assert sum(on["accepted_tokens"]) > 0  # the answers copy the examples' phrases
+    assert sum(off["draft_tokens"]) == 0
+    # vLLM takes no logits processor beside speculation: the control is refused, by name
+    err = on["no_repeat_error"]
+    assert err["field"] == "no_repeat_ngram_size" and "ICMA_SPECULATIVE_TOKENS=0" in err["message"]
 
 
 def test_without_vllm_the_engine_is_unavailable_not_broken():

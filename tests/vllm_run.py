@@ -106,22 +106,39 @@ def tiny_checks(spec: dict) -> dict:
 
 
 def smollm2_checks(spec: dict) -> dict:
-    from icma.generation.engines import GenerationParams, load_engine
+    """SmolLM2 answers greedily, speculating (the default) and not: the same tokens."""
+    from icma.generation.engines import GenerationInput, GenerationParams, load_engine
     from icma.core.prompts import Example
     from icma.generation.options import Options
     from icma.generation.pipeline import translate
     from icma.core.settings import get_settings
 
-    eng = load_engine("vllm", model=spec["model"], settings=get_settings())
+    from icma.core.errors import InputError
+
     examples = [Example(s, c) for s, c in spec["examples"]]
     params = GenerationParams.for_task("mol2cap", decoding="greedy",
                                        max_new_tokens=spec["max_new_tokens"])
-    out = translate("mol2cap", spec["queries"], [examples] * len(spec["queries"]), eng,
-                    Options(n_shot=len(examples), params=params, prime_answer=True))
-    result = {"answers": [t.answer for t in out], "raw": [t.raw for t in out],
-              "prompt_tokens": [t.prompt_tokens for t in out],
-              "count_tokens": eng.count_tokens(spec["count_text"])}
-    eng.close()
+    opts = Options(n_shot=len(examples), params=params, prime_answer=True)
+    result = {}
+    for tokens in (get_settings().speculative_tokens, 0):  # the default (speculating), off
+        settings = get_settings().model_copy(update={"speculative_tokens": tokens})
+        eng = load_engine("vllm", model=spec["model"], settings=settings)
+        out = translate("mol2cap", spec["queries"], [examples] * len(spec["queries"]), eng,
+                        opts)
+        key = "speculating" if tokens else "plain"
+        result[key] = {"answers": [t.answer for t in out], "raw": [t.raw for t in out],
+                       "prompt_tokens": [t.prompt_tokens for t in out],
+                       "completion_tokens": [t.completion_tokens for t in out],
+                       "draft_tokens": [t.draft_tokens for t in out],
+                       "accepted_tokens": [t.accepted_tokens for t in out],
+                       "count_tokens": eng.count_tokens(spec["count_text"])}
+        if tokens:
+            try:
+                eng.generate([GenerationInput("mol2cap", "the")],
+                             GenerationParams(no_repeat_ngram_size=2, max_new_tokens=2))
+            except InputError as exc:
+                result[key]["no_repeat_error"] = {"field": exc.field, "message": exc.message}
+        eng.close()
     return result
 
 
@@ -133,7 +150,9 @@ def decoding_checks(spec: dict) -> dict:
     from icma.generation.options import build_options
     from icma.generation.pipeline import translate
 
-    eng = load_engine("vllm", model=spec["model"], settings=get_settings())
+    # The repetition control is a logits processor: vLLM takes none beside speculation.
+    eng = load_engine("vllm", model=spec["model"],
+                      settings=get_settings().model_copy(update={"speculative_tokens": 0}))
     items = [GenerationInput("mol2cap", p) for p in spec["prompts"]]
     n = spec["max_new_tokens"]
 

@@ -23,6 +23,13 @@ Several samples of a prompt (``num_samples``, for consensus decoding) are one re
 ``no_repeat_ngram_size`` is no sampling parameter of vLLM's: ``NoRepeatNGram`` below, a logits
 processor registered with the engine, applies it to the requests that ask for it
 (``extra_args``), with the transformers engine's rule (``banned_tokens``).
+
+Prompt-lookup speculation (``ICMA_SPECULATIVE_TOKENS``, on by default) is vLLM's n-gram drafter.
+Unlike the transformers engine's, it is an engine setting that covers every request: greedy
+answers stay greedy decoding's, and sampled ones are verified by rejection sampling, which keeps
+the sampling distribution but not which answer a seed gives without speculation. vLLM refuses
+custom logits processors beside it, so a speculating engine answers ``no_repeat_ngram_size``
+with a 422 that says how to get it (an engine started with ``ICMA_SPECULATIVE_TOKENS=0``).
 """
 
 from __future__ import annotations
@@ -76,8 +83,18 @@ class VllmGenerator(Generator):
                                       str(settings.vllm_cpu_reserved_cores))
         else:
             options["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
+        self.speculative_tokens = settings.speculative_tokens
+        if self.speculative_tokens:
+            # vLLM's own n-gram drafter (the idea of icma.generation.speculation, inside its
+            # scheduler), with per-request counts for each answer's usage.
+            options["speculative_config"] = {
+                "method": "ngram", "num_speculative_tokens": self.speculative_tokens,
+                "prompt_lookup_max": settings.speculative_ngram, "prompt_lookup_min": 1}
+            options["per_request_spec_decode_metrics"] = "summary"
+        # vLLM refuses custom logits processors beside speculative decoding.
+        processors = [] if self.speculative_tokens else [NoRepeatNGram]
         self.llm = LLM(model=path, tokenizer=path, dtype=self.dtype,
-                       logits_processors=[NoRepeatNGram], **options)
+                       logits_processors=processors, **options)
         self.max_lora_rank = settings.vllm_max_lora_rank
         # Our own copy of the tokenizer vLLM loads: count_tokens runs in callers' threads
         # (the prompt budget) while vLLM uses its copy in the thread that generates.
@@ -111,7 +128,7 @@ class VllmGenerator(Generator):
         outs = self.llm.generate(prompts, self._sampling(params), lora_request=lora,
                                  use_tqdm=False)
         return [self._generation(len(o.prompt_token_ids), c.token_ids, c.finish_reason == "stop",
-                                 params)
+                                 params, c.spec_decode_metrics)
                 for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
 
     def _check_lengths(self, prompts: list[str]) -> None:
@@ -125,6 +142,12 @@ class VllmGenerator(Generator):
                                  field=f"prompt[{i}]" if len(prompts) > 1 else "prompt")
 
     def _sampling(self, params: GenerationParams):
+        if params.no_repeat_ngram_size and self.speculative_tokens:
+            raise InputError("the vllm engine runs with prompt-lookup speculation "
+                             f"(ICMA_SPECULATIVE_TOKENS={self.speculative_tokens}), and vLLM "
+                             "cannot combine it with this repetition control; a worker "
+                             "started with ICMA_SPECULATIVE_TOKENS=0 applies it",
+                             field="no_repeat_ngram_size")
         greedy = params.decoding == "greedy"
         # One seed per request (not per call, as in the transformers engine): a prompt's sample
         # depends on the prompt and the parameters, not on what it was batched with.
@@ -152,9 +175,10 @@ class VllmGenerator(Generator):
         return results
 
     def _generation(self, n_prompt: int, token_ids: Sequence[int], stopped: bool,
-                    params: GenerationParams) -> Generation:
+                    params: GenerationParams, spec=None) -> Generation:
         """Text decoded as the transformers engine decodes it (up to the first EOS, special
-        tokens skipped, cut at the first stop text), so both engines agree on the same tokens."""
+        tokens skipped, cut at the first stop text), so both engines agree on the same tokens.
+        ``spec``: vLLM's speculation counts for the sequence, if it speculated."""
         new = list(token_ids)
         for j, t in enumerate(new):
             if t in self.eos_ids:
@@ -162,8 +186,11 @@ class VllmGenerator(Generator):
                 break
         text, cut = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True),
                                 params.stop)
+        drafted = spec.num_draft_tokens if spec is not None else 0
+        accepted = sum(j * n for j, n in enumerate(spec.histogram)) if spec is not None else 0
         return Generation(text, prompt_tokens=n_prompt, completion_tokens=len(new),
-                          finish_reason="stop" if stopped or cut else "length")
+                          finish_reason="stop" if stopped or cut else "length",
+                          draft_tokens=drafted, accepted_tokens=accepted)
 
     def _lora(self, adapter: Adapter | None):
         """The LoRARequest for ``adapter`` (None: the base model), loaded into the engine on
