@@ -72,7 +72,7 @@ def greedy_generate(net, input_ids, attention_mask, *, max_new_tokens: int,
     size = input_ids.shape[0]
     context = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(size)]
     rows = [Row() for _ in range(size)]
-    mask = attention_mask.long()
+    mask = attention_mask.to(torch.long, copy=True)  # (grown and edited below)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kv = DynamicCache(config=net.config)
     cache = {_cache_argument(net): kv}
