@@ -122,8 +122,6 @@ class TransformersGenerator(Generator):
         return [g for group in out for g in group]
 
     def _batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
-        import torch
-
         with self._tok_lock:
             batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         # Only what a causal LM takes (BERT-style tokenizers add token_type_ids).
