@@ -67,6 +67,41 @@ def test_speculation_gives_greedy_decodings_tokens(model_engine, extra):
     assert [g.text for g in _run(eng, items, params, 2)] == [g.text for g in on]
 
 
+def test_a_continuous_batch_answers_as_each_prompt_alone(tiny_model, monkeypatch):
+    """Nine prompts through two places: rows end and new prompts join mid-batch (left-padded
+    to the others' columns, or they to theirs), and columns no row attends to any more are
+    dropped; every answer is still the one greedy decoding gives the prompt alone."""
+    from icma.generation import speculation
+
+    eng = _engine(tiny_model)
+    words = PROMPTS[2].split()
+    prompts = [" ".join(words[:n]) for n in (3, 12, 1, 7, 13, 2, 9, 5, 11)]
+    items = [GenerationInput("mol2cap", p) for p in prompts]
+    free = [g.text.split() for g in _run(eng, items, GenerationParams(
+        decoding="greedy", max_new_tokens=12, stop=()), 0, batch_size=1)]
+    # stop texts from the answers, so rows end at different steps
+    stops = tuple({words[2 + 2 * i] for i, words in enumerate(free[:4:2] + free[1:2])})
+    params = GenerationParams(decoding="greedy", max_new_tokens=12, repetition_penalty=1.2,
+                              stop=stops)
+    widths = []
+    keep = speculation._Batch.keep
+
+    def spy(self, kept, staying):
+        before = self.mask.shape[1]
+        keep(self, kept, staying)
+        if self.mask is not None:
+            widths.append((before, self.mask.shape[1]))
+
+    monkeypatch.setattr(speculation._Batch, "keep", spy)
+    on = _run(eng, items, params, 4, batch_size=2)
+    monkeypatch.undo()
+    alone = [_run(eng, [x], params, 0, batch_size=1)[0] for x in items]
+    assert [g.text for g in on] == [g.text for g in alone]
+    assert [g.completion_tokens for g in on] == [g.completion_tokens for g in alone]
+    assert len({g.completion_tokens for g in on}) > 2
+    assert any(after < before for before, after in widths)  # compacted at least once
+
+
 def test_speculation_stops_where_greedy_stops(tiny_model):
     eng = _engine(tiny_model)
     item = [GenerationInput("mol2cap", "the molecule")]

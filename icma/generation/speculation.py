@@ -14,7 +14,9 @@ pass computes: a win where the model copies, which is where an ICMA prompt puts 
 
 The rows of a batch accept different numbers of drafts. Rather than cropping the shared key and
 value cache row by row, rejected drafts stay in the cache as holes: the attention mask hides
-them, and each row's position ids count only what it kept. Finished rows leave the batch.
+them, and each row's position ids count only what it kept. Finished rows leave the batch and
+waiting prompts take their places at once (continuous batching); a prompt's prefill runs alone,
+over its own tokens, and its cache is left-padded to the batch's columns as it joins.
 
 Sampling is not speculated here: verifying a draft against a sampled token is exact only in
 distribution (speculative sampling), and it would change which answer a seed gives.
@@ -55,82 +57,191 @@ def draft(tokens: Sequence[int], k: int, max_ngram: int) -> list[int]:
     return []
 
 
-def greedy_generate(net, input_ids, attention_mask, *, max_new_tokens: int,
-                    eos_ids: Sequence[int], k: int, max_ngram: int = 3,
+def greedy_generate(net, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                    eos_ids: Sequence[int], k: int, max_ngram: int = 3, batch_size: int = 8,
                     adjust: Adjust | None = None,
                     stopped: Callable[[list[int]], bool] | None = None,
-                    pad_id: int = 0) -> list[Row]:
-    """Greedy continuations of a left-padded batch with prompt-lookup drafts of up to ``k``
-    tokens (``k = 0``: plain greedy decoding, one token per pass). ``adjust`` changes the
-    logits before each argmax (repetition penalty, banned n-grams); ``stopped`` ends a row
-    whose answer so far holds a stop text. ``net``: a causal LM taking ``position_ids`` and a
-    transformers cache."""
+                    pad_id: int = 0, device: str = "cpu") -> list[Row]:
+    """Greedy continuations of ``prompts`` (token ids) with prompt-lookup drafts of up to ``k``
+    tokens (``k = 0``: plain greedy decoding, one token per pass), at most ``batch_size``
+    rows decoding together: a row that ends makes room for the next prompt at once
+    (continuous batching), so a batch never idles on its last long answer while prompts wait.
+    ``adjust`` changes the logits before each argmax (repetition penalty, banned n-grams);
+    ``stopped`` ends a row whose answer so far holds a stop text. ``net``: a causal LM taking
+    ``position_ids`` and a transformers cache."""
     import torch
-    from transformers import DynamicCache
 
     eos = set(eos_ids)
-    size = input_ids.shape[0]
-    context = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(size)]
-    rows = [Row() for _ in range(size)]
-    mask = attention_mask.to(torch.long, copy=True)  # (grown and edited below)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    kv = DynamicCache(config=net.config)
-    cache = {_cache_argument(net): kv}
-    with torch.inference_mode():
-        logits = net(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                     use_cache=True, **cache).logits[:, -1:]
-    live = list(range(size))  # batch position -> row
-    drafts: list[list[int]] = [[] for _ in live]
-    next_pos = positions[:, -1]  # becomes: the position of the token each row feeds next
+    rows = [Row() for _ in prompts]
+    pending = list(range(len(prompts)))[::-1]  # popped from the end: first prompt first
+    cache_name, keep_name = _forward_arguments(net)
+    batch = _Batch()
     while True:
+        # Admit prompts into free places; each brings its first token from its prefill.
+        while pending and len(batch.live) < batch_size:
+            admitted = [pending.pop() for _ in range(min(len(pending),
+                                                         batch_size - len(batch.live)))]
+            caches, logits = _prefill(net, [prompts[r] for r in admitted], cache_name,
+                                      keep_name, device)
+            joining = []
+            for r, cache, lg in zip(admitted, caches, logits):
+                new = _confirm(lg, [], prompts[r], [], adjust) if adjust is not None \
+                    else [int(lg[0].argmax())]
+                _append(rows[r], new, eos, max_new_tokens, stopped)
+                if not _done(rows[r], max_new_tokens):
+                    joining.append((r, cache))
+            batch.join(joining)
+        if not batch.live:
+            return rows
+        drafts = [draft(list(prompts[r]) + rows[r].tokens,
+                        min(k, max_new_tokens - len(rows[r].tokens) - 1), max_ngram)
+                  for r in batch.live]
+        logits = batch.step(net, [rows[r].tokens[-1] for r in batch.live], drafts,
+                            cache_name, pad_id)
         preds = None if adjust is not None else logits.argmax(-1).tolist()
         kept = []
-        for j, r in enumerate(live):
+        for j, r in enumerate(batch.live):
             row, d = rows[r], drafts[j]
-            new = _confirm(logits[j], d, context[r], row.tokens, adjust) if preds is None \
+            new = _confirm(logits[j], d, prompts[r], row.tokens, adjust) if preds is None \
                 else _longest_match(preds[j], d)
             row.drafted += len(d)
             appended = _append(row, new, eos, max_new_tokens, stopped)
             row.accepted += min(appended, len(new) - 1)
             kept.append(len(new))
-        # Hide the rejected drafts (after the prefill: its last column, which every row keeps).
-        width = logits.shape[1]
-        mask[:, -width:] = (torch.arange(width, device=mask.device)[None, :]
-                            < torch.tensor(kept, device=mask.device)[:, None]).long()
-        next_pos = next_pos + torch.tensor(kept, device=next_pos.device)
-        stay = [j for j, r in enumerate(live) if not _done(rows[r], max_new_tokens)]
-        if not stay:
-            return rows
-        if len(stay) < len(live):  # finished rows leave the batch
-            index = torch.tensor(stay, device=mask.device)
-            kv.batch_select_indices(index)
-            mask, next_pos = mask[index], next_pos[index]
-            live = [live[j] for j in stay]
-        drafts = [draft(context[r] + rows[r].tokens,
-                        min(k, max_new_tokens - len(rows[r].tokens) - 1), max_ngram)
-                  for r in live]
+        batch.keep(kept, [not _done(rows[r], max_new_tokens) for r in batch.live])
+
+
+class _Batch:
+    """The rows decoding together: one key/value cache whose columns all rows share. A row
+    that joins is left-padded to the others' width (or they to its); rejected drafts stay in
+    place as holes. The attention mask hides both, and each row's position ids count only
+    the tokens it kept, so a row attends to exactly its own prompt and answer."""
+
+    def __init__(self):
+        self.live: list[int] = []  # batch position -> row (prompt index)
+        self.kv = None  # transformers DynamicCache, once a row has joined
+        self.mask = None  # (rows, columns) long: which cached columns each row attends to
+        self.next_pos = None  # (rows,): the position of the token each row feeds next
+        self.width = 0  # columns fed by the last step
+
+    def join(self, joining: list[tuple[int, object]]) -> None:
+        """Add rows given as (row, its prompt's own cache)."""
+        import torch
+
+        if not joining:
+            return
+        lengths = [cache.get_seq_length() for _, cache in joining]
+        width = max([*lengths, self.mask.shape[1] if self.mask is not None else 0])
+        masks = [torch.arange(width)[None] >= width - n for n in lengths]
+        if self.kv is None:
+            self.kv, first = joining[0][1], 1  # reuse the first row's cache object
+            self._pad(self.kv, width)
+            self.mask = masks[0].long()
+            self.next_pos = torch.tensor([lengths[0]])
+        else:
+            first = 0
+            self._pad(self.kv, width)
+            self.mask = torch.nn.functional.pad(self.mask, (width - self.mask.shape[1], 0))
+        for (r, cache), m, n in list(zip(joining, masks, lengths))[first:]:
+            self._pad(cache, width)
+            for mine, theirs in zip(self.kv.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+            self.mask = torch.cat([self.mask, m.long()])
+            self.next_pos = torch.cat([self.next_pos, torch.tensor([n])])
+        self.live += [r for r, _ in joining]
+        self.width = 0  # the joined rows' first tokens are fed by the next step
+
+    @staticmethod
+    def _pad(cache, width: int) -> None:
+        """Left-pad a cache's columns (zeros, masked) to ``width``."""
+        import torch
+
+        for layer in cache.layers:
+            short = width - layer.keys.shape[2]
+            if short:
+                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, short, 0))
+                layer.values = torch.nn.functional.pad(layer.values, (0, 0, short, 0))
+
+    def step(self, net, last: list[int], drafts: list[list[int]], cache_name: str, pad_id: int):
+        """One forward pass over each row's last token and its drafts: logits (rows, width)."""
+        import torch
+
+        device = self.kv.layers[0].keys.device
         width = 1 + max(len(d) for d in drafts)
-        chunk = torch.full((len(live), width), pad_id, dtype=input_ids.dtype)
-        fed = torch.zeros((len(live), width), dtype=mask.dtype)
-        for j, r in enumerate(live):
-            chunk[j, 0] = rows[r].tokens[-1]
-            chunk[j, 1:1 + len(drafts[j])] = torch.tensor(drafts[j], dtype=input_ids.dtype)
-            fed[j, :1 + len(drafts[j])] = 1
-        mask = torch.cat([mask, fed.to(mask.device)], dim=1)
-        pos = next_pos[:, None] + torch.arange(width, device=next_pos.device)[None, :]
+        chunk = torch.full((len(last), width), pad_id, dtype=torch.long)
+        fed = torch.zeros((len(last), width), dtype=torch.long)
+        for j, (token, d) in enumerate(zip(last, drafts)):
+            chunk[j, 0] = token
+            chunk[j, 1:1 + len(d)] = torch.tensor(d, dtype=torch.long)
+            fed[j, :1 + len(d)] = 1
+        self.mask = torch.cat([self.mask, fed], dim=1)
+        pos = self.next_pos[:, None] + torch.arange(width)[None, :]
+        self.width = width
         with torch.inference_mode():
-            logits = net(input_ids=chunk.to(input_ids.device), attention_mask=mask,
-                         position_ids=pos, use_cache=True, **cache).logits
+            return net(input_ids=chunk.to(device), attention_mask=self.mask.to(device),
+                       position_ids=pos.to(device), use_cache=True,
+                       **{cache_name: self.kv}).logits
+
+    def keep(self, kept: list[int], staying: list[bool]) -> None:
+        """Each row kept its first ``kept`` fed tokens: hide the rest; rows not ``staying``
+        leave. Columns no remaining row attends to are dropped once they are a quarter of the
+        cache, so a long-running batch does not attend over ever more holes."""
+        import torch
+
+        w = self.width
+        self.mask[:, -w:] = (torch.arange(w)[None, :] < torch.tensor(kept)[:, None]).long()
+        self.next_pos = self.next_pos + torch.tensor(kept)
+        if not all(staying):
+            index = torch.tensor([j for j, s in enumerate(staying) if s], dtype=torch.long)
+            self.live = [r for r, s in zip(self.live, staying) if s]
+            if not self.live:
+                self.kv = self.mask = self.next_pos = None
+                return
+            self.kv.batch_select_indices(index.to(self.kv.layers[0].keys.device))
+            self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        used = self.mask.any(0)
+        if (~used).sum() * 4 > used.numel():
+            columns = used.nonzero().squeeze(1)
+            on = columns.to(self.kv.layers[0].keys.device)
+            for layer in self.kv.layers:
+                layer.keys, layer.values = layer.keys[:, :, on], layer.values[:, :, on]
+            self.mask = self.mask[:, columns]
 
 
-def _cache_argument(net) -> str:
-    """The name a model's forward() takes its key/value cache by: transformers renamed
-    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+def _prefill(net, prompts: list[Sequence[int]], cache_name: str, keep_name: str | None,
+             device: str):
+    """Each prompt's own key/value cache and next-token logits (1, vocabulary), from one
+    forward pass per prompt: in a padded batch the padding would be computed like any token
+    (half the prefill of a batch of ICMA prompts, whose lengths vary twofold), and a prompt
+    alone takes the causal attention kernel with no mask, so its answer does not depend on
+    the batch it joins."""
+    import torch
+    from transformers import DynamicCache
+
+    # Only the last position's logits: the vocabulary projection of every prompt position
+    # would cost a fifth of the prefill's arithmetic.
+    keep = {keep_name: 1} if keep_name else {}
+    caches, logits = [], []
+    with torch.inference_mode():
+        for tokens in prompts:
+            ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+            caches.append(DynamicCache(config=net.config))
+            out = net(input_ids=ids, use_cache=True, **{cache_name: caches[-1]}, **keep)
+            logits.append(out.logits[0, -1:])
+    return caches, logits
+
+
+def _forward_arguments(net) -> tuple[str, str | None]:
+    """The names a model's forward() takes its key/value cache by (transformers renamed
+    ``past_key_values`` to ``cache``; the old name warns, and goes in 5.40) and the number of
+    last positions to compute logits for (None: the model computes them all)."""
     import inspect
 
     base = net.get_base_model() if hasattr(net, "get_base_model") else net  # under peft
-    return "cache" if "cache" in inspect.signature(base.forward).parameters \
-        else "past_key_values"
+    names = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in names else "past_key_values",
+            "logits_to_keep" if "logits_to_keep" in names else None)
 
 
 def _longest_match(preds: list[int], drafts: list[int]) -> list[int]:

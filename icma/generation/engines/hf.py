@@ -7,7 +7,9 @@ prompt (``num_samples``) come from one generate() call (``num_return_sequences``
 tokenized once, but transformers expands the batch before the prefill, which so runs once per
 sample); the batch size counts sequences, so a call then holds batch_size // num_samples
 prompts. Greedy decoding runs prompt-lookup speculation (``icma.generation.speculation``)
-unless ``ICMA_SPECULATIVE_TOKENS`` is 0; sampling and beam search run transformers' generate().
+unless ``ICMA_SPECULATIVE_TOKENS`` is 0: all of a call's prompts in one continuous batch of
+``batch_size`` rows, each prompt's prefill alone (no padding). Sampling, beam search and
+greedy without speculation run transformers' generate().
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class TransformersGenerator(Generator):
         self.dtype = pick_dtype(dtype or settings.llm_dtype, self.device)
         net = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.dtype))
         self.net = net.to(self.device).eval()
+        if self.device == "cpu":
+            _attend_grouped(self.net)
         self._loaded: dict[str, Path] = {}  # peft adapter name -> folder
         self._default: Adapter | None = None
         if adapter is not None:
@@ -108,6 +112,8 @@ class TransformersGenerator(Generator):
 
         params = params.for_engine()
         self._activate(adapter or self._default)
+        if params.decoding == "greedy" and self.speculative_tokens:
+            return self._speculate([x.prompt for x in inputs], params)
         n = params.num_samples
         out: list[list[Generation]] = [[] for _ in inputs]
         lengths = [self.count_tokens(x.prompt) for x in inputs]
@@ -121,39 +127,47 @@ class TransformersGenerator(Generator):
                 out[i] = gens[j * n:(j + 1) * n]
         return [g for group in out for g in group]
 
+    def _speculate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        """Greedy decoding with prompt-lookup drafts, all prompts in one continuous batch of
+        ``batch_size`` rows (``icma.generation.speculation``)."""
+        with self._tok_lock:
+            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        stops = [s for s in params.stop if s]
+        rows = greedy_generate(
+            self.net, ids, max_new_tokens=params.max_new_tokens, eos_ids=self.eos_ids,
+            k=self.speculative_tokens, max_ngram=self.speculative_ngram,
+            batch_size=self.batch_size, adjust=_adjuster(params),
+            stopped=self._stopper(stops), pad_id=self.tokenizer.pad_token_id,
+            device=self.device)
+        return [self._generation(r.tokens, len(p), params, r.drafted, r.accepted)
+                for r, p in zip(rows, ids)]
+
     def _batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         with self._tok_lock:
             batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
         # Only what a causal LM takes (BERT-style tokenizers add token_type_ids).
         enc = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
         stops = [s for s in params.stop if s]
-        if params.decoding == "greedy" and self.speculative_tokens:
-            rows = greedy_generate(
-                self.net, enc["input_ids"], enc["attention_mask"],
-                max_new_tokens=params.max_new_tokens, eos_ids=self.eos_ids,
-                k=self.speculative_tokens, max_ngram=self.speculative_ngram,
-                adjust=_adjuster(params), stopped=self._stopper(stops),
-                pad_id=self.tokenizer.pad_token_id)
-            continuations = [(r.tokens, r.drafted, r.accepted) for r in rows]
-        else:
-            continuations = [(row, 0, 0) for row in self._generate(enc, params, stops)]
-        results = []
-        for r, (new, drafted, accepted) in enumerate(continuations):
-            # (a prompt's samples are consecutive rows)
-            mask = enc["attention_mask"][r // params.num_samples]
-            ended = False
-            for j, t in enumerate(new):  # up to the first EOS (padding follows it)
-                if t in self.eos_ids:
-                    new, ended = new[:j], True
-                    break
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            text, stopped = cut_at_stop(text, params.stop)
-            done = ended or stopped
-            results.append(Generation(text, prompt_tokens=int(mask.sum()),
-                                      completion_tokens=len(new),
-                                      finish_reason="stop" if done else "length",
-                                      draft_tokens=drafted, accepted_tokens=accepted))
-        return results
+        rows = self._generate(enc, params, stops)
+        # (a prompt's samples are consecutive rows)
+        return [self._generation(new, int(enc["attention_mask"][r // params.num_samples].sum()),
+                                 params)
+                for r, new in enumerate(rows)]
+
+    def _generation(self, new: list[int], prompt_tokens: int, params: GenerationParams,
+                    drafted: int = 0, accepted: int = 0) -> Generation:
+        """A continuation's tokens as an answer: up to the first EOS (padding follows it) and
+        the first stop text."""
+        ended = False
+        for j, t in enumerate(new):
+            if t in self.eos_ids:
+                new, ended = new[:j], True
+                break
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, params.stop)
+        return Generation(text, prompt_tokens=prompt_tokens, completion_tokens=len(new),
+                          finish_reason="stop" if ended or stopped else "length",
+                          draft_tokens=drafted, accepted_tokens=accepted)
 
     def _generate(self, enc: dict, params: GenerationParams, stops: list[str]) -> list[list[int]]:
         """transformers' generate(): sampling, beam search, and greedy without speculation."""
@@ -232,6 +246,45 @@ class TransformersGenerator(Generator):
         del self.net
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+_GROUPED = "icma_grouped_sdpa"
+
+
+def _attend_grouped(net) -> None:
+    """Attend with SDPA's own grouped-query attention (``enable_gqa``) under a padding mask.
+    transformers' SDPA path copies every key and value head once per query head when a mask
+    is given and more than one position is queried (a speculative step, a padded prefill):
+    on this CPU that copy and the larger attention took over a third of a speculative
+    decoding step. CPU only: CUDA's fused kernels take no mask with grouped heads and would
+    fall back to the slow reference kernel. Models without grouped heads, or not on SDPA,
+    are left as they are."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = net.config
+    heads = getattr(config, "num_attention_heads", None)
+    groups = getattr(config, "num_key_value_heads", None) or heads
+    if not heads or groups == heads or config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(_GROUPED, _grouped_sdpa)
+    AttentionMaskInterface.register(_GROUPED, sdpa_mask)
+    net.set_attn_implementation(_GROUPED)
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
+                  scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: (batch, heads, positions, dim) tensors in,
+    (batch, positions, heads, dim) out. Without a mask, transformers' SDPA mask builder has
+    already checked that the causal flag alone is right (queries and keys aligned)."""
+    import torch
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=bool(causal and attention_mask is None and query.shape[2] > 1),
+        enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _adjuster(params: GenerationParams):
