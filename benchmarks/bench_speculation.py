@@ -42,6 +42,9 @@ CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 4), ("b
            ("bfloat16", 16)]
 #: One-at-a-time runs: today's default, and bf16 with and without drafts.
 LATENCY_CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 8)]
+#: Worker runs (``--part worker``): the same, each a worker started with those settings.
+WORKER_CONFIGS = LATENCY_CONFIGS
+RETRIEVAL_PORT, WORKER_PORT = 18101, 18100
 
 
 def params():
@@ -65,16 +68,84 @@ def run(engine, inputs, k: int, batch_size: int) -> dict:
             "texts": [g.text for g in gens]}
 
 
+def worker_latency(n_queries: int, concurrency: tuple[int, ...]) -> dict:
+    """``/mol2cap`` through the product's two services (``icma serve``), one worker per
+    configuration, each request greedy with at most 128 new tokens and its own CID excluded;
+    per concurrency level, every query once (a closed loop of that many clients)."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from benchmarks.common import SHARED, start_service, stop_services
+    from icma.core.corpus import read_corpus
+
+    test, _ = read_corpus(SHARED / "data/chebi20/test.txt")
+    records = test.records[:n_queries]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-speculation-"))
+    env = {**os.environ, "ICMA_JOBS_DB": str(tmp / "jobs.sqlite3"), "ICMA_PROGRESS": "false",
+           "ICMA_TORCH_THREADS": "2", "ICMA_ENGINE": "transformers",
+           "ICMA_RETRIEVAL_KINDS": '["graph", "bm25"]'}
+    retrieval = f"http://127.0.0.1:{RETRIEVAL_PORT}"
+    worker = f"http://127.0.0.1:{WORKER_PORT}"
+
+    def ask(rec) -> dict:
+        body = {"smiles": rec.smiles, "retrieval": {"exclude_cids": [rec.cid]},
+                "generation": {"decoding": "greedy", "max_new_tokens": MAX_NEW_TOKENS}}
+        t0 = time.perf_counter()
+        r = httpx.post(worker + "/mol2cap", json=body, timeout=900)
+        r.raise_for_status()
+        j = r.json()
+        return {"ms": (time.perf_counter() - t0) * 1e3, "caption": j["caption"],
+                "generation_ms": j["timings"]["generation_ms"], **j["usage"]}
+
+    out: dict[str, dict] = {}
+    services = [start_service(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env)]
+    try:
+        for dtype, k in WORKER_CONFIGS:
+            cfg_env = {**env, "ICMA_LLM_DTYPE": dtype, "ICMA_SPECULATIVE_TOKENS": str(k)}
+            proc = start_service(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
+                                  retrieval], worker, cfg_env)
+            try:
+                ask(records[0])  # warm up: the first request allocates
+                runs = {}
+                for c in concurrency:
+                    with ThreadPoolExecutor(c) as pool:
+                        runs[str(c)] = list(pool.map(ask, records))
+                    ms = [r["ms"] for r in runs[str(c)]]
+                    print(f"  worker {label(dtype, k)}, concurrency {c}: p50 "
+                          f"{statistics.median(ms):.0f} ms", flush=True)
+                out[label(dtype, k)] = runs
+            finally:
+                stop_services([proc], timeout=60)
+    finally:
+        stop_services(services, timeout=60)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=64)
     ap.add_argument("--latency-queries", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--part", choices=("engine", "worker"), default="engine",
+                    help="engine: the batch and one-at-a-time tables; worker: /mol2cap through "
+                         "the services (a part left out keeps its figures)")
+    ap.add_argument("--worker-queries", type=int, default=16)
     ap.add_argument("--render", action="store_true",
                     help="only rewrite speculation.md from speculation.json")
     args = ap.parse_args()
     if args.render:
         write("speculation.md", render(json.loads((RESULTS / "speculation.json").read_text())))
+        return
+
+    if args.part == "worker":
+        payload = json.loads((RESULTS / "speculation.json").read_text())
+        payload["worker"] = worker_latency(args.worker_queries, (1, 8))
+        payload["worker_started"] = time.strftime("%Y-%m-%d %H:%M")
+        payload["worker_commit"] = git_commit()
+        (RESULTS / "speculation.json").write_text(json.dumps(payload, indent=1) + "\n")
+        print(write("speculation.md", render(payload)))
         return
 
     import torch
@@ -114,7 +185,11 @@ def main() -> None:
                "latency_queries": args.latency_queries,
                "configs": [list(c) for c in CONFIGS], "batch": batch, "alone": alone,
                "alone_texts": alone_texts}
-    (RESULTS / "speculation.json").write_text(json.dumps(payload, indent=1) + "\n")
+    old = RESULTS / "speculation.json"
+    if old.exists():  # the worker part's figures stay until it runs again
+        payload.update({k: v for k, v in json.loads(old.read_text()).items()
+                        if k.startswith("worker")})
+    old.write_text(json.dumps(payload, indent=1) + "\n")
     print(write("speculation.md", render(payload)))
 
 
@@ -146,7 +221,34 @@ def render(p: dict) -> str:
         same = f"{sum(a == b for a, b in zip(texts, batched))}/{len(texts)}" if texts else "-"
         lat.append(f"| {name} | {med(secs):.2f} | {sorted(secs)[int(0.9 * (len(secs) - 1))]:.2f} | "
                    f"{lat_base / med(secs):.2f}x | {same} |")
-    return "\n".join([
+    return "\n".join([*_engine_part(p, rows, lat), *_worker_part(p)])
+
+
+def _worker_part(p: dict) -> list[str]:
+    if "worker" not in p:
+        return []
+    med = statistics.median
+    lines = [f"## `/mol2cap` through the services (run {p['worker_started']}, commit "
+             f"{p['worker_commit']})", "",
+             "The product's two services (`icma serve retrieval`, `icma serve worker`) on "
+             "127.0.0.1, the embedded corpus, each query's own CID excluded; one worker per "
+             "configuration; greedy, at most 128 new tokens; per concurrency level every query "
+             "once, by that many clients.", "",
+             "| configuration | concurrency | p50 ms | p90 ms | generation p50 ms | acceptance |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in p["worker"].items():
+        for c, rs in runs.items():
+            ms = sorted(r["ms"] for r in rs)
+            drafted = sum(r.get("draft_tokens", 0) for r in rs)
+            rate = (f"{sum(r.get('accepted_tokens', 0) for r in rs) / drafted:.2f}"
+                    if drafted else "-")
+            lines.append(f"| {name} | {c} | {med(ms):.0f} | {ms[int(0.9 * (len(ms) - 1))]:.0f} | "
+                         f"{med(r['generation_ms'] for r in rs):.0f} | {rate} |")
+    return [*lines, ""]
+
+
+def _engine_part(p: dict, rows: list[str], lat: list[str]) -> list[str]:
+    return [
         "# Prompt-lookup speculation (transformers engine)",
         "",
         f"Machine: {p['machine']}; torch {p['torch']}, transformers {p['transformers']}, "
@@ -180,7 +282,7 @@ def render(p: dict) -> str:
         "tokens tie to within it. The last column measures the same rounding without "
         "speculation: a prompt alone against the same prompt in a batch of 8.",
         "",
-    ])
+    ]
 
 
 if __name__ == "__main__":
