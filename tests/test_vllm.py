@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -206,6 +207,13 @@ def test_decoding_options(vllm_report):
     assert first == second  # seeded per request
     text, finish = tiny["stopped"][0]
     assert (text, finish) == (TARGETS[1][:TARGETS[1].index("acid")], "stop")
+
+
+def test_vllm_cpu_reserves_no_core_for_its_scheduler_on_a_small_machine(vllm_report):
+    """ICMA_VLLM_CPU_RESERVED_CORES unset: 0 on up to 4 cores, vLLM's 1 above; a setting wins."""
+    reserved = vllm_report["tiny"]["reserved_cores"]
+    assert reserved["rule"] == [0, 0, 1, 3]
+    assert reserved["env"] == ("0" if len(os.sched_getaffinity(0)) <= 4 else "1")
 
 
 def test_bad_input_is_the_callers_error(vllm_report):

@@ -8,6 +8,7 @@ does, writes what it saw (JSON). The test asserts; this script only runs and rep
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -98,6 +99,12 @@ def tiny_checks(spec: dict) -> dict:
             shipped, AdapterRegistry.from_settings(shipped)).for_task("mol2cap")
         out["shipped_default"] = {"name": default.name, "texts": texts(
             eng.generate(items, greedy, adapter=default.as_adapter()))}
+        from icma.generation.engines.vllm import reserved_cores
+
+        out["reserved_cores"] = {
+            "env": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"),
+            "rule": [reserved_cores(None, 2), reserved_cores(None, 4), reserved_cores(None, 16),
+                     reserved_cores(3, 2)]}
         return out
 
     result = in_thread(run_all)
