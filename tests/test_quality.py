@@ -148,3 +148,14 @@ def test_quality_keeps_answers_and_resumes_an_interrupted_run(tmp_path, tiny_mod
     # the regenerated chunk is the same as the first run's (greedy)
     assert [json.loads(x)["answer"] for x in kept.read_text().splitlines()[3:]] == \
         [json.loads(x)["answer"] for x in lines[3:]]
+    # other weights round differently: a bfloat16 run keeps its own answers, reusing none
+    get_settings.cache_clear()
+    try:
+        assert main(argv + ["--dtype", "bfloat16"]) == 0, capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+    assert "resuming" not in capsys.readouterr().out
+    rows = {json.loads(f.read_text().splitlines()[0])["dtype"]: f
+            for f in (tmp_path / "answers").glob("cap2mol-*.jsonl")
+            if "untuned" in f.read_text().splitlines()[0]}
+    assert set(rows) == {"float32", "bfloat16"} and rows["float32"] == kept

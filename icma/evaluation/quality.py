@@ -224,7 +224,10 @@ def run_quality(protocol: Protocol, *, settings: Settings,
             identity = {"task": task, "system": system, "engine": eng.name, "model": eng.model,
                         "adapter": options.adapter.name if options.adapter else eng.adapter,
                         "decoding": asdict(params), "queries": n,
-                        "database": len(protocol.database)}
+                        "database": len(protocol.database),
+                        # both change which answers greedy decoding gives (rounding)
+                        "dtype": getattr(eng, "dtype", None),
+                        "speculative_tokens": getattr(eng, "speculative_tokens", 0)}
             out, secs = _answers(task, sub_q, ex, eng, options, identity, answers_dir, report)
             extra = {"completion_tokens": sum(t.completion_tokens for t in out),
                      "stopped_by_length": sum(t.finish_reason == "length" for t in out),
