@@ -142,13 +142,15 @@ class _Batch:
             first = 0
             self._pad(self.kv, width)
             self.mask = torch.nn.functional.pad(self.mask, (width - self.mask.shape[1], 0))
-        for (r, cache), m, n in list(zip(joining, masks, lengths))[first:]:
+        others = [cache for _, cache in joining[first:]]
+        for cache in others:
             self._pad(cache, width)
-            for mine, theirs in zip(self.kv.layers, cache.layers):
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
-            self.mask = torch.cat([self.mask, m.long()])
-            self.next_pos = torch.cat([self.next_pos, torch.tensor([n])])
+        if others:  # one copy of the cache per layer, however many rows join
+            for i, mine in enumerate(self.kv.layers):
+                mine.keys = torch.cat([mine.keys, *(c.layers[i].keys for c in others)])
+                mine.values = torch.cat([mine.values, *(c.layers[i].values for c in others)])
+            self.mask = torch.cat([self.mask, *(m.long() for m in masks[first:])])
+            self.next_pos = torch.cat([self.next_pos, torch.tensor(lengths[first:])])
         self.live += [r for r, _ in joining]
         self.width = 0  # the joined rows' first tokens are fed by the next step
 

@@ -255,8 +255,8 @@ def _attend_grouped(net) -> None:
     """Attend with SDPA's own grouped-query attention (``enable_gqa``) under a padding mask.
     transformers' SDPA path copies every key and value head once per query head when a mask
     is given and more than one position is queried (a speculative step, a padded prefill):
-    on this CPU that copy and the larger attention took over a third of a speculative
-    decoding step. CPU only: CUDA's fused kernels take no mask with grouped heads and would
+    on this CPU, in a profile, that copy and the larger attention were the largest cost of a
+    speculative decoding step after the matrix products. CPU only: CUDA's fused kernels take no mask with grouped heads and would
     fall back to the slow reference kernel. Models without grouped heads, or not on SDPA,
     are left as they are."""
     from transformers import AttentionInterface
