@@ -420,14 +420,17 @@ def install_health(app: FastAPI, metrics: Metrics, state: Callable[[], str]) -> 
     """/healthz, /readyz and /metrics, the same on both services (openapi.yaml describes them
     once for both). ``state`` is "ready", or why not ("loading", "failed")."""
 
+    # The probes are async: answered on the event loop itself, they need no thread-pool turn,
+    # so that a probe waits for one GIL turn, not several, while a large request holds the GIL
+    # in RDKit calls (the pool's threads take turns with it; a probe took up to 1.25 s there).
     @app.get("/healthz", response_model=Health, tags=["health"])
-    def healthz():
+    async def healthz():
         """Alive (the process answers)."""
         return Health(status="ok", worker=os.getpid())
 
     @app.get("/readyz", response_model=Health, tags=["health"],
              responses={503: {"model": Health, "description": "still loading, or failed"}})
-    def readyz():
+    async def readyz():
         """Ready to answer: the retrieval service's default corpus indexes are loaded, the
         worker's engine is loaded."""
         now = state()
