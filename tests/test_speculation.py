@@ -102,6 +102,40 @@ def test_a_continuous_batch_answers_as_each_prompt_alone(tiny_model, monkeypatch
     assert any(after < before for before, after in widths)  # compacted at least once
 
 
+def test_the_batch_cache_grows_in_place_and_reads_as_concatenation():
+    """A step writes its columns into spare room (a few reallocations in 40 steps, not one
+    per step), reads exactly what concatenation gives, and adopts what the batch assigns."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from icma.generation.speculation import _grow_in_place
+
+    torch.manual_seed(0)
+    first = DynamicLayer()
+    k, v = torch.randn(3, 2, 50, 4), torch.randn(3, 2, 50, 4)
+    first.update(k, v)
+    cache = SimpleNamespace(layers=[first])
+    _grow_in_place(cache)
+    layer = cache.layers[0]
+    assert type(layer) is not DynamicLayer and torch.equal(layer.keys, k)
+    buffers = set()
+    for step in range(40):
+        nk, nv = torch.randn(3, 2, 1 + step % 9, 4), torch.randn(3, 2, 1 + step % 9, 4)
+        k, v = torch.cat([k, nk], dim=2), torch.cat([v, nv], dim=2)
+        got_k, got_v = layer.update(nk, nv)
+        assert torch.equal(got_k, k) and torch.equal(got_v, v)
+        assert layer.get_seq_length() == k.shape[2]
+        buffers.add(layer._kb.data_ptr())
+    assert len(buffers) <= 4  # 50 + 195 columns: the first write and a couple of growths
+    layer.keys, layer.values = layer.keys[[2, 0]], layer.values[[2, 0]]  # rows leave
+    nk, nv = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    got_k, got_v = layer.update(nk, nv)
+    assert torch.equal(got_k, torch.cat([k[[2, 0]], nk], dim=2))
+    assert torch.equal(got_v, torch.cat([v[[2, 0]], nv], dim=2))
+
+
 def test_speculation_stops_where_greedy_stops(tiny_model):
     eng = _engine(tiny_model)
     item = [GenerationInput("mol2cap", "the molecule")]

@@ -24,6 +24,7 @@ distribution (speculative sampling), and it would change which answer a seed giv
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -135,6 +136,7 @@ class _Batch:
         masks = [torch.arange(width)[None] >= width - n for n in lengths]
         if self.kv is None:
             self.kv, first = joining[0][1], 1  # reuse the first row's cache object
+            _grow_in_place(self.kv)
             self._pad(self.kv, width)
             self.mask = masks[0].long()
             self.next_pos = torch.tensor([lengths[0]])
@@ -209,6 +211,74 @@ class _Batch:
             for layer in self.kv.layers:
                 layer.keys, layer.values = layer.keys[:, :, on], layer.values[:, :, on]
             self.mask = self.mask[:, columns]
+
+
+#: Spare columns a grown cache layer gets beyond what the step needs (plus a quarter more).
+SPARE_COLUMNS = 128
+
+
+@functools.cache
+def _growing_layer():
+    """A transformers ``DynamicLayer`` whose keys and values grow into spare columns: a step
+    writes its few new columns in place, where ``DynamicLayer`` concatenates, copying every
+    layer's whole cache on every step (a static cache made plain greedy decoding 1.4x as fast,
+    ``benchmarks/results/compile.md``, but this loop's shapes change every step). ``keys`` and
+    ``values`` are views of the used columns; assigning them (rows joining, rows or columns
+    dropped) adopts the new tensor as the buffer. Built on first use: transformers is imported
+    lazily."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        keys = property(lambda self: _used(self._kb, self._nk),
+                        lambda self, t: self._adopt("k", t))
+        values = property(lambda self: _used(self._vb, self._nv),
+                          lambda self, t: self._adopt("v", t))
+
+        def _adopt(self, which: str, t) -> None:
+            setattr(self, f"_{which}b", t)
+            setattr(self, f"_n{which}", t.shape[-2] if t is not None and t.dim() == 4 else 0)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self._kb, self._nk = _write(self._kb, self._nk, key_states)
+            self._vb, self._nv = _write(self._vb, self._nv, value_states)
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def _used(buffer, n: int):
+    return buffer if buffer is None or buffer.dim() != 4 else buffer[:, :, :n]
+
+
+def _write(buffer, n: int, new):
+    """``new``'s columns written after the first ``n`` of ``buffer`` (grown if full)."""
+    import torch
+
+    w = new.shape[-2]
+    if buffer is None or buffer.dim() != 4 or n + w > buffer.shape[-2]:
+        capacity = n + w + SPARE_COLUMNS + (n + w) // 4
+        grown = torch.empty((*new.shape[:2], capacity, new.shape[-1]), dtype=new.dtype,
+                            device=new.device)
+        if n:
+            grown[:, :, :n] = buffer[:, :, :n]
+        buffer = grown
+    buffer[:, :, n:n + w] = new
+    return buffer, n + w
+
+
+def _grow_in_place(cache) -> None:
+    """Make a cache's plain dynamic layers grow in place (other layer kinds stay)."""
+    from transformers.cache_utils import DynamicLayer
+
+    growing = _growing_layer()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            new = growing()
+            new.keys, new.values = layer.keys, layer.values
+            new.is_initialized, new.device = layer.is_initialized, layer.keys.device
+            cache.layers[i] = new
 
 
 def _prefill(net, prompts: list[Sequence[int]], cache_name: str, keep_name: str | None,
