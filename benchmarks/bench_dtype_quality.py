@@ -80,9 +80,9 @@ def main() -> None:
         tasks[task] = {
             "queries": len(a),
             "same": sum(x["answer"] == y["answer"] for x, y in zip(a, b)),
-            "metrics": {d: llm_row(folders[d], task)["metrics"] for d in DTYPES},
+            "metrics": {d: llm_row(folders[d], task)["scores"] for d in DTYPES},
             "system": llm_row(folders["float32"], task)["system"],
-            "seconds": {d: sum(x.get("seconds", 0) for x in got[d]) for d in DTYPES}}
+            "seconds": {d: llm_row(folders[d], task)["seconds"] for d in DTYPES}}
     payload = {"commit": git_commit(), "machine": machine(), "limit": args.limit,
                "tasks": tasks}
     (RESULTS / "dtype_quality.json").write_text(json.dumps(payload, indent=1) + "\n")

