@@ -41,7 +41,8 @@ MAX_NEW_TOKENS = 128
 BATCH = 8
 DTYPE = "bfloat16"
 ROWS = ("generate(), dynamic cache", "generate(), static cache",
-        "generate(), static cache, torch.compile", "engine default: speculation (drafts of 8)")
+        "generate(), static cache, torch.compile",
+        "the engine's greedy path: speculation (drafts of 8)")
 
 
 def generate_rows(engine, batches, how: str) -> dict:
