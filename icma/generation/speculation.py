@@ -1,4 +1,4 @@
-"""Prompt-lookup speculative decoding: greedy generation that verifies copied tokens in bulk.
+"""Prompt-lookup speculative decoding: generation that verifies copied tokens in bulk.
 
 An ICMA answer copies long spans of the retrieved examples that stand in its prompt (and an
 answer that loops copies itself). So each step, every row of a batch drafts up to ``k`` tokens
@@ -18,8 +18,15 @@ them, and each row's position ids count only what it kept. Finished rows leave t
 waiting prompts take their places at once (continuous batching); a prompt's prefill runs alone,
 over its own tokens, and its cache is left-padded to the batch's columns as it joins.
 
-Sampling is not speculated here: verifying a draft against a sampled token is exact only in
-distribution (speculative sampling), and it would change which answer a seed gives.
+Sampling is speculated too, and stays exact in distribution (speculative sampling with a
+drafter that proposes one token for certain): a draft token ``t`` is kept with probability
+``p(t)``, the model's sampling probability at that position; at the first rejection the token
+is drawn from ``p`` without ``t`` (renormalised), and when every draft is kept, from the next
+position's ``p``. Every token is then distributed as sampling from ``p`` given its prefix
+(Leviathan et al. 2023, Chen et al. 2023: the residual ``max(p - q, 0)`` with ``q`` one-hot on
+the draft). What changes is which answer a seed gives: each row draws from its own generator,
+seeded per sample, so the answer does not depend on the batch it decodes in, but it is not the
+answer transformers' ``generate()`` draws for that seed.
 """
 
 from __future__ import annotations
@@ -40,7 +47,35 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # generated, ending at EOS if it ended
     finished: bool = False  # ended by an EOS token or ``stopped`` (else the length limit)
     drafted: int = 0  # tokens proposed by prompt lookup
-    accepted: int = 0  # of those, the ones greedy decoding confirmed and the answer kept
+    accepted: int = 0  # of those, the ones verification confirmed and the answer kept
+    generator: object = None  # sampling: this row's torch.Generator
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The distribution sampled decoding draws each token from, as transformers' generate()
+    warps it: the logits (after ``adjust``) divided by ``temperature``, cut to the ``top_k``
+    most likely tokens (0: no cut), then to the fewest most likely tokens whose probabilities
+    reach ``top_p`` (1: no cut)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def probabilities(self, logits):
+        """Sampling probabilities (vocabulary,), float32, of one position's ``logits``."""
+        import torch
+
+        scores = logits.float() / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            values, index = torch.topk(scores, self.top_k)  # sorted, most likely first
+        else:
+            values, index = torch.sort(scores, descending=True)
+        probs = torch.softmax(values, -1)
+        if self.top_p < 1.0:  # keep a token while the mass before it is short of top_p
+            probs = torch.where(torch.cumsum(probs, -1) - probs < self.top_p, probs, 0.0)
+            probs = probs / probs.sum()
+        return torch.zeros_like(scores).scatter_(-1, index, probs)
 
 
 def draft(tokens: Sequence[int], k: int, max_ngram: int) -> list[int]:
@@ -58,25 +93,41 @@ def draft(tokens: Sequence[int], k: int, max_ngram: int) -> list[int]:
     return []
 
 
-def greedy_generate(net, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    eos_ids: Sequence[int], k: int, max_ngram: int = 3, batch_size: int = 8,
-                    adjust: Adjust | None = None,
-                    stopped: Callable[[list[int]], bool] | None = None,
-                    pad_id: int = 0, device: str = "cpu") -> list[Row]:
-    """Greedy continuations of ``prompts`` (token ids) with prompt-lookup drafts of up to ``k``
-    tokens (``k = 0``: plain greedy decoding, one token per pass), at most ``batch_size``
-    rows decoding together: a row that ends makes room for the next prompt at once
-    (continuous batching), so a batch never idles on its last long answer while prompts wait.
-    ``adjust`` changes the logits before each argmax (repetition penalty, banned n-grams);
-    ``stopped`` ends a row whose answer so far holds a stop text. ``net``: a causal LM taking
-    ``position_ids`` and a transformers cache."""
+def speculate(net, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+              eos_ids: Sequence[int], k: int, max_ngram: int = 3, batch_size: int = 8,
+              adjust: Adjust | None = None, sampling: Sampling | None = None,
+              seeds: Sequence[int] | None = None,
+              stopped: Callable[[list[int]], bool] | None = None,
+              pad_id: int = 0, device: str = "cpu") -> list[Row]:
+    """Continuations of ``prompts`` (token ids), greedy or (``sampling``) sampled, with
+    prompt-lookup drafts of up to ``k`` tokens (``k = 0``: one token per pass), at most
+    ``batch_size`` rows decoding together: a row that ends makes room for the next prompt at
+    once (continuous batching), so a batch never idles on its last long answer while prompts
+    wait. ``adjust`` changes the logits before each choice (repetition penalty, banned
+    n-grams); ``seeds``: one per prompt, for its row's generator when sampling (default 0);
+    ``stopped`` ends a row whose answer so far holds a stop text. Identical prompts (several
+    samples of one) share one prefill. ``net``: a causal LM taking ``position_ids`` and a
+    transformers cache."""
     import torch
 
     eos = set(eos_ids)
     rows = [Row() for _ in prompts]
+    if sampling is not None:
+        for r, row in enumerate(rows):
+            row.generator = torch.Generator().manual_seed(seeds[r] if seeds else 0)
     pending = list(range(len(prompts)))[::-1]  # popped from the end: first prompt first
     cache_name, keep_name = _forward_arguments(net)
     batch = _Batch()
+
+    def choose(r: int, logits, drafts: list[int]) -> list[int]:
+        """Row ``r``'s new tokens: the drafts verification keeps, then one of the model's."""
+        if sampling is not None:
+            return _verify_sampled(logits, drafts, prompts[r], rows[r].tokens, adjust,
+                                   sampling, rows[r].generator)
+        if adjust is not None:
+            return _confirm(logits, drafts, prompts[r], rows[r].tokens, adjust)
+        return _longest_match(logits.argmax(-1).tolist(), drafts)
+
     while True:
         # Admit prompts into free places; each brings its first token from its prefill.
         while pending and len(batch.live) < batch_size:
@@ -86,9 +137,7 @@ def greedy_generate(net, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                                       keep_name, device)
             joining = []
             for r, cache, lg in zip(admitted, caches, logits):
-                new = _confirm(lg, [], prompts[r], [], adjust) if adjust is not None \
-                    else [int(lg[0].argmax())]
-                _append(rows[r], new, eos, max_new_tokens, stopped)
+                _append(rows[r], choose(r, lg, []), eos, max_new_tokens, stopped)
                 if not _done(rows[r], max_new_tokens):
                     joining.append((r, cache))
             batch.join(joining)
@@ -99,12 +148,10 @@ def greedy_generate(net, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
                   for r in batch.live]
         logits = batch.step(net, [rows[r].tokens[-1] for r in batch.live], drafts,
                             cache_name, pad_id)
-        preds = None if adjust is not None else logits.argmax(-1).tolist()
         kept = []
         for j, r in enumerate(batch.live):
             row, d = rows[r], drafts[j]
-            new = _confirm(logits[j], d, prompts[r], row.tokens, adjust) if preds is None \
-                else _longest_match(preds[j], d)
+            new = choose(r, logits[j, :len(d) + 1], d)
             row.drafted += len(d)
             appended = _append(row, new, eos, max_new_tokens, stopped)
             row.accepted += min(appended, len(new) - 1)
@@ -296,13 +343,30 @@ def _prefill(net, prompts: list[Sequence[int]], cache_name: str, keep_name: str 
     # would cost a fifth of the prefill's arithmetic.
     keep = {keep_name: 1} if keep_name else {}
     caches, logits = [], []
+    seen: dict[tuple[int, ...], int] = {}  # prompt -> the index of its first prefill
     with torch.inference_mode():
         for tokens in prompts:
+            first = seen.setdefault(tuple(tokens), len(caches))
+            if first < len(caches):  # another sample of a prompt prefilled here: a copy
+                caches.append(_copied(caches[first], net.config))
+                logits.append(logits[first])
+                continue
             ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
             caches.append(DynamicCache(config=net.config))
             out = net(input_ids=ids, use_cache=True, **{cache_name: caches[-1]}, **keep)
             logits.append(out.logits[0, -1:])
     return caches, logits
+
+
+def _copied(cache, config):
+    """A new cache holding copies of ``cache``'s keys and values (a batch writes into a
+    cache in place: rows must not share one)."""
+    from transformers import DynamicCache
+
+    copy = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        copy.update(layer.keys.clone(), layer.values.clone(), i)
+    return copy
 
 
 def _forward_arguments(net) -> tuple[str, str | None]:
@@ -334,6 +398,29 @@ def _confirm(logits, drafts: list[int], context: list[int], generated: list[int]
         new.append(token)
         if i == len(drafts) or token != drafts[i]:
             break
+    return new
+
+
+def _verify_sampled(logits, drafts: list[int], context: list[int], generated: list[int],
+                    adjust: Adjust | None, sampling: Sampling, generator) -> list[int]:
+    """Speculative sampling for one row (the module's docstring): each draft kept with its
+    sampling probability; the first rejected one replaced by a draw from the probabilities
+    without it; all kept, one more token drawn from the next position's."""
+    import torch
+
+    logits = logits.float().cpu()  # the generator lives on the CPU
+    new: list[int] = []
+    for i in range(len(drafts) + 1):
+        lg = logits[i] if adjust is None else adjust(context, generated + new, logits[i])
+        probs = sampling.probabilities(lg)
+        if i < len(drafts):
+            t = drafts[i]
+            if float(torch.rand((), generator=generator)) < float(probs[t]):
+                new.append(t)
+                continue
+            probs[t] = 0.0  # p(t) < 1 here, so some mass remains
+        new.append(int(torch.multinomial(probs, 1, generator=generator)))
+        return new
     return new
 
 

@@ -30,7 +30,7 @@ from icma.generation.engines.base import (
 )
 from icma.core.errors import InputError
 from icma.generation.models import model_label, resolve_model
-from icma.generation.speculation import greedy_generate
+from icma.generation.speculation import Sampling, speculate
 from icma.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class TransformersGenerator(Generator):
         self.batch_size = batch_size or settings.generation_batch_size
         self.speculative_tokens = settings.speculative_tokens
         self.speculative_ngram = settings.speculative_ngram
+        self.speculative_sampling = settings.speculative_sampling
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # A fast tokenizer is one Rust object whose padding state a batch call changes: a
         # prompt count from a request thread during it fails with "Already borrowed".
@@ -112,7 +113,8 @@ class TransformersGenerator(Generator):
 
         params = params.for_engine()
         self._activate(adapter or self._default)
-        if params.decoding == "greedy" and self.speculative_tokens:
+        if self.speculative_tokens and (params.decoding == "greedy" or (
+                params.decoding == "sample" and self.speculative_sampling)):
             return self._speculate([x.prompt for x in inputs], params)
         n = params.num_samples
         out: list[list[Generation]] = [[] for _ in inputs]
@@ -128,19 +130,23 @@ class TransformersGenerator(Generator):
         return [g for group in out for g in group]
 
     def _speculate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
-        """Greedy decoding with prompt-lookup drafts, all prompts in one continuous batch of
-        ``batch_size`` rows (``icma.generation.speculation``)."""
+        """Greedy or sampled decoding with prompt-lookup drafts, all prompts in one continuous
+        batch of ``batch_size`` rows (``icma.generation.speculation``). A prompt's k-th sample
+        is drawn with seed + k, as vLLM seeds them; its samples share one prefill."""
         with self._tok_lock:
             ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        stops = [s for s in params.stop if s]
-        rows = greedy_generate(
-            self.net, ids, max_new_tokens=params.max_new_tokens, eos_ids=self.eos_ids,
-            k=self.speculative_tokens, max_ngram=self.speculative_ngram,
-            batch_size=self.batch_size, adjust=_adjuster(params),
-            stopped=self._stopper(stops), pad_id=self.tokenizer.pad_token_id,
-            device=self.device)
-        return [self._generation(r.tokens, len(p), params, r.drafted, r.accepted)
-                for r, p in zip(rows, ids)]
+        n = params.num_samples if params.decoding == "sample" else 1
+        sampling = None if params.decoding == "greedy" else Sampling(
+            params.temperature, params.top_k, params.top_p)
+        rows = speculate(
+            self.net, [x for x in ids for _ in range(n)], max_new_tokens=params.max_new_tokens,
+            eos_ids=self.eos_ids, k=self.speculative_tokens, max_ngram=self.speculative_ngram,
+            batch_size=self.batch_size, adjust=_adjuster(params), sampling=sampling,
+            seeds=[params.next_seed(k).seed for _ in ids for k in range(n)],
+            stopped=self._stopper([s for s in params.stop if s]),
+            pad_id=self.tokenizer.pad_token_id, device=self.device)
+        return [self._generation(r.tokens, len(ids[i // n]), params, r.drafted, r.accepted)
+                for i, r in enumerate(rows)]
 
     def _batch(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         with self._tok_lock:
@@ -288,7 +294,7 @@ def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.
 
 
 def _adjuster(params: GenerationParams):
-    """The logits changes greedy decoding applies before its argmax, for prompt-lookup
+    """The logits changes decoding applies before it chooses a token, for prompt-lookup
     speculation: transformers' repetition penalty (on float32 logits, as generate() computes
     it), then ``banned_tokens``. None when there are none. transformers penalises the padding
     of a left-padded row too; this penalises the row's own prompt and answer only, so a prompt

@@ -26,9 +26,9 @@ processor registered with the engine, applies it to the requests that ask for it
 (``extra_args``), with the transformers engine's rule (``banned_tokens``).
 
 Prompt-lookup speculation (``ICMA_SPECULATIVE_TOKENS``, on by default) is vLLM's n-gram drafter.
-Unlike the transformers engine's, it is an engine setting that covers every request: greedy
-answers stay greedy decoding's, and sampled ones are verified by rejection sampling, which keeps
-the sampling distribution but not which answer a seed gives without speculation. vLLM refuses
+As in the transformers engine, greedy answers stay greedy decoding's, and sampled ones are
+verified by rejection sampling, which keeps the sampling distribution but not which answer a
+seed gives without speculation; unlike it, it is one engine setting for every request. vLLM refuses
 custom logits processors beside it, so a speculating engine answers ``no_repeat_ngram_size``
 with a 422 that says how to get it (an engine started with ``ICMA_SPECULATIVE_TOKENS=0``).
 """
