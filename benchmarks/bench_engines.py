@@ -50,6 +50,18 @@ def params(max_new_tokens: int = MAX_NEW_TOKENS):
     return GenerationParams.for_task("mol2cap", decoding="greedy", max_new_tokens=max_new_tokens)
 
 
+def both_dtypes(n_queries: int) -> tuple[dict, list, dict]:
+    """The transformers engine (the shipped SmolLM2 on the CPU) in float32 and in bfloat16, and
+    ``build_prompts``' inputs and protocol facts for the first ``n_queries``."""
+    from icma.core.settings import get_settings
+    from icma.generation.engines import load_engine
+
+    engines = {d: load_engine("transformers", settings=get_settings(), device="cpu", dtype=d)
+               for d in ("float32", "bfloat16")}
+    inputs, data = build_prompts(n_queries, engines["float32"].count_tokens)
+    return engines, inputs, data
+
+
 def build_prompts(n_queries: int, count_tokens) -> tuple[list, dict]:
     """The protocol's first ``n_queries`` mol2cap inputs, as ``translate`` hands them to an
     engine."""

@@ -19,6 +19,29 @@ def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+def alternated(rep: int, variants: tuple) -> tuple:
+    """The order variants run in repeat ``rep``: reversed every other repeat, so that drift in
+    the machine's load falls on all alike."""
+    return variants if rep % 2 == 0 else variants[::-1]
+
+
+def run_facts(load_before: float) -> dict:
+    """What a timing result states about its run (``facts_line`` writes it)."""
+    import os
+
+    import torch
+
+    return {"commit": git_commit(), "machine": machine(), "load_before": load_before,
+            "load_after": os.getloadavg()[0], "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def facts_line(p: dict) -> str:
+    return (f"Machine: {p['machine']}; torch {p['torch']}, {p['threads']} threads; commit "
+            f"{p['commit']}; load average {p['load_before']:.2f} before, {p['load_after']:.2f} "
+            "after.")
+
+
 def write(name: str, text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
