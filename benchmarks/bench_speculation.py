@@ -55,10 +55,14 @@ VLLM_CONFIGS = [("float32", 0), ("bfloat16", 0), ("bfloat16", 8)]
 LATENCY_CONFIGS = [("float32", 0), ("float32", 8), ("bfloat16", 0), ("bfloat16", 8),
                    ("bfloat16", 16)]
 #: Worker runs (``--part worker``), each a worker started with these settings: (dtype, draft
-#: tokens, the worker's torch threads): both dtypes with the default drafts on both cores, and
-#: bf16 on one (which thread setting suits a worker on 2 cores). Without speculation see
-#: worker.md (float32: 5.1 s a request).
-WORKER_CONFIGS = [("float32", 8, 2), ("bfloat16", 8, 2), ("bfloat16", 8, 1)]
+#: tokens, the worker's torch threads, decoding): both dtypes with drafts of 8 and 16 on both
+#: cores, bf16 on one (which thread setting suits a worker on 2 cores), and ICMA's sampling (the
+#: default request's decoding) with drafts of 8 and 16. Without speculation see worker.md
+#: (float32: 5.1 s a request).
+WORKER_CONFIGS = [("float32", 8, 2, "greedy"), ("float32", 16, 2, "greedy"),
+                  ("bfloat16", 8, 2, "greedy"), ("bfloat16", 16, 2, "greedy"),
+                  ("bfloat16", 8, 1, "greedy"), ("float32", 8, 2, "sample"),
+                  ("float32", 16, 2, "sample")]
 RETRIEVAL_PORT, WORKER_PORT = 18101, 18100
 PREFILL_MIN = 20  # a forward pass over more positions per row than this is a prefill
 
@@ -165,9 +169,9 @@ def worker_latency(n_queries: int, concurrency: tuple[int, ...]) -> dict:
     retrieval = f"http://127.0.0.1:{RETRIEVAL_PORT}"
     worker = f"http://127.0.0.1:{WORKER_PORT}"
 
-    def ask(rec) -> dict:
+    def ask(rec, decoding: str = "greedy") -> dict:
         body = {"smiles": rec.smiles, "retrieval": {"exclude_cids": [rec.cid]},
-                "generation": {"decoding": "greedy", "max_new_tokens": MAX_NEW_TOKENS}}
+                "generation": {"decoding": decoding, "max_new_tokens": MAX_NEW_TOKENS}}
         t0 = time.perf_counter()
         r = httpx.post(worker + "/mol2cap", json=body, timeout=900)
         r.raise_for_status()
@@ -186,19 +190,20 @@ def worker_latency(n_queries: int, concurrency: tuple[int, ...]) -> dict:
     engine_busy: dict[str, dict] = {}
     services = [start_service(["retrieval", "--port", str(RETRIEVAL_PORT)], retrieval, env)]
     try:
-        for dtype, k, threads in WORKER_CONFIGS:
-            name = label(dtype, k) + ("" if threads == 2 else f", {threads} torch thread")
+        for dtype, k, threads, decoding in WORKER_CONFIGS:
+            name = (label(dtype, k) + ("" if threads == 2 else f", {threads} torch thread")
+                    + ("" if decoding == "greedy" else f", {decoding}"))
             cfg_env = {**env, "ICMA_LLM_DTYPE": dtype, "ICMA_SPECULATIVE_TOKENS": str(k),
                        "ICMA_TORCH_THREADS": str(threads)}
             proc = start_service(["worker", "--port", str(WORKER_PORT), "--retrieval-url",
                                   retrieval], worker, cfg_env)
             try:
-                ask(records[0])  # warm up: the first request allocates
+                ask(records[0], decoding)  # warm up: the first request allocates
                 runs, fractions = {}, {}
                 for c in concurrency:
                     b0, t0 = busy(), time.perf_counter()
                     with ThreadPoolExecutor(c) as pool:
-                        runs[str(c)] = list(pool.map(ask, records))
+                        runs[str(c)] = list(pool.map(ask, records, [decoding] * len(records)))
                     fractions[str(c)] = (busy() - b0) / (time.perf_counter() - t0)
                     ms = [r["ms"] for r in runs[str(c)]]
                     print(f"  worker {name}, concurrency {c}: p50 "
@@ -344,7 +349,8 @@ def _worker_part(p: dict) -> list[str]:
              f"{p['worker_commit']})", "",
              "The product's two services (`icma serve retrieval`, `icma serve worker`) on "
              "127.0.0.1, the embedded corpus, each query's own CID excluded; one worker per "
-             "configuration; greedy, at most 128 new tokens; per concurrency level every query "
+             "configuration; greedy unless the row says sample (ICMA's sampling, the default "
+             "request's decoding), at most 128 new tokens; per concurrency level every query "
              "once, by that many clients. Engine busy: the share of the run's wall time the "
              "worker's engine thread spent in generate() (its `/metrics` gauge); the rest it "
              "waited for work.", "",

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                                        description="Prompts per transformers generate() call.")
     # --- prompt-lookup speculation (issue 15) ---------------------------------------------------
     speculative_tokens: int = Field(
-        default=8, ge=0, le=64,
+        default=16, ge=0, le=64,
         description="Decoding drafts up to this many tokens per step by prompt lookup (the "
                     "answer copies the examples) and verifies them in one forward pass: greedy "
                     "gives the same answer, sampling the same distribution, in fewer passes. "
