@@ -36,9 +36,30 @@ def add_parser(sub) -> None:
 
 
 def _engine_flags(parser) -> None:
-    parser.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    parser.add_argument("--engine", help=ENGINE_HELP)
     parser.add_argument("--model", help="LLM folder or hub id (ICMA_LLM_MODEL; default the "
                                         "shipped SmolLM2-135M-Instruct)")
+    openai_flags(parser)
+
+
+ENGINE_HELP = "transformers | vllm | openai | nearest-neighbour (ICMA_ENGINE)"
+
+
+def openai_flags(parser) -> None:
+    """The openai engine's server and model (its API key is read from ICMA_OPENAI_API_KEY
+    only: a flag would show it in the process list)."""
+    parser.add_argument("--openai-base-url", help="openai engine: the server's API root, e.g. "
+                                                  "http://127.0.0.1:8002/v1 "
+                                                  "(ICMA_OPENAI_BASE_URL)")
+    parser.add_argument("--openai-model", help="openai engine: the model's name on the server "
+                                               "(ICMA_OPENAI_MODEL)")
+
+
+def with_engine_flags(settings, args, **more):
+    """``settings`` with the engine flags ``args`` gave (an empty flag keeps the setting)."""
+    return _with_flags(settings, engine=args.engine, llm_model=args.model,
+                       openai_base_url=args.openai_base_url, openai_model=args.openai_model,
+                       **more)
 
 
 def add_openapi_parser(sub) -> None:
@@ -65,8 +86,7 @@ def cmd_serve_worker(args) -> int:
     from icma.server.supervisor import serve
     from icma.workers.translator.app import create_app
 
-    settings = _with_flags(get_settings(), retrieval_url=args.retrieval_url, engine=args.engine,
-                           llm_model=args.model)
+    settings = with_engine_flags(get_settings(), args, retrieval_url=args.retrieval_url)
     _check_exposure(args.host, settings)
     _check_model(settings)
     # One process: the engine holds the model once, and its thread batches all requests.
@@ -78,7 +98,7 @@ def cmd_serve_all(args) -> int:
     from icma.core.settings import get_settings
     from icma.server.launcher import run_stack
 
-    settings = _with_flags(get_settings(), engine=args.engine, llm_model=args.model)
+    settings = with_engine_flags(get_settings(), args)
     _check_exposure(args.host, settings)
     _check_model(settings)
     return run_stack(settings, args.host, args.retrieval_port, args.port, once=args.once,
@@ -96,7 +116,11 @@ def _check_model(settings) -> None:
     starts; the shipped default is converted later, by the engine."""
     from icma.generation.models import resolve_model
 
-    if settings.engine != "nearest-neighbour":
+    if settings.engine == "openai":
+        from icma.generation.engines.openai import check_settings
+
+        check_settings(settings)
+    elif settings.engine != "nearest-neighbour":
         resolve_model(settings.llm_model, settings.data_dir, convert=False,
                       allow_downloads=settings.allow_model_downloads)
 

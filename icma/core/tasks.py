@@ -25,6 +25,7 @@ class TaskSpec:
     marker: str  # the line that introduces the answer in ICMA's prompts
     exclude_same: str  # the retrieval field that drops examples equal to the query
     repetition_penalty: float  # ICMA's inference setting
+    molregpt_method: str  # MolReGPT's retrieval (its "morgan" is RDKit's path fingerprint)
 
     @property
     def default_method(self) -> str:
@@ -34,10 +35,12 @@ class TaskSpec:
 TASK_SPECS: dict[str, TaskSpec] = {
     "mol2cap": TaskSpec("mol2cap", query="smiles", answer="caption", n_shot=2,
                         methods=("graph", "morgan", "rdkit", "random"), marker="Caption:",
-                        exclude_same="exclude_same_structure", repetition_penalty=1.0),
+                        exclude_same="exclude_same_structure", repetition_penalty=1.0,
+                        molregpt_method="rdkit"),
     "cap2mol": TaskSpec("cap2mol", query="caption", answer="smiles", n_shot=4,
                         methods=("bm25", "sentence", "random"), marker="Molecule:",
-                        exclude_same="exclude_same_caption", repetition_penalty=0.8),
+                        exclude_same="exclude_same_caption", repetition_penalty=0.8,
+                        molregpt_method="bm25"),
 }
 TASKS: tuple[Task, ...] = tuple(TASK_SPECS)  # type: ignore[assignment]
 #: Every retrieval method, once (for schemas that take either task's).

@@ -11,13 +11,16 @@ translation came in by::
                     "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
                     "num_samples", "seed"},
      "adapter": "name" | "base", "prime_answer": null, "order": "reversed", "cutoff": 2048,
-     "num_candidates": 1}
+     "num_candidates": 1, "prompt_style": "icma" | "molregpt"}
 
 Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``);
 a missing adapter is the task's default adapter (``icma.generation.adapters.DefaultAdapters``)
 and ``"base"`` the untuned model. A registered adapter with a manifest brings the prompt it was
 tuned on as the defaults of ``n_shot``, ``retrieval.method``, ``prime_answer`` and ``order``.
-Values are not coerced: an empty corpus or adapter name is an error, not the default, and
+``prompt_style`` "molregpt" asks a chat model MolReGPT's way (``icma.core.molregpt``): its
+defaults are MolReGPT's (10 examples, best first; mol2cap retrieval ``rdkit``, cap2mol ``bm25``)
+and, MolReGPT being in-context learning without tuning, the base model unless the request
+names an adapter. Values are not coerced: an empty corpus or adapter name is an error, not the default, and
 ``"2"`` is not an integer. Errors name the request's fields (``n_shot``, ``retrieval.method``);
 the CLI renames them to its flags and jobs put them under ``options.``.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from icma.core import molregpt
 from icma.core.errors import InputError
 from icma.core.names import check_name
 from icma.core.rerank import Order
@@ -69,6 +73,7 @@ class Options:
     order: Order = "reversed"
     cutoff: int = DEFAULT_CUTOFF
     num_candidates: int = 1
+    prompt_style: str = "icma"  # or "molregpt": chat messages (icma.core.molregpt)
 
 
 #: Finds an adapter by the name a request gives (the worker's registry; the CLI also takes
@@ -92,14 +97,23 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
     without a manifest.
     """
     s = spec(task)
+    style = _get(request, "prompt_style", "icma")
+    if style not in molregpt.PROMPT_STYLES:
+        raise InputError(f"must be one of {', '.join(molregpt.PROMPT_STYLES)}, got {style!r}",
+                         field="prompt_style")
+    chat = style == "molregpt"
+    if chat and request.get("adapter") is None:
+        default_adapter = None  # MolReGPT tunes nothing: the base model unless one is named
     info = _adapter_info(task, request, adapters, adapter, default_adapter)
     # An adapter is served with the prompt form it learned: its examples and their retrieval
     # unless the request says otherwise (a naive-SFT adapter saw none; a Morgan-tuned one saw
     # Morgan neighbours).
     tuned = info.tuned_prompt if info is not None else {}
     tuned_k = tuned.get("n_shot")
+    default_k = molregpt.N_SHOT if chat else s.n_shot
     n_shot = _bounded(_get(request, "n_shot", tuned_k if isinstance(tuned_k, int)
-                           and not isinstance(tuned_k, bool) else s.n_shot), 0, max_k, "n_shot")
+                           and not isinstance(tuned_k, bool) else default_k), 0, max_k,
+                      "n_shot")
     num_candidates = _bounded(_get(request, "num_candidates", 1), 1, max_candidates,
                               "num_candidates")
     generation = {k: v for k, v in (request.get("generation") or {}).items() if v is not None}
@@ -125,6 +139,8 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
     method = r.get("method")
     if method is None and tuned.get("retrieval") in s.methods:
         method = tuned["retrieval"]
+    if method is None and chat:
+        method = s.molregpt_method
     retrieval = RetrievalOptions(
         method=check_method(task, method), corpus=corpus,
         exclude_cids=tuple(r.get("exclude_cids") or ()),
@@ -140,10 +156,12 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
         prime = adapter is None
     if order not in (None, "reversed", "ranked"):
         raise InputError(f"must be reversed or ranked, got {order!r}", field="order")
+    if chat and order is None:
+        order = "ranked"  # MolReGPT numbers its examples best first
     return Options(n_shot=n_shot, params=params, retrieval=retrieval, adapter=adapter,
                    prime_answer=prime, order=order or "reversed",
                    cutoff=_get(request, "cutoff", DEFAULT_CUTOFF),
-                   num_candidates=num_candidates)
+                   num_candidates=num_candidates, prompt_style=style)
 
 
 def _adapter_info(task: str, request: Mapping, adapters: AdapterLookup | None,

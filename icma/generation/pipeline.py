@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from icma.core import chem
+from icma.core import chem, molregpt
 from icma.core.errors import IcmaError, InputError, InternalError, UnavailableError
-from icma.core.prompts import Example, build_prompt, check_query, extract_answer
-from icma.core.tasks import Task, check_task
+from icma.core.molregpt import salvage_answer
+from icma.core.prompts import Example, Prompt, build_prompt, check_query, extract_answer
+from icma.core.tasks import Task, check_task, spec
 from icma.generation.consensus import Choice, choose
 from icma.generation.engines import Generation, GenerationInput, Generator
 from icma.generation.options import Options, build_options
@@ -77,25 +78,28 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
     for i, (q, ex) in enumerate(zip(queries, examples)):
         try:
             check_query(task, q)
+            prompts.append(_prompt(task, q, ex, engine, options, count))
         except InputError as exc:
             raise exc.at(f"{exc.field}[{i}]" if len(queries) > 1 else exc.field) from None
-        prompts.append(build_prompt(task, q, ex, order=options.order,
-                                    prime_answer=options.prime_answer, count_tokens=count,
-                                    cutoff=options.cutoff, reserve=params.max_new_tokens))
     t1 = time.perf_counter()
-    gens = engine.generate([GenerationInput(task, p.text, p.examples) for p in prompts], params,
-                           adapter=options.adapter)
+    n = params.samples_per_prompt
+    gens = _generate(task, queries, prompts, engine, options, count)
+    answers = [[_answer(task, p, g, options) for g in gens[i * n:(i + 1) * n]]
+               for i, p in enumerate(prompts)]
+    if options.prompt_style == "molregpt":
+        _retry_malformed(task, prompts, gens, answers, engine, options)
     t2 = time.perf_counter()
     out = []
     per_query = {"prompt_ms": (t1 - t0) * 1e3 / max(len(queries), 1),
                  "generate_ms": (t2 - t1) * 1e3 / max(len(queries), 1)}
-    n = params.samples_per_prompt
     for i, (q, p) in enumerate(zip(queries, prompts)):
         samples = gens[i * n:(i + 1) * n]
-        answers = [extract_answer(task, g.text, stop=params.stop) for g in samples]
-        choice, g, answer = None, samples[0], answers[0]
+        # A reply with no answer left in it (a malformed MolReGPT reply) is an empty answer.
+        texts = [a if a is not None else salvage_answer(task, _reply(task, p, g, options))
+                 for a, g in zip(answers[i], samples)]
+        choice, g, answer = None, samples[0], texts[0]
         if params.decoding == "consensus":
-            choice = choose(task, answers, p.examples)
+            choice = choose(task, texts, p.examples)
             w = choice.winner
             answer = w.text
             # (an example's answer stands as the continuation: it was written whole)
@@ -103,7 +107,8 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
         t = Translation(task, q, answer, g.text, p.examples, p.n_requested, len(p.dropped),
                         samples[0].prompt_tokens or (p.n_tokens or 0),
                         sum(s.completion_tokens for s in samples), g.finish_reason,
-                        timings=dict(per_query), prompt=p.text, consensus=choice,
+                        timings=dict(per_query), prompt=p.text or _shown(p.messages),
+                        consensus=choice,
                         draft_tokens=sum(s.draft_tokens for s in samples),
                         accepted_tokens=sum(s.accepted_tokens for s in samples))
         if task == "cap2mol":
@@ -111,6 +116,93 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
             t.valid = t.canonical is not None
         out.append(t)
     return out
+
+
+def _prompt(task: Task, query: str, examples: Sequence[Example], engine: Generator,
+            options: Options, count) -> Prompt:
+    """The prompt in the options' style, within the token budget where ``count`` counts."""
+    renderer = None
+    if options.prompt_style == "molregpt":
+        renderer = molregpt.renderer(task, query, engine.chat_text, options.prime_answer,
+                                     options.order)
+    prompt = build_prompt(task, query, examples, order=options.order,
+                          prime_answer=options.prime_answer, count_tokens=count,
+                          cutoff=options.cutoff, reserve=options.params.max_new_tokens,
+                          renderer=renderer)
+    if renderer is not None and not prompt.text:
+        prompt.n_tokens = None  # a chat API's template counts them: no budget here
+    return prompt
+
+
+def _generate(task: Task, queries: Sequence[str], prompts: list[Prompt], engine: Generator,
+              options: Options, count) -> list[Generation]:
+    """The engine's generations for ``prompts`` (``samples_per_prompt`` each). A prompt the
+    server refused as too long (``Generation.error``) gets MolReGPT's remedy in its style:
+    its longest example dropped and asked again, until it fits or has no examples left; in
+    ICMA's style, whose budget is the engine's own, the refusal is the request's error."""
+    n = options.params.samples_per_prompt
+
+    def inputs(idx):
+        return [GenerationInput(task, prompts[i].text, prompts[i].examples,
+                                messages=prompts[i].messages) for i in idx]
+
+    gens = engine.generate(inputs(range(len(prompts))), options.params, adapter=options.adapter)
+    refused = [i for i in range(len(prompts)) if gens[i * n].error is not None]
+    while refused:
+        for i in refused:
+            p, error = prompts[i], gens[i * n].error
+            if options.prompt_style != "molregpt" or not p.examples:
+                field = spec(task).query + (f"[{i}]" if len(prompts) > 1 else "")
+                raise error.at(field)
+            kept = list(p.examples)
+            gone = kept.pop(molregpt.longest(kept))
+            prompts[i] = _prompt(task, queries[i], kept, engine, options, count)
+            prompts[i].n_requested, prompts[i].dropped = p.n_requested, [*p.dropped, gone]
+        again = engine.generate(inputs(refused), options.params, adapter=options.adapter)
+        for j, i in enumerate(refused):
+            gens[i * n:(i + 1) * n] = again[j * n:(j + 1) * n]
+        refused = [i for i in refused if gens[i * n].error is not None]
+    return gens
+
+
+def _reply(task: Task, prompt: Prompt, g: Generation, options: Options) -> str:
+    """A MolReGPT reply whole: the primed start of the JSON object (written into a text
+    prompt) and the continuation."""
+    primed = options.prime_answer and prompt.text
+    return (molregpt.answer_primer(task) if primed else "") + g.text
+
+
+def _answer(task: Task, prompt: Prompt, g: Generation, options: Options) -> str | None:
+    """The answer in a generation (None: a MolReGPT reply with no well-formed answer)."""
+    if options.prompt_style == "molregpt":
+        return molregpt.parse_answer(task, _reply(task, prompt, g, options))
+    return extract_answer(task, g.text, stop=options.params.stop)
+
+
+def _retry_malformed(task: Task, prompts: list[Prompt], gens: list[Generation],
+                     answers: list[list[str | None]], engine: Generator,
+                     options: Options) -> None:
+    """MolReGPT asked again when a reply was not the JSON it asked for: once, under the next
+    seed, for sampled single answers (greedy decoding and beams would write the same reply
+    again; consensus has its other samples). In place."""
+    params = options.params
+    if params.decoding != "sample":
+        return
+    bad = [i for i, a in enumerate(answers) if a[0] is None]
+    if not bad:
+        return
+    again = engine.generate([GenerationInput(task, prompts[i].text, prompts[i].examples,
+                                             messages=prompts[i].messages) for i in bad],
+                            params.next_seed(1), adapter=options.adapter)
+    for i, g in zip(bad, again):
+        if g.error is None:
+            g.completion_tokens += gens[i].completion_tokens  # both replies were written
+            gens[i], answers[i] = g, [_answer(task, prompts[i], g, options)]
+
+
+def _shown(messages: list[dict[str, str]] | None) -> str:
+    """Chat messages as a response's ``prompt`` shows them."""
+    return "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages or [])
 
 
 def check_input(task: Task, query: str, max_heavy_atoms: int | None = None) -> str:

@@ -58,6 +58,8 @@ class GenerationQueue:
         self.busy_seconds = 0.0  # time spent in generate(), for /metrics
         self.draft_tokens = 0  # prompt-lookup speculation, requests and jobs alike
         self.accepted_tokens = 0
+        self.prompt_tokens = 0  # as the engine counted them (openai: the server's usage)
+        self.completion_tokens = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -163,6 +165,8 @@ class GenerationQueue:
         self.draft_tokens += sum(g.draft_tokens for g in out)
         self.accepted_tokens += sum(g.accepted_tokens for g in out)
         at, per = 0, live[0].params.samples_per_prompt  # (one key: the same settings)
+        self.prompt_tokens += sum(g.prompt_tokens for g in out[::per])  # once per prompt
+        self.completion_tokens += sum(g.completion_tokens for g in out)
         for w in live:
             w.future.set_result(out[at:at + len(w.inputs) * per])
             at += len(w.inputs) * per

@@ -32,7 +32,8 @@ FLAGS = {"n_shot": "--n-shot", "num_candidates": "--num-candidates", "adapter": 
          "retrieval.corpus": "--corpus", "generation.decoding": "--decoding",
          "generation.max_new_tokens": "--max-new-tokens", "generation.seed": "--seed",
          "generation.num_samples": "--num-samples",
-         "generation.no_repeat_ngram_size": "--no-repeat-ngram-size"}
+         "generation.no_repeat_ngram_size": "--no-repeat-ngram-size",
+         "prompt_style": "--prompt-style"}
 
 
 def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
@@ -43,7 +44,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
                    max_new_tokens: int = 256, seed: int = 42, num_candidates: int = 1,
                    num_samples: int | None = None, no_repeat_ngram_size: int = 0,
                    prime_answer: bool | None = None, batch_size: int | None = None,
-                   progress: bool | None = None) -> str:
+                   progress: bool | None = None, prompt_style: str | None = None) -> str:
     """Translate ``input`` into ``output`` (JSON lines, input order); returns a summary."""
     try:
         text = Path(input).read_text(encoding="utf-8")
@@ -57,7 +58,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
                               "seed": seed, "num_samples": num_samples,
                               "no_repeat_ngram_size": no_repeat_ngram_size},
                "adapter": adapter, "prime_answer": prime_answer,
-               "num_candidates": num_candidates}
+               "num_candidates": num_candidates, "prompt_style": prompt_style}
     registry = AdapterRegistry.from_settings(settings)
     defaults = DefaultAdapters.from_settings(settings, registry, engine=engine, model=model)
     try:
@@ -74,9 +75,11 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
     output.parent.mkdir(parents=True, exist_ok=True)
 
     # Same input, same settings -> same job id: a second run picks up the first one's results.
+    engine_name = engine or settings.engine
+    served = ([settings.openai_base_url, settings.openai_model] if engine_name == "openai"
+              else model or settings.llm_model)
     fingerprint = json.dumps([task, hashlib.sha256(text.encode()).hexdigest(), retrieval_url,
-                              engine or settings.engine, model or settings.llm_model,
-                              repr(options)])
+                              engine_name, served, repr(options)])
     job_id = "cli-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     partial = output.with_name(output.name + ".partial.sqlite3")
     store, retriever = JobStore(partial), None

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from icma.core.chem import MAX_SMILES_CHARS
+from icma.core.molregpt import N_SHOT
 from icma.core.prompts import MAX_QUERY_CHARS
 from icma.core.rerank import RandomWalk
 from icma.core.tasks import ALL_METHODS, TASK_SPECS, TASKS, per_task
@@ -96,6 +97,12 @@ class _Translate(Strict):
     cutoff: int = Field(default=DEFAULT_CUTOFF, ge=64, le=32768,
                         description="token budget of prompt + answer; the lowest-ranked "
                                     "examples are dropped to fit")
+    prompt_style: Literal["icma", "molregpt"] = Field(
+        default="icma",
+        description="icma: ICMA's prompts; molregpt: MolReGPT's chat messages and JSON "
+                    "answers (defaults: 10 examples best first, retrieval rdkit / bm25, the "
+                    "base model unless an adapter is named; a server that refuses the prompt "
+                    "as too long gets it again without its longest example)")
     return_prompt: bool = Field(default=False, description="include the prompt the engine got")
 
 
@@ -104,7 +111,8 @@ class Mol2CapRequest(_Translate):
                         examples=["CC(=O)Oc1ccccc1C(=O)O"])
     n_shot: int | None = Field(
         default=None, ge=0, description=f"examples in the prompt; default: the adapter's tuned "
-                                        f"number, else ICMA's {TASK_SPECS['mol2cap'].n_shot}")
+                                        f"number, else ICMA's {TASK_SPECS['mol2cap'].n_shot} "
+                                        f"(MolReGPT's {N_SHOT})")
 
 
 class Cap2MolRequest(_Translate):
@@ -114,7 +122,8 @@ class Cap2MolRequest(_Translate):
                                    "been acetylated."])
     n_shot: int | None = Field(
         default=None, ge=0, description=f"examples in the prompt; default: the adapter's tuned "
-                                        f"number, else ICMA's {TASK_SPECS['cap2mol'].n_shot}")
+                                        f"number, else ICMA's {TASK_SPECS['cap2mol'].n_shot} "
+                                        f"(MolReGPT's {N_SHOT})")
     num_candidates: int = Field(
         default=1, ge=1, description="sample up to this many molecules (seeds seed, seed+1, "
                                      "...) and return the first that RDKit parses")
@@ -167,6 +176,7 @@ class _Translated(BaseModel):
     model: str
     adapter: str | None
     prime_answer: bool
+    prompt_style: Literal["icma", "molregpt"] = "icma"
     finish_reason: Literal["stop", "length"]
     usage: Usage
     timings: TranslationTimings

@@ -98,6 +98,10 @@ class TranslatorService:
                  "start", lambda: self.queue.draft_tokens),
                 ("speculative_accepted_tokens", "Proposed tokens the answers kept, since start",
                  lambda: self.queue.accepted_tokens),
+                ("prompt_tokens", "Prompt tokens generated from, since start, as the engine "
+                 "counted them (openai: the server's usage)", lambda: self.queue.prompt_tokens),
+                ("completion_tokens", "Tokens generated, since start (openai: the server's "
+                 "usage)", lambda: self.queue.completion_tokens),
                 ("jobs_active", "Queued and running jobs", self.store.count_active)]:
             Gauge(f"icma_worker_{name}", text, registry=self.metrics.registry) \
                 .set_function(value)
@@ -192,7 +196,8 @@ class TranslatorService:
                                   rank=i + 1) for i, e in enumerate(t.examples)],
             n_examples_dropped=t.dropped, engine=engine.name, model=engine.model,
             adapter=opts.adapter.name if opts.adapter else None,
-            prime_answer=opts.prime_answer, finish_reason=t.finish_reason,
+            prime_answer=opts.prime_answer, prompt_style=opts.prompt_style,
+            finish_reason=t.finish_reason,
             usage=Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
                         draft_tokens=t.draft_tokens, accepted_tokens=t.accepted_tokens,
                         acceptance_rate=round(t.accepted_tokens / t.draft_tokens, 4)

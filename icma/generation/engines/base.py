@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
-from icma.core.errors import InputError
+from icma.core.errors import IcmaError, InputError
 from icma.core.prompts import DEFAULT_EOS, Example
 from icma.core.tasks import Task, spec
 
@@ -130,8 +130,12 @@ class Adapter:
 @dataclass
 class GenerationInput:
     task: Task
-    prompt: str  # what an LLM continues
+    prompt: str  # what an LLM continues ("" where only a chat API takes ``messages``)
     examples: list[Example] = field(default_factory=list)  # best first
+    #: A chat prompt style's messages (MolReGPT's): the ``openai`` engine sends them to the
+    #: server's chat API; engines with a tokenizer continue ``prompt``, their chat template's
+    #: rendering of them.
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -142,6 +146,9 @@ class Generation:
     finish_reason: Literal["stop", "length"] = "stop"
     draft_tokens: int = 0  # proposed by prompt-lookup speculation
     accepted_tokens: int = 0  # of those, kept in the answer
+    #: The server refused this prompt (``openai`` engine: too long for its context) and the
+    #: rest of the call went on; the pipeline decides (MolReGPT drops an example and retries).
+    error: IcmaError | None = None
 
 
 class Generator(ABC):
@@ -165,6 +172,19 @@ class Generator(ABC):
     def count_tokens(self, text: str) -> int | None:
         """Tokens of ``text`` as the model sees it, for the prompt budget (None: no budget)."""
         return None
+
+    def chat_text(self, messages: list[dict[str, str]]) -> str | None:
+        """``messages`` as the text the model continues, written by its tokenizer's chat
+        template with the assistant's turn opened (None: no tokenizer here; a chat API renders
+        them). A tokenizer without a template cannot take a chat prompt style."""
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is None:
+            return None
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"the model {self.model or ''} has no chat template, which prompt "
+                             "style 'molregpt' needs: use 'icma'", field="prompt_style")
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
 
     def close(self) -> None:
         """Free the model (engines holding a GPU override this)."""
