@@ -223,12 +223,14 @@ def with_defaults(value):
 def test_compose_services():
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"retrieval", "worker", "worker-cpu"}
+    assert set(services) == {"retrieval", "worker", "worker-cpu", "vllm", "worker-openai"}
     declared = set(doc["volumes"])
     images = {"docker/retrieval.Dockerfile": stages(REPO / "docker/retrieval.Dockerfile"),
               "docker/worker.Dockerfile": worker_stages()}
-    ports = {"retrieval": 8001, "worker": 8000, "worker-cpu": 8000}
+    ports = {"retrieval": 8001, "worker": 8000, "worker-cpu": 8000, "worker-openai": 8000}
     for name, svc in services.items():
+        if name == "vllm":  # vLLM's own image: test_compose_openai_profile
+            continue
         build = svc["build"]
         assert (REPO / build["context"]).resolve() == REPO
         assert (REPO / build["dockerfile"]).is_file()
@@ -251,7 +253,7 @@ def test_compose_services():
         assert environment["ICMA_DATA_DIR"] in mounts
         # the API key passes through from the shell or .env, never a default written here
         assert environment["ICMA_API_KEY"] is None
-    for name in ("worker", "worker-cpu"):
+    for name in ("worker", "worker-cpu", "worker-openai"):
         svc, environment = services[name], services[name]["environment"]
         assert svc["depends_on"] == {"retrieval": {"condition": "service_healthy"}}
         assert environment["ICMA_RETRIEVAL_URL"] == f"http://retrieval:{ports['retrieval']}"
@@ -275,6 +277,28 @@ def test_compose_gpu_and_cpu_workers():
     assert "profiles" not in services["retrieval"]
 
 
+def test_compose_openai_profile():
+    """vLLM's OpenAI server and a worker that is its client, both only in the `openai`
+    profile: the worker asks the server for the model by the name the server serves it under,
+    and both see the adapter registry at the same path (runtime LoRA loading by path)."""
+    services = compose()["services"]
+    vllm, client = services["vllm"], services["worker-openai"]
+    assert vllm["profiles"] == client["profiles"] == ["openai"]
+    assert re.fullmatch(r"vllm/vllm-openai:v\$\{VLLM_VERSION:-\d+\.\d+\.\d+\}", vllm["image"])
+    assert "build" not in vllm and vllm["deploy"]["resources"]["reservations"]["devices"]
+    command = vllm["command"].split()
+    served = command[command.index("--served-model-name") + 1]
+    env_ = client["environment"]
+    assert env_["ICMA_ENGINE"] == "openai" and env_["ICMA_OPENAI_MODEL"] == served
+    assert env_["ICMA_OPENAI_BASE_URL"] == "${ICMA_OPENAI_BASE_URL:-http://vllm:8000/v1}"
+    assert env_["ICMA_OPENAI_API_KEY"] is None  # passed through only when set
+    assert vllm["environment"]["VLLM_API_KEY"] == "${ICMA_OPENAI_API_KEY:-}"
+    registry = next(m for m in vllm["volumes"] if m.startswith("adapters:"))
+    assert registry.split(":")[1] == env_["ICMA_ADAPTERS_DIR"] and registry.endswith(":ro")
+    assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    assert client["build"]["target"] == "cpu" and "deploy" not in client
+
+
 def compose_command() -> list[str]:
     docker = shutil.which("docker")
     plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
@@ -294,15 +318,18 @@ def test_compose_file_is_valid():
     # A clean environment: the defaults written in the file are what gets checked.
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
     clean["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"  # proves no engine is asked
-    run = subprocess.run([*compose_command(), "--profile", "cpu", "-f", str(COMPOSE), "config"],
+    run = subprocess.run([*compose_command(), "--profile", "cpu", "--profile", "openai", "-f",
+                          str(COMPOSE), "config"],
                          cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)["services"]
-    assert set(resolved) == {"retrieval", "worker", "worker-cpu"}
+    assert set(resolved) == {"retrieval", "worker", "worker-cpu", "vllm", "worker-openai"}
+    assert resolved["vllm"]["command"].split()[:4] == [
+        "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--served-model-name", "smollm2"]
     devices = resolved["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert "deploy" not in resolved["worker-cpu"]
-    for name in ("worker", "worker-cpu"):
+    for name in ("worker", "worker-cpu", "worker-openai"):
         assert resolved[name]["depends_on"]["retrieval"]["condition"] == "service_healthy"
         environment = resolved[name]["environment"]
         assert environment["ICMA_RETRIEVAL_URL"] == "http://retrieval:8001"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from icma.cli.serve import openai_flags, with_engine_flags
 from icma.core.errors import InputError
 from icma.core.tasks import TASKS
 
@@ -51,7 +52,14 @@ def add_parser(sub) -> None:
     bq.add_argument("--queries", type=int,
                     help="use only the first N test queries in every row (a smoke run)")
     bq.add_argument("--tasks", default="mol2cap,cap2mol", help="comma-separated (both)")
-    bq.add_argument("--engine", default="transformers", help="engine for LLM rows")
+    bq.add_argument("--engine", default="transformers",
+                    help="engine for LLM rows (openai: the server of ICMA_OPENAI_BASE_URL / "
+                         "--openai-base-url)")
+    openai_flags(bq)
+    bq.add_argument("--molregpt", action="store_true",
+                    help="also MolReGPT rows: the untuned model asked MolReGPT's way (10 "
+                         "examples, chat messages, JSON answers; the openai engine sends them "
+                         "to the server's chat API)")
     bq.add_argument("--model", help="LLM (default: ICMA_LLM_MODEL, the shipped SmolLM2)")
     bq.add_argument("--adapter", action="append", default=[],
                     help="a tuned LoRA adapter folder (repeatable): one more row each")
@@ -129,11 +137,13 @@ def cmd_bench_quality(args) -> int:
     options = {"dtype": args.dtype} if args.dtype and args.engine == "transformers" else {}
     t0 = time.perf_counter()
     rows = quality.run_quality(
-        protocol, settings=get_settings(), tasks=tasks, llm_limit=args.limit, engine=args.engine,
+        protocol, settings=with_engine_flags(get_settings(), args),
+        tasks=tasks, llm_limit=args.limit, engine=args.engine,
         model=args.model, adapters=args.adapter, zero_shot=not args.no_zero_shot,
         llm=not args.no_llm, max_new_tokens=args.max_new_tokens, engine_options=options,
         decodings=decodings, num_samples=args.num_samples, baseline_decodings=baseline,
-        answers_dir=args.answers, report=lambda line: print(line, flush=True))
+        answers_dir=args.answers, molregpt_rows=args.molregpt,
+        report=lambda line: print(line, flush=True))
     llm = next((r for r in rows if r.engine != "nearest-neighbour"), None)
     meta = {"engine": llm.engine if llm else "none", "model": llm.model if llm else "none",
             "dtype": args.dtype or "auto", "max_new_tokens": args.max_new_tokens,

@@ -57,9 +57,9 @@ def openai_flags(parser) -> None:
 
 def with_engine_flags(settings, args, **more):
     """``settings`` with the engine flags ``args`` gave (an empty flag keeps the setting)."""
-    return _with_flags(settings, engine=args.engine, llm_model=args.model,
-                       openai_base_url=args.openai_base_url, openai_model=args.openai_model,
-                       **more)
+    return _with_flags(settings, **{"engine": args.engine, "llm_model": args.model,
+                                    "openai_base_url": args.openai_base_url,
+                                    "openai_model": args.openai_model, **more})
 
 
 def add_openapi_parser(sub) -> None:

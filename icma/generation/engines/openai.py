@@ -6,7 +6,11 @@ continues, so they go to the completions API (``/completions``: the prompt as wr
 priming included, the stop texts); a chat prompt style (MolReGPT's messages) goes to the chat
 API (``/chat/completions``), whose template the server applies. An adapter is a model name
 on the server (vLLM serves LoRA adapters under their names: ``--lora-modules name=folder``), so
-a request's adapter picks the model it asks for.
+a request's adapter picks the model it asks for. A registry adapter the server does not serve
+yet is loaded into it by name from the adapter's folder (vLLM's ``POST /v1/load_lora_adapter``,
+which a server allows with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``; the folder's path must be
+the same on the server, as with the registry volume both containers mount in
+docker-compose.yml), then asked again.
 
 Each prompt is one HTTP request (its ``num_samples`` answers are one request with ``n``),
 at most ``ICMA_OPENAI_MAX_CONCURRENCY`` in flight. A connection error, a timeout, a 429 or a
@@ -78,6 +82,7 @@ class OpenAIGenerator(Generator):
 
             self.tokenizer = AutoTokenizer.from_pretrained(settings.openai_tokenizer)
         self._lock = threading.Lock()  # a fast tokenizer is not for two threads at once
+        self._served: set[str] = set()  # adapters known to be on the server
 
     def count_tokens(self, text: str) -> int | None:
         if self.tokenizer is None:
@@ -97,6 +102,8 @@ class OpenAIGenerator(Generator):
                              "parameter): leave no_repeat_ngram_size at 0",
                              field="generation.no_repeat_ngram_size")
         model = adapter.name if adapter is not None else (self.adapter or self.model)
+        if adapter is not None and adapter.name not in self._served:
+            self._serve(adapter)
         futures = [self._pool.submit(self._one, x, params, model) for x in inputs]
         out: list[Generation] = []
         for f in futures:  # every request finishes before an error is raised
@@ -108,6 +115,34 @@ class OpenAIGenerator(Generator):
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+    def _serve(self, adapter: Adapter) -> None:
+        """Make sure the server serves ``adapter`` under its name: listed by ``/models``, or
+        loaded from its folder (vLLM's runtime LoRA loading). An adapter it cannot get is the
+        request's error, naming what to do."""
+        import httpx
+
+        try:
+            listed = self._client.get("/models")
+            names = {m.get("id") for m in listed.json().get("data", [])} \
+                if listed.status_code == 200 else set()
+        except (httpx.HTTPError, ValueError, AttributeError):
+            names = set()  # the request itself will say what is wrong with the server
+        if adapter.name not in names:
+            try:
+                r = self._client.post("/load_lora_adapter", json={
+                    "lora_name": adapter.name, "lora_path": str(adapter.path)})
+            except httpx.HTTPError:
+                return
+            if r.status_code >= 400:
+                raise InputError(
+                    f"engine openai: {self.url} does not serve adapter {adapter.name!r} and "
+                    f"did not load it from {adapter.path} ({r.status_code} {_message(r)}); "
+                    "serve it under that name (vLLM: --lora-modules NAME=FOLDER, or "
+                    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true and the same folder path)",
+                    field="adapter")
+            log.info("engine openai: %s loaded adapter %s", self.url, adapter.name)
+        self._served.add(adapter.name)
 
     # --- one prompt ----------------------------------------------------------------------------
 
