@@ -314,3 +314,26 @@ def test_quality_rows_for_molregpt_beside_icmas(vllm_server, tmp_path, monkeypat
     assert set(llm) == {"LLM 2-shot (graph), untuned, greedy",
                         "MolReGPT 10-shot (rdkit), untuned, greedy"}
     assert all(r["n"] == 2 and r["model"] == MODEL for r in llm.values())
+
+
+def test_a_known_tokenizer_fits_prompts_to_the_budget_before_sending(vllm_server, smollm2,
+                                                                     chebi_val):
+    """With ICMA_OPENAI_TOKENIZER (the served model's tokenizer, local) the engine counts
+    tokens and renders chat messages with the same template, so MolReGPT's prompt is cut to
+    the cutoff by dropping the lowest-ranked examples, as in-process, before the server sees
+    it: no refusal, and the server counts what icma counted."""
+    from icma.core.prompts import Example
+    from icma.generation.options import build_options
+    from icma.generation.pipeline import translate
+
+    eng = load_engine("openai", settings=openai_settings(vllm_server, openai_tokenizer=smollm2))
+    assert eng.count_tokens("The molecule is") == 3
+    recs = chebi_val.records
+    examples = [Example(r.smiles, r.description, r.cid) for r in recs[1:11]]
+    opts = build_options("mol2cap", {"prompt_style": "molregpt", "cutoff": 700,
+                                     "generation": {"decoding": "greedy",
+                                                    "max_new_tokens": 20}})
+    [t] = translate("mol2cap", [recs[0].smiles], [examples], eng, opts)
+    assert t.dropped > 0 and [e.cid for e in t.examples] == [r.cid for r in recs[1:11 - t.dropped]]
+    assert t.prompt_tokens <= 700 - 20
+    eng.close()

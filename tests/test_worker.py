@@ -102,6 +102,22 @@ def test_cap2mol_end_to_end_reports_validity(smol_worker):
     assert len(body["examples"]) == 4
 
 
+def test_molregpt_style_with_the_in_process_engine(smol_worker):
+    """MolReGPT's messages reach the transformers engine through the worker's queue rendered
+    by SmolLM2's chat template, primed with the JSON object's start."""
+    r = httpx.post(smol_worker.url + "/mol2cap", timeout=300,
+                   json={"smiles": ASPIRIN, "prompt_style": "molregpt", "n_shot": 3,
+                         "generation": {"decoding": "greedy", "max_new_tokens": 40},
+                         "return_prompt": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["prompt_style"] == "molregpt" and len(body["examples"]) == 3
+    assert body["prompt"].startswith("<|im_start|>system\nYou are an expert chemist")
+    assert body["prompt"].endswith('<|im_start|>assistant\n{"caption": "')
+    assert smol_worker.engine.prompts[-1] == body["prompt"]
+    assert body["caption"] and body["examples"][0]["score"] >= body["examples"][2]["score"]
+
+
 @pytest.fixture(scope="module")
 def nn_worker(retrieval, tmp_path_factory):
     """The worker with the nearest-neighbour engine (no model): fast, for errors and jobs."""

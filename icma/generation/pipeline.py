@@ -95,7 +95,7 @@ def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Exa
     for i, (q, p) in enumerate(zip(queries, prompts)):
         samples = gens[i * n:(i + 1) * n]
         # A reply with no answer left in it (a malformed MolReGPT reply) is an empty answer.
-        texts = [a if a is not None else salvage_answer(task, _reply(task, p, g, options))
+        texts = [a if a is not None else salvage_answer(task, _reply(task, p, g))
                  for a, g in zip(answers[i], samples)]
         choice, g, answer = None, samples[0], texts[0]
         if params.decoding == "consensus":
@@ -123,8 +123,8 @@ def _prompt(task: Task, query: str, examples: Sequence[Example], engine: Generat
     """The prompt in the options' style, within the token budget where ``count`` counts."""
     renderer = None
     if options.prompt_style == "molregpt":
-        renderer = molregpt.renderer(task, query, engine.chat_text, options.prime_answer,
-                                     options.order)
+        renderer = molregpt.renderer(task, query, engine.chat_text,
+                                     _primed(options, engine), options.order)
     prompt = build_prompt(task, query, examples, order=options.order,
                           prime_answer=options.prime_answer, count_tokens=count,
                           cutoff=options.cutoff, reserve=options.params.max_new_tokens,
@@ -165,17 +165,23 @@ def _generate(task: Task, queries: Sequence[str], prompts: list[Prompt], engine:
     return gens
 
 
-def _reply(task: Task, prompt: Prompt, g: Generation, options: Options) -> str:
+def _primed(options: Options, engine: Generator) -> bool:
+    """Whether a MolReGPT prompt ends with the start of the reply's JSON object: asked for,
+    and the engine continues the text (a chat API writes the assistant's turn itself)."""
+    return options.prime_answer and not engine.chat_api
+
+
+def _reply(task: Task, prompt: Prompt, g: Generation) -> str:
     """A MolReGPT reply whole: the primed start of the JSON object (written into a text
     prompt) and the continuation."""
-    primed = options.prime_answer and prompt.text
+    primed = prompt.text.endswith(molregpt.answer_primer(task))
     return (molregpt.answer_primer(task) if primed else "") + g.text
 
 
 def _answer(task: Task, prompt: Prompt, g: Generation, options: Options) -> str | None:
     """The answer in a generation (None: a MolReGPT reply with no well-formed answer)."""
     if options.prompt_style == "molregpt":
-        return molregpt.parse_answer(task, _reply(task, prompt, g, options))
+        return molregpt.parse_answer(task, _reply(task, prompt, g))
     return extract_answer(task, g.text, stop=options.params.stop)
 
 

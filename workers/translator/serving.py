@@ -74,6 +74,13 @@ class QueuedEngine(Generator):
     def count_tokens(self, text: str) -> int | None:
         return self.queue.check_ready().count_tokens(text)
 
+    def chat_text(self, messages: list[dict[str, str]]) -> str | None:
+        return self.queue.check_ready().chat_text(messages)
+
+    @property
+    def chat_api(self) -> bool:  # (the engine's, like its tokenizer: a chat prompt style's)
+        return self.queue.check_ready().chat_api
+
 
 class TranslatorService:
     """Translation, batch jobs, tune jobs and the adapter registry of one worker process."""

@@ -162,6 +162,9 @@ class Generator(ABC):
     name: str = ""
     model: str = ""
     adapter: str | None = None
+    #: Chat prompts go to a chat API (the openai engine), which writes the assistant's turn
+    #: itself: no answer priming; ``chat_text`` then serves only to count tokens.
+    chat_api: bool = False
 
     @abstractmethod
     def generate(self, inputs: Sequence[GenerationInput], params: GenerationParams,

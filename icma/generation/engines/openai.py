@@ -57,6 +57,7 @@ _TOO_LONG = ("maximum context length", "context length", "context_length_exceede
 
 class OpenAIGenerator(Generator):
     name = "openai"
+    chat_api = True
 
     def __init__(self, model: str | None = None, *, settings: Settings,
                  adapter: str | Path | None = None):
