@@ -308,7 +308,8 @@ def test_shipped_smollm2_answers_the_same_with_speculation(smollm2, chebi_val):
 
 def test_bad_speculation_settings_are_one_line_errors(monkeypatch, tmp_path, capsys):
     for name, value in [("ICMA_SPECULATIVE_TOKENS", "-1"), ("ICMA_SPECULATIVE_TOKENS", "65"),
-                        ("ICMA_SPECULATIVE_NGRAM", "0"), ("ICMA_SPECULATIVE_TOKENS", "eight")]:
+                        ("ICMA_SPECULATIVE_NGRAM", "0"), ("ICMA_SPECULATIVE_TOKENS", "eight"),
+                        ("ICMA_SPECULATIVE_SAMPLING", "maybe")]:
         monkeypatch.setenv(name, value)
         get_settings.cache_clear()  # (read once per process, and earlier tests read it)
         with pytest.raises(InputError) as e:
