@@ -35,8 +35,6 @@ CAPTION = ("The molecule is a member of the class of benzoic acids that is salic
            "which the hydroxy group has been acetylated.")
 GREEDY = {"decoding": "greedy", "max_new_tokens": 24}
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                                reason="needs .venv-vllm (make test builds it)")
 
 
 def _free_port() -> int:
@@ -174,15 +172,19 @@ def test_bad_configuration_is_a_clear_error_naming_the_engine(vllm_server, tmp_p
     queries.write_text('{"input": "CCO"}\n')
     for env, name in (({}, "ICMA_OPENAI_BASE_URL"),
                       ({"ICMA_OPENAI_BASE_URL": "localhost:8002"}, "ICMA_OPENAI_BASE_URL"),
-                      ({"ICMA_OPENAI_BASE_URL": vllm_server.url}, "ICMA_OPENAI_MODEL")):
-        old = {k: os.environ.pop(k, None) for k in ("ICMA_OPENAI_BASE_URL", "ICMA_OPENAI_MODEL")}
+                      ({"ICMA_OPENAI_BASE_URL": vllm_server.url}, "ICMA_OPENAI_MODEL"),
+                      ({"ICMA_OPENAI_BASE_URL": vllm_server.url, "ICMA_OPENAI_MODEL": MODEL,
+                        "ICMA_OPENAI_TOKENIZER": str(tmp_path / "none")},
+                       "ICMA_OPENAI_TOKENIZER")):
+        old = {k: os.environ.pop(k, None) for k in ("ICMA_OPENAI_BASE_URL", "ICMA_OPENAI_MODEL",
+                                                    "ICMA_OPENAI_TOKENIZER")}
         os.environ.update(env)
         get_settings.cache_clear()
         try:
             assert cli_main(["translate", "--task", "mol2cap", "--input", str(queries),
                              "--output", str(tmp_path / "o.jsonl"), "--engine", "openai"]) == 2
         finally:
-            for k in ("ICMA_OPENAI_BASE_URL", "ICMA_OPENAI_MODEL"):
+            for k in ("ICMA_OPENAI_BASE_URL", "ICMA_OPENAI_MODEL", "ICMA_OPENAI_TOKENIZER"):
                 os.environ.pop(k, None)
                 if old[k] is not None:
                     os.environ[k] = old[k]

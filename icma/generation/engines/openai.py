@@ -257,6 +257,10 @@ def check_settings(settings: Settings) -> str:
     if not settings.openai_model:
         raise InputError("the openai engine needs the model's name on the server: set "
                          "ICMA_OPENAI_MODEL", field="ICMA_OPENAI_MODEL")
+    tok = settings.openai_tokenizer
+    if tok is not None and not (Path(tok) / "tokenizer_config.json").is_file():
+        raise InputError(f"{tok} is not a tokenizer folder (no tokenizer_config.json)",
+                         field="ICMA_OPENAI_TOKENIZER")
     return url
 
 
