@@ -60,7 +60,17 @@ up: setup
 demo: setup
 	$(BIN)/icma demo
 
-test: setup vllm-env $(COMPOSE)
+# Debian's chromium and its chromedriver (the same version) for the web page's tests, which
+# drive a real headless browser; skipped when both are there.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+
+$(BROWSER) &:
+	@command -v apt-get >/dev/null || { echo "the web page's tests need Debian's chromium and chromium-driver, and there is no apt-get here"; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "the web page's tests need a browser; as root run: apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver"; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+
+test: setup vllm-env $(COMPOSE) $(BROWSER)
 	$(BIN)/python -m pytest -q tests
 
 # Speed and quality benchmarks; each writes markdown (and plots) into benchmarks/results/.

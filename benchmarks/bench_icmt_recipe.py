@@ -13,8 +13,11 @@ kept; an interrupted arm resumes where it stopped), then every checkpoint is exp
 adapter and the first ``--dev`` dev queries are translated through the serving path (greedy,
 ``MAX_NEW_TOKENS``) and scored with MolT5's metrics: dev metrics against steps, the learning
 curve. The nearest-neighbour baseline (the best retrieved example's answer) is scored on the
-same queries. Everything is kept in ``.bench-icmt-recipe/`` and resumes: run the same command
-again after an interruption (a session ends, a machine reboots) and it goes on.
+same queries. Runs and checkpoints are kept in ``.bench-icmt-recipe/`` and resume: run the same
+command again after an interruption (a session ends, a machine reboots) and it goes on. The
+scores are kept beside the report, in ``benchmarks/results/icmt_recipe_<task>.json``, and
+committed as they come: a fresh checkout (whose ``.bench-icmt-recipe/`` is empty) keeps every
+arm scored so far and trains only what is missing.
 
     .venv/bin/python benchmarks/bench_icmt_recipe.py --task mol2cap --arms icma,lr1e-3 \\
         [--dev 200] [--every 50] [--epochs 2] [--report-only]
@@ -45,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO, SHARED, git_commit, machine, write  # noqa: E402
 
-WORK = REPO / ".bench-icmt-recipe"
+DEFAULT_WORK = WORK = REPO / ".bench-icmt-recipe"
 DEV = 300  # pairs held out of the validation split (the first --dev of them are scored)
 SPLIT_SEED = 20261127
 MAX_NEW_TOKENS = 160
@@ -246,7 +249,10 @@ def ship(task: str, label: str, name: str, dest: Path) -> Path:
 # --- results -------------------------------------------------------------------------------------
 
 def results_path(task: str) -> Path:
-    return WORK / f"results-{task}.json"
+    """Committed, not in ``WORK``: the scores are what the recipe is chosen by, and they must
+    outlive the checkout that trained the arms."""
+    folder = REPO / "benchmarks" / "results" if WORK == DEFAULT_WORK else WORK
+    return folder / f"icmt_recipe_{task}.json"
 
 
 def load_results(task: str) -> dict:
@@ -387,11 +393,13 @@ def main() -> None:
         for arm in args.arms.split(","):
             if arm not in ARMS:
                 raise SystemExit(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-            train(args.task, arm, args.epochs, args.every, args.steps)
             name = run_name(args.task, arm, args.steps)
             opts = options(args.task, arm, args.epochs, args.every, args.steps)
             data = res["arms"].setdefault(name.split("-", 1)[1], {"arm": arm, "options": opts,
                                                                   "curve": []})
+            if data.get("complete"):  # trained and scored, perhaps in another checkout
+                continue
+            train(args.task, arm, args.epochs, args.every, args.steps)
             done = {p["step"] for p in data["curve"]}
             for ckpt in checkpoints(name):
                 step = int(ckpt.name.split("-")[1])
@@ -405,6 +413,8 @@ def main() -> None:
                 point["loss"] = state["losses"][-1] if state.get("losses") else None
                 data["curve"].append(point)
                 save_results(args.task, res)
+            data["complete"] = True
+            save_results(args.task, res)
     write(f"icmt_recipe_{args.task}.md", report(args.task, res, args.dev))
     plot(args.task, res, REPO / "benchmarks" / "results" / f"icmt_recipe_{args.task}.png")
 

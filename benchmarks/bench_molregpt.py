@@ -5,9 +5,11 @@ on 127.0.0.1, then runs ``icma bench quality --engine openai --molregpt`` agains
 nearest-neighbour rows, the untuned model with ICMA's prompt (2 graph / 4 BM25 examples,
 completions API) and MolReGPT's (10 rdkit / BM25 examples, chat messages, JSON answers, chat
 API; a prompt over the server's 2,048-token context goes again without its longest example),
-on the first ``--limit`` test queries, greedy. Interrupted, it resumes from the kept answers.
+on the first ``--limit`` test queries, greedy. The answers are kept as they come, in
+``benchmarks/results/molregpt/answers/`` (committed: the raw outputs, like MolReGPT's released
+ones); interrupted, even in another checkout, it resumes from them.
 
-    .venv/bin/python benchmarks/bench_molregpt.py [--limit 300] [--dtype bfloat16]
+    .venv/bin/python benchmarks/bench_molregpt.py [--limit 300] [--dtype float32]
 
 Writes benchmarks/results/molregpt/quality-chebi20-val-test.md, .json and .png.
 """
@@ -26,12 +28,14 @@ from benchmarks.common import REPO, RESULTS  # noqa: E402
 
 WORK = REPO / ".bench-molregpt"
 MODEL = "smollm2"
+ANSWERS = RESULTS / "molregpt" / "answers"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=300)
-    ap.add_argument("--dtype", default="bfloat16", help="the server's weights")
+    ap.add_argument("--dtype", help="the server's weights (default: bfloat16 where the CPU "
+                                     "multiplies it in hardware, else float32)")
     ap.add_argument("--decodings", default="greedy")
     args = ap.parse_args()
 
@@ -40,6 +44,9 @@ def main() -> None:
     from icma.generation.models import converted_default
     from icma.server.spawn import spawn_vllm_openai, stop_services
 
+    from icma.evaluation.machine import cpu_has_fast_bf16
+
+    args.dtype = args.dtype or ("bfloat16" if cpu_has_fast_bf16() else "float32")
     WORK.mkdir(exist_ok=True)
     model = converted_default(get_settings().data_dir)
     with socket.socket() as s:
@@ -50,12 +57,16 @@ def main() -> None:
                                served_name=MODEL, env=env, log=WORK / "server.log",
                                args=["--dtype", args.dtype, "--max-model-len", "2048",
                                      "--seed", "0", "--enforce-eager"])
+    # On two shared cores a request can wait minutes for the server; one that times out is
+    # sent again while the server still works on the first copy, which only adds work.
+    os.environ.setdefault("ICMA_OPENAI_TIMEOUT_S", "3600")
+    get_settings.cache_clear()
     try:
         code = cli_main(["bench", "quality", "--protocol", "chebi20-val-test",
                          "--limit", str(args.limit), "--engine", "openai",
                          "--openai-base-url", f"http://127.0.0.1:{port}/v1",
                          "--openai-model", MODEL, "--molregpt", "--no-zero-shot",
-                         "--decodings", args.decodings, "--answers", str(WORK / "answers"),
+                         "--decodings", args.decodings, "--answers", str(ANSWERS),
                          "--out", str(RESULTS / "molregpt")])
     finally:
         stop_services([server], timeout=60)

@@ -94,6 +94,11 @@ def test_tune_job_registers_an_adapter_the_worker_serves_at_once(worker, tiny_le
     assert done["state"] == "succeeded", done
     assert done["tuning"]["adapter"] == "job-icmt" and done["tuning"]["steps"] == 12
     assert done["done"] == done["total"] == 12 and done["progress"] == 1.0
+    # The loss curve the page draws: [step, loss] up to the last step, ending at the final loss.
+    curve = done["tuning"]["curve"]
+    steps = [p[0] for p in curve]
+    assert steps == sorted(set(steps)) and steps[-1] == 12 and len(curve) >= 2
+    assert curve[-1][1] == pytest.approx(done["tuning"]["final_loss"], abs=1e-4)
     listed = {a["name"]: a for a in httpx.get(worker.url + "/v1/adapters").json()["adapters"]}
     assert listed["job-icmt"]["task"] == "mol2cap" and listed["job-icmt"]["prime_answer"] is True
     # Served by name right away, with the prompt form it was tuned on.

@@ -233,6 +233,67 @@ def test_job_results_in_input_order_with_per_item_errors(nn_worker, chebi_val):
     assert job["id"] in [j["id"] for j in listed]
 
 
+def test_job_metrics_are_icma_evals_numbers_once_the_job_ends(nn_worker, chebi_val, tmp_path):
+    recs = chebi_val.records[:12]
+    items = [{"input": r.smiles, "id": r.cid, "reference": r.description} for r in recs]
+    items.insert(3, {"input": "not a smiles", "reference": "The molecule is lost."})
+    items.append({"input": recs[0].smiles})  # no reference: not scored
+    job = httpx.post(nn_worker.url + "/v1/jobs", json={
+        "task": "mol2cap", "items": items,
+        "options": {"retrieval": {"exclude_same_structure": True}}}).json()
+    job = _wait(nn_worker.url, job["id"])
+    # The first scores load METEOR's WordNet and the SciBERT tokenizer: seconds.
+    m = httpx.get(f"{nn_worker.url}/v1/jobs/{job['id']}/metrics", timeout=300)
+    assert m.status_code == 200, m.text
+    got = m.json()
+    assert (got["scored"], got["total"]) == (13, 14)
+    # The same numbers as `icma eval` on the job's result lines (an error scores as "").
+    lines = httpx.get(nn_worker.url + job["results_url"]).text
+    path = tmp_path / "results.jsonl"
+    path.write_text(lines)
+    out = subprocess.run([sys.executable, "-m", "icma", "eval", "mol2cap", "--predictions",
+                          str(path), "--json"], capture_output=True, text=True, check=True)
+    expected = json.loads(out.stdout)
+    for k in ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor"):
+        assert got["metrics"][k] == pytest.approx(expected[k], abs=1e-12), k
+    assert 0 < got["metrics"]["bleu4"] < 1
+
+
+def test_job_metrics_refusals(nn_worker):
+    none = httpx.post(nn_worker.url + "/v1/jobs", json={"task": "cap2mol",
+                                                        "items": ["The molecule is an acid."]})
+    job = _wait(nn_worker.url, none.json()["id"])
+    r = httpx.get(f"{nn_worker.url}/v1/jobs/{job['id']}/metrics")
+    assert r.status_code == 409 and r.json()["error"]["field"] == "reference"
+    assert httpx.get(nn_worker.url + "/v1/jobs/nope/metrics").status_code == 404
+
+
+def test_depict_draws_svg_with_shared_atoms_and_refuses_bad_input(nn_worker):
+    r = httpx.post(nn_worker.url + "/v1/depict", json={"smiles": ASPIRIN,
+                                                       "reference": "OC(=O)c1ccccc1O"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("image/svg+xml")
+    assert r.text.startswith("<svg")
+    assert (r.headers["x-heavy-atoms"], r.headers["x-shared-atoms"],
+            r.headers["x-mcs-complete"]) == ("13", "10", "true")
+    g = httpx.get(nn_worker.url + "/v1/depict", params={"smiles": ASPIRIN, "width": 200,
+                                                        "height": 150})
+    assert g.status_code == 200 and "width='200px'" in g.text
+    assert "x-shared-atoms" not in g.headers
+    for body, field in [({"smiles": "C1CC("}, "smiles"), ({"smiles": ""}, "smiles"),
+                        ({"smiles": "CCO", "width": 5000}, "width"),
+                        ({"smiles": "CCO", "reference": "C1CC("}, "reference"),
+                        ({"smiles": "C" * 201}, "smiles"),  # over ICMA_DEPICT_MAX_HEAVY_ATOMS
+                        ({"smiles": "CCO", "colour": "red"}, "colour")]:
+        r = httpx.post(nn_worker.url + "/v1/depict", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert field in r.json()["error"]["field"], (body, r.json())
+    big = httpx.post(nn_worker.url + "/v1/depict", json={"smiles": "C" * 201}).json()
+    assert "ICMA_DEPICT_MAX_HEAVY_ATOMS" in big["error"]["message"]
+    r = httpx.get(nn_worker.url + "/v1/depict", params={"smiles": "CCO", "height": 1})
+    assert r.status_code == 422 and "height" in r.json()["error"]["field"]
+
+
 def test_job_from_uploaded_tsv_and_bad_files(nn_worker, shared, tmp_path):
     tsv = "\n".join((shared / "data/chebi20/test.txt").read_text().splitlines()[:6]) + "\n"
     r = httpx.post(nn_worker.url + "/v1/jobs/upload", data={"task": "cap2mol"},

@@ -214,6 +214,18 @@ class Settings(BaseSettings):
                     "corpora skip them). A query's cost grows with its atoms (tens of ms at "
                     "600, seconds at 4,000; ChEBI-20's largest has 574): see "
                     "benchmarks/results/atoms.md.")
+    depict_max_heavy_atoms: int = Field(
+        default=200, ge=1,
+        description="Most heavy atoms in a molecule /v1/depict draws (larger: 422). Drawing "
+                    "time grows steeply with size: at most 1.3 s up to 200 atoms, up to 14 s "
+                    "beyond 300, and the MCS search up to 9 s there whatever its time limit "
+                    "(benchmarks/results/depict.md); 14 of ChEBI-20's 3,301 validation "
+                    "molecules are larger.")
+    depict_mcs_timeout_s: int = Field(
+        default=1, ge=1, le=60,
+        description="Time limit of one maximum-common-substructure search of /v1/depict (the "
+                    "atoms a retrieved example shares with the query); at the limit the "
+                    "largest substructure found so far is drawn.")
     max_result_followers: int = Field(
         default=32, ge=1,
         description="Most result streams (GET /v1/jobs/{id}/results) open at once; more get 429.")

@@ -21,6 +21,21 @@ def cpu_model() -> str:
     return ""
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16). Without
+    either, torch's bfloat16 matmul is a slow fallback: 0.1 GFLOP/s against float32's 7.1 on an
+    AVX2-only AMD EPYC (benchmarks/results/matmul_amd-epyc.md), where a bfloat16 tuning run and
+    a bfloat16 vLLM server crawled."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def machine() -> str:
     import numpy as np
 

@@ -28,6 +28,8 @@ from icma.tuning.sources import Sources, remove_uploads, uploads_root
 
 log = logging.getLogger(__name__)
 KIND = "tune"
+#: Most [step, loss] points a job's progress carries (older ones are thinned out past this).
+CURVE_POINTS = 400
 #: A child that dies by a signal (killed, out of memory) is restarted this many times; each
 #: restart resumes from the last checkpoint.
 MAX_ATTEMPTS = 3
@@ -161,8 +163,14 @@ def run_job(store: JobStore, job_id: str, *, settings: Settings, data_dir: Path,
     if job.state != "running":
         return 0
     last = [0.0]
+    curve: list[list[float]] = []  # [step, loss]: the page's loss curve
 
     def progress(p: dict) -> None:
+        if p.get("phase") == "training" and p.get("loss") is not None:
+            curve.append([p["step"], p["loss"]])
+            if len(curve) > CURVE_POINTS:  # keep it small: every other point of the past
+                curve[:] = curve[:-1:2] + curve[-1:]
+        p = {**p, "curve": curve} if curve else p
         now = time.monotonic()
         if p.get("phase") == "training" and now - last[0] < 0.5 and \
                 p.get("step") != p.get("total_steps"):
@@ -199,7 +207,7 @@ def run_job(store: JobStore, job_id: str, *, settings: Settings, data_dir: Path,
     summary = {"phase": "done", "adapter": cfg.name, "task": cfg.task,
                "final_loss": manifest["training"]["final_loss"],
                "steps": manifest["training"]["steps"],
-               "metrics": _headline(manifest.get("evaluation"))}
+               "metrics": _headline(manifest.get("evaluation")), "curve": curve}
     store.set_progress(job_id, summary)
     store.set_state(job_id, "succeeded", f"adapter {cfg.name!r} registered",
                     only_from=("running",))

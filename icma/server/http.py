@@ -320,7 +320,8 @@ class CrossOrigin:
     @staticmethod
     def _cors(origin: str) -> dict[str, str]:
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-                "Access-Control-Expose-Headers": "Location, Retry-After"}
+                "Access-Control-Expose-Headers": "Location, Retry-After, X-Heavy-Atoms, "
+                                                 "X-Shared-Atoms, X-MCS-Complete"}
 
     @staticmethod
     def _own(scope, headers) -> tuple[str, str, int] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ from icma.core.errors import InputError
 
 if TYPE_CHECKING:  # not at run time: this module loads without pydantic (icma.tuning)
     from icma.tuning.config import TuneConfig
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(device: str) -> str:
@@ -26,6 +29,14 @@ def pick_precision(precision: str, device: str) -> str:
     if precision == "float16" and device == "cpu":
         raise InputError("float16 training needs a GPU; use float32 or bfloat16 on the CPU",
                          field="precision")
+    if precision == "bfloat16" and device == "cpu":
+        from icma.evaluation.machine import cpu_has_fast_bf16
+
+        if not cpu_has_fast_bf16():
+            log.warning("precision bfloat16 on a CPU without AMX or AVX512-BF16: torch falls "
+                        "back to a slow bfloat16 matmul (0.1 against float32's 7.1 GFLOP/s on "
+                        "an AVX2 AMD EPYC, benchmarks/results/matmul_amd-epyc.md); use "
+                        "precision float32 here")
     return precision
 
 

@@ -13,9 +13,11 @@ from typing import Literal
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from icma import __version__
+from icma.core.chem import MAX_SMILES_CHARS
+from icma.core.depict import DEFAULT_SIZE, SIZE_BOUNDS, Depiction
 from icma.core.errors import InputError
 from icma.core.settings import Settings, get_settings
 from icma.generation.retrievers import Retriever
@@ -27,11 +29,14 @@ from icma.workers.translator.protocol import (
     AnyJobCreate,
     Cap2MolRequest,
     Cap2MolResponse,
+    DepictRequest,
     Job,
     JobList,
+    JobMetrics,
     Mol2CapRequest,
     Mol2CapResponse,
 )
+from icma.workers.translator.page import install_page
 from icma.workers.translator.serving import JOBS_PATH, TranslatorService
 
 WORKER_ERRORS = {
@@ -177,6 +182,53 @@ class ResultsResponse(StreamingResponse):
             self.stream.close()
 
 
+@router.get(JOBS_PATH + "/{job_id}/metrics", response_model=JobMetrics, tags=["jobs"],
+            responses={**WORKER_ERRORS, 409: {"model": ERROR_RESPONSES[422]["model"],
+                                              "description": "the job has not ended, is a "
+                                                             "tune job, or had no references"}})
+def job_metrics(job_id: str, svc: TranslatorService = Depends(service)):
+    """MolT5's metrics over a finished translation job's inputs that had a reference (what
+    `icma eval` reports for its result lines, without FCD)."""
+    return svc.job_metrics(job_id)
+
+
+SVG_RESPONSE = {200: {"content": {"image/svg+xml": {}},
+                      "description": "the drawing; headers X-Heavy-Atoms, and with a reference "
+                                     "X-Shared-Atoms and X-MCS-Complete (false: the search hit "
+                                     "its time limit)"}}
+
+
+def svg(d: Depiction) -> Response:
+    headers = {"X-Heavy-Atoms": str(d.heavy_atoms),
+               "Cache-Control": "private, max-age=86400"}  # a drawing of an input never changes
+    if d.shared_atoms is not None:
+        headers["X-Shared-Atoms"] = str(d.shared_atoms)
+        headers["X-MCS-Complete"] = "true" if d.mcs_complete else "false"
+    return Response(d.svg, media_type="image/svg+xml", headers=headers)
+
+
+@router.post("/v1/depict", tags=["depict"], response_class=Response,
+             responses={**ERROR_RESPONSES, **SVG_RESPONSE})
+def depict_post(req: DepictRequest, svc: TranslatorService = Depends(service)):
+    """A molecule drawn as SVG (RDKit); with ``reference``, the atoms it shares with that
+    molecule highlighted."""
+    return svg(svc.depict(req))
+
+
+@router.get("/v1/depict", tags=["depict"], response_class=Response,
+            responses={**ERROR_RESPONSES, **SVG_RESPONSE})
+def depict_get(smiles: str = Query(min_length=1, max_length=MAX_SMILES_CHARS),
+               reference: str | None = Query(default=None, max_length=MAX_SMILES_CHARS),
+               width: int = Query(default=DEFAULT_SIZE[0], ge=SIZE_BOUNDS[0],
+                                  le=SIZE_BOUNDS[1]),
+               height: int = Query(default=DEFAULT_SIZE[1], ge=SIZE_BOUNDS[0],
+                                   le=SIZE_BOUNDS[1]),
+               svc: TranslatorService = Depends(service)):
+    """POST /v1/depict with the fields as query parameters (a link to a drawing)."""
+    return svg(svc.depict(DepictRequest(smiles=smiles, reference=reference, width=width,
+                                        height=height)))
+
+
 @router.delete(JOBS_PATH + "/{job_id}", response_model=Job, tags=["jobs"],
                responses=WORKER_ERRORS)
 def cancel_job(job_id: str, svc: TranslatorService = Depends(service)):
@@ -209,4 +261,5 @@ def create_app(settings: Settings | None = None, retriever: Retriever | None = N
     key = api_key_dependency(
         lambda: settings.api_key.get_secret_value() if settings.api_key else None)
     app.include_router(router, dependencies=[Depends(key)])
+    install_page(app, settings)
     return app

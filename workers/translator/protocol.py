@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from icma.core.chem import MAX_SMILES_CHARS
+from icma.core.depict import DEFAULT_SIZE, SIZE_BOUNDS
 from icma.core.molregpt import N_SHOT
 from icma.core.prompts import MAX_QUERY_CHARS
 from icma.core.rerank import RandomWalk
@@ -302,3 +303,23 @@ class Adapters(BaseModel):
     defaults: dict[str, str | None] = Field(
         default_factory=dict, description="task -> the adapter a request that names none "
                                           "gets (null: the base model)")
+
+
+class JobMetrics(BaseModel):
+    job_id: str
+    task: str
+    scored: int = Field(description="result lines with a reference (each scored; an error counts "
+                                    "as an empty answer, as `icma eval` scores it)")
+    total: int = Field(description="the job's inputs")
+    metrics: dict[str, float | int | None] = Field(
+        description="MolT5's metrics (`icma eval`'s numbers; FCD is left to `icma eval`)")
+
+
+class DepictRequest(Strict):
+    smiles: str = Field(min_length=1, max_length=MAX_SMILES_CHARS, description="the molecule")
+    reference: str | None = Field(
+        default=None, max_length=MAX_SMILES_CHARS,
+        description="highlight the atoms the molecule shares with this one (their maximum "
+                    "common substructure, searched within ICMA_DEPICT_MCS_TIMEOUT_S)")
+    width: int = Field(default=DEFAULT_SIZE[0], ge=SIZE_BOUNDS[0], le=SIZE_BOUNDS[1])
+    height: int = Field(default=DEFAULT_SIZE[1], ge=SIZE_BOUNDS[0], le=SIZE_BOUNDS[1])

@@ -15,6 +15,7 @@ from prometheus_client import Gauge
 from pydantic import ValidationError
 
 from icma.core.corpus import parse_corpus_text
+from icma.core.depict import Depiction, depict
 from icma.core.errors import IcmaError, InputError
 from icma.core.jsontext import JsonTextError, parse_json
 from icma.core.settings import Settings
@@ -45,10 +46,12 @@ from icma.workers.translator.protocol import (
     Adapters,
     Cap2MolRequest,
     Cap2MolResponse,
+    DepictRequest,
     ExampleUsed,
     Job,
     JobCreate,
     JobList,
+    JobMetrics,
     JobOptions,
     Mol2CapRequest,
     Mol2CapResponse,
@@ -121,6 +124,7 @@ class TranslatorService:
                                 retention_days=settings.job_retention_days)
         self.tuner = TuneRunner(self.store, settings)
         self.followers = Followers(settings.max_result_followers)
+        self._job_metrics: dict[str, JobMetrics] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -347,6 +351,51 @@ class TranslatorService:
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued or running job (results so far are kept)."""
         return job_out(self.store.cancel(job_id))
+
+    def job_metrics(self, job_id: str) -> JobMetrics:
+        """MolT5's metrics over a finished translation job's inputs that carried a reference
+        (``icma eval``'s numbers, FCD left out: ChemNet takes minutes). A finished job's lines
+        do not change, so the scores are computed once."""
+        job = self.store.get(job_id)
+        if job.kind != "translate":
+            raise JobConflict("a tune job has no result lines to score: its evaluation is in "
+                              "GET /v1/jobs/{id} (tuning.metrics)", field="job_id")
+        if job.state in ("queued", "running"):
+            raise JobConflict(f"job {job_id} is {job.state}: its metrics are computed once it "
+                              "ends", field="job_id")
+        if job_id in self._job_metrics:
+            return self._job_metrics[job_id]
+        preds, refs = [], []
+        start = 0
+        while rows := self.store.results(job_id, start):
+            for idx, item, line in rows:
+                if item.reference and line is not None:
+                    preds.append(line.get("prediction") or "")
+                    refs.append(item.reference)
+            start = rows[-1][0] + 1
+        if not refs:
+            raise JobConflict(f"no input of job {job_id} had a reference to score against "
+                              "(give each input a 'reference', or upload a corpus TSV)",
+                              field="reference")
+        from icma.evaluation.metrics import evaluate  # nltk, rouge and SciBERT: only when asked
+
+        scores = evaluate(job.task, preds, refs, data_dir=self.settings.data_dir, fcd=False)
+        out = JobMetrics(job_id=job_id, task=job.task, scored=len(refs), total=job.total,
+                         metrics={k: v for k, v in scores.items()
+                                  if isinstance(v, (int, float)) or v is None})
+        if len(self._job_metrics) >= 256:  # a small cache: drop the oldest
+            self._job_metrics.pop(next(iter(self._job_metrics)))
+        self._job_metrics[job_id] = out
+        return out
+
+    # --- drawings ------------------------------------------------------------------------------
+
+    def depict(self, req: DepictRequest) -> Depiction:
+        """The molecule as SVG, with the atoms it shares with ``reference`` highlighted."""
+        return depict(req.smiles, reference=req.reference, width=req.width, height=req.height,
+                      max_heavy_atoms=self.settings.max_heavy_atoms,
+                      max_drawn_atoms=self.settings.depict_max_heavy_atoms,
+                      mcs_timeout_s=self.settings.depict_mcs_timeout_s)
 
 
 def _text(data: bytes, field: str) -> str:
