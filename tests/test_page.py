@@ -176,6 +176,12 @@ def test_molecule_to_caption_with_example_cards(browser, smol):
     assert by_testid(v, "error").is_displayed() is False
     shot(browser, "mol2cap")
     no_page_errors(browser)
+    # A next query that fails leaves no answer behind to be read as its own.
+    box.clear()
+    box.send_keys("C1CC(", Keys.ENTER)
+    wait(browser, lambda d: by_testid(v, "error").is_displayed(), message="the error shown")
+    assert not caption.is_displayed()
+    assert not v.find_elements(By.CSS_SELECTOR, '[data-testid="example-card"]')
 
 
 def test_invalid_smiles_is_named_next_to_the_input(browser, smol):

@@ -71,12 +71,12 @@ def depict(smiles: str, *, reference: str | None = None, width: int = DEFAULT_SI
 @lru_cache(maxsize=CACHE_ENTRIES)
 def _draw(canonical: str, reference: str | None, width: int, height: int,
           mcs_timeout_s: int) -> Depiction:
-    mol = Chem.MolFromSmiles(canonical)
+    mol = _reparse(canonical, "smiles")
     atoms: list[int] = []
     bonds: list[int] = []
     complete = None
     if reference is not None:
-        atoms, bonds, complete = shared_substructure(mol, Chem.MolFromSmiles(reference),
+        atoms, bonds, complete = shared_substructure(mol, _reparse(reference, "reference"),
                                                      mcs_timeout_s)
     drawer = rdMolDraw2D.MolDraw2DSVG(width, height)
     opts = drawer.drawOptions()
@@ -91,6 +91,16 @@ def _draw(canonical: str, reference: str | None, width: int, height: int,
     # RDKit's SVG starts with an XML declaration, which is not allowed inside an HTML page.
     svg = svg[svg.index("<svg"):]
     return Depiction(svg, heavy_atoms(mol), len(atoms) if reference is not None else None, complete)
+
+
+def _reparse(canonical: str, field: str) -> Chem.Mol:
+    """The molecule back from its canonical SMILES (the cache key). RDKit writes a few
+    canonical SMILES it cannot read back; those are refused, not a 500."""
+    mol = Chem.MolFromSmiles(canonical)
+    if mol is None:
+        raise InputError(f"RDKit cannot draw this molecule: its canonical SMILES {canonical!r} "
+                         "does not parse back", field=field)
+    return mol
 
 
 def shared_substructure(mol: Chem.Mol, reference: Chem.Mol,

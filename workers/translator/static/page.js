@@ -242,6 +242,10 @@ function setupTranslateView(view) {
       return;
     }
     if (running) running.abort();
+    // The last answer goes: under a new query (or its error) it would read as this one's.
+    view.querySelector(".result").hidden = true;
+    view.querySelector(".cards-title").hidden = true;
+    view.querySelector(".cards").replaceChildren();
     const controller = new AbortController();
     running = controller;
     busy.hidden = false; cancel.hidden = false; submit.disabled = true;
@@ -481,7 +485,7 @@ function adapterCard(a) {
   const ev = a.evaluation && (a.evaluation.metrics || a.evaluation);
   return el("article", { class: "card", "data-testid": "adapter-card" },
     el("header", {}, el("strong", { text: a.name }), el("span", { text: a.task || "any task" })),
-    badges,
+    badges.childElementCount ? badges : null,
     el("p", { class: "note", text: `base ${a.base_model || "?"} · LoRA r ${a.r ?? "?"}, alpha ${a.lora_alpha ?? "?"}` }),
     metricsTable(ev));
 }
@@ -491,6 +495,7 @@ function lossCurve(points) {
   const svgNs = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(svgNs, "svg");
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.setAttribute("preserveAspectRatio", "none"); // fills the card's width
   svg.setAttribute("class", "curve");
   svg.setAttribute("role", "img");
   svg.setAttribute("data-testid", "loss-curve");
@@ -504,6 +509,7 @@ function lossCurve(points) {
   const sy = (y) => h - pad - (h - 2 * pad) * (y - y0) / ((y1 - y0) || 1);
   const line = document.createElementNS(svgNs, "polyline");
   line.setAttribute("points", points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "));
+  line.setAttribute("vector-effect", "non-scaling-stroke");
   svg.append(line);
   svg.setAttribute("aria-label", `training loss from ${ys[0].toFixed(3)} at step ${xs[0]} to ${ys[ys.length - 1].toFixed(3)} at step ${xs[xs.length - 1]}`);
   return svg;
@@ -521,6 +527,7 @@ function tuneCard(job) {
     el("progress", { max: 100, value: pct, "aria-label": "tuning progress" }),
     el("p", { class: "note", text: status }),
     lossCurve(t.curve || []),
+    (t.curve || []).length > 1 ? el("p", { class: "note", text: `training loss ${fmt(t.curve[0][1])} at step ${t.curve[0][0]} → ${fmt(t.curve[t.curve.length - 1][1])} at step ${t.curve[t.curve.length - 1][0]}` }) : null,
     metricsTable(t.metrics));
 }
 
