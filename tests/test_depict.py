@@ -61,12 +61,12 @@ def test_bad_input_names_its_field(kwargs, field, words):
 
 
 def test_the_mcs_time_limit_stops_the_search_and_says_so(chebi_val):
-    """Two of the split's larger molecules (about 150 heavy atoms): RDKit's search does not
-    finish within 1 s; the result is marked incomplete and still highlights what was found."""
-    big = [r.smiles for r in chebi_val
-           if 140 <= Chem.MolFromSmiles(r.smiles).GetNumHeavyAtoms() <= 160][:6]
-    results = [shared_substructure(Chem.MolFromSmiles(a), Chem.MolFromSmiles(b), 1)
-               for a, b in zip(big, big[1:])]
-    stopped = [r for r in results if not r[2]]
-    assert stopped, "no search hit the limit: pick larger molecules"
-    assert all(r[0] for r in stopped)
+    """The split's three largest molecules (430-574 heavy atoms): RDKit's search did not finish
+    within its limit for any such pair in benchmarks/results/depict.md (0 of 5, even past 8 s).
+    The result is marked incomplete and still highlights what was found."""
+    sized = sorted(chebi_val.records, key=lambda r: -Chem.MolFromSmiles(r.smiles)
+                   .GetNumHeavyAtoms())[:3]
+    mols = [Chem.MolFromSmiles(r.smiles) for r in sized]
+    results = [shared_substructure(a, b, 1) for a, b in zip(mols, mols[1:])]
+    assert all(not done for *_, done in results), "a search of the largest pair finished"
+    assert all(atoms for atoms, _, _ in results)
