@@ -339,3 +339,25 @@ def test_a_known_tokenizer_fits_prompts_to_the_budget_before_sending(vllm_server
     assert t.dropped > 0 and [e.cid for e in t.examples] == [r.cid for r in recs[1:11 - t.dropped]]
     assert t.prompt_tokens <= 700 - 20
     eng.close()
+
+
+def test_a_prompt_that_fills_the_context_exactly_is_too_long(vllm_server, smollm2):
+    """vLLM shortens max_tokens to the room left; a prompt of exactly the context's length
+    leaves none and the server says "max_tokens must be at least 1, got 0". That is a prompt
+    too long (MolReGPT's remedy drops an example), not a bad request. Found by
+    bench_molregpt, whose 10-example prompt once came to exactly 2,048 tokens."""
+    from transformers import AutoTokenizer
+
+    from icma.core.errors import PromptTooLongError
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = tok("Generate a caption for the molecule: " + "C" * 4000)["input_ids"]
+    prompt = tok.decode(ids[:MAX_MODEL_LEN])
+    assert len(tok(prompt)["input_ids"]) == MAX_MODEL_LEN
+    eng = load_engine("openai", settings=openai_settings(vllm_server))
+    for size in (MAX_MODEL_LEN, MAX_MODEL_LEN + 5):
+        text = prompt if size == MAX_MODEL_LEN else prompt + " CCCCC"
+        [g] = eng.generate([GenerationInput("mol2cap", text)],
+                           GenerationParams(decoding="greedy", max_new_tokens=8))
+        assert isinstance(g.error, PromptTooLongError) and g.error.field == "smiles", size
+    eng.close()

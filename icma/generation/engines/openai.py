@@ -51,8 +51,12 @@ log = logging.getLogger(__name__)
 #: The longest wait between two tries, whatever a server's Retry-After asks.
 MAX_WAIT_S = 30.0
 #: Words of a 400 that mean the prompt is over the model's context (vLLM, OpenAI, TGI, llama.cpp).
+#: vLLM shortens ``max_tokens`` to the room left after the prompt; a prompt that fills the
+#: context exactly leaves 0 and is refused as "max_tokens must be at least 1, got 0" (icma
+#: never asks for fewer than 1), which is the same problem.
 _TOO_LONG = ("maximum context length", "context length", "context_length_exceeded",
-             "too many tokens", "exceeds the", "is too long", "input validation error")
+             "too many tokens", "exceeds the", "is too long", "input validation error",
+             "max_tokens must be at least 1, got 0")
 
 
 class OpenAIGenerator(Generator):
