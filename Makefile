@@ -7,7 +7,7 @@ STAMP     := $(VENV)/.installed
 # Never let pip resolve torch on its own: an unpinned torch pulls gigabytes of CUDA wheels.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup up demo test bench clean vllm-env
+.PHONY: setup ray-extra up demo test bench clean vllm-env
 
 # WordNet 3.0 for METEOR (icma eval) comes from Debian's packages: nothing is downloaded at run
 # time. Installed only when its files are missing; apt-get needs root.
@@ -50,6 +50,16 @@ $(STAMP): pyproject.toml $(WORDNET_SRC)
 
 setup: $(STAMP)
 
+# The ray extra (icma[ray]: Ray Data and Ray Train at the pinned version), kept out of the
+# default set-up; the tests start a real local Ray cluster with it.
+RAY_STAMP := $(VENV)/.ray-installed
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,ray]" "$(TORCH_PIN)"
+	touch $(RAY_STAMP)
+
+ray-extra: $(RAY_STAMP)
+
 # The main job: both services on 127.0.0.1 (retrieval :8001, worker :8000) with the embedded
 # ChEBI-20 corpus, SmolLM2 and the default adapters shipped in the package (icma/data/adapters,
 # read in place), one request each, then curl examples; Ctrl-C stops them.
@@ -70,7 +80,7 @@ $(BROWSER) &:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
 
-test: setup vllm-env $(COMPOSE) $(BROWSER)
+test: setup ray-extra vllm-env $(COMPOSE) $(BROWSER)
 	$(BIN)/python -m pytest -q tests
 
 # Speed and quality benchmarks; each writes markdown (and plots) into benchmarks/results/.

@@ -23,8 +23,17 @@ def add_parser(sub) -> None:
                     help="JSONL ({input, id, reference} or {cid, smiles, description}) or a "
                          "corpus TSV (CID SMILES description)")
     tr.add_argument("--output", required=True, type=Path, help="JSON lines, one per input")
-    tr.add_argument("--format", choices=["jsonl", "tsv"],
-                    help="input format (default: from the extension; .jsonl -> jsonl)")
+    tr.add_argument("--format", choices=["jsonl", "tsv", "parquet"],
+                    help="input format (default: from the extension: .jsonl -> jsonl, "
+                         ".parquet -> parquet, else tsv); an output named .parquet is "
+                         "written as Parquet")
+    tr.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: in this process; ray: a Ray Data pipeline on a Ray cluster "
+                         "(retrieval actors, then generation actors; README 'Scaling out')")
+    tr.add_argument("--ray-address",
+                    help="ray: the cluster (ray://HOST:10001, or HOST:6379 on one of its "
+                         "nodes; default ICMA_RAY_ADDRESS, then RAY_ADDRESS, else a Ray "
+                         "runtime started here)")
     tr.add_argument("--engine", help=ENGINE_HELP)
     tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
     openai_flags(tr)
@@ -64,8 +73,9 @@ def cmd_translate(args) -> int:
     from icma.core.settings import get_settings
     from icma.jobs.translate_file import translate_file
 
-    fmt = args.format or ("jsonl" if args.input.suffix.lower() in (".jsonl", ".ndjson")
-                          else "tsv")
+    suffix = args.input.suffix.lower()
+    fmt = args.format or ("jsonl" if suffix in (".jsonl", ".ndjson") else
+                          "parquet" if suffix == ".parquet" else "tsv")
     prime = {"auto": None, "on": True, "off": False}[args.prime_answer]
     summary = translate_file(
         args.task, args.input, args.output,
@@ -74,6 +84,7 @@ def cmd_translate(args) -> int:
         corpus=args.corpus, retrieval_url=args.retrieval_url, decoding=args.decoding,
         max_new_tokens=args.max_new_tokens, seed=args.seed, num_candidates=args.num_candidates,
         num_samples=args.num_samples, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        prime_answer=prime, batch_size=args.batch_size)
+        prime_answer=prime, batch_size=args.batch_size, executor=args.executor,
+        ray_address=args.ray_address)
     print(summary, file=sys.stderr)
     return 0

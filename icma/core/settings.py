@@ -3,6 +3,7 @@
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -233,6 +234,26 @@ class Settings(BaseSettings):
         default=7.0, ge=0,
         description="Finished jobs (and their results) are deleted this many days after they "
                     "end; 0 keeps them forever.")
+    # --- scaling out on Ray (issue 18; README "Scaling out") ------------------------------------
+    job_executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where translate jobs run: local (the worker's own engine thread) or ray "
+                    "(a Ray Data pipeline on the cluster at ICMA_RAY_ADDRESS; needs the ray "
+                    "extra).")
+    ray_address: str | None = Field(
+        default=None,
+        description="The Ray cluster for the ray executor (ray://HOST:10001, or HOST:6379 from "
+                    "a node of the cluster); unset: RAY_ADDRESS, else a Ray runtime started "
+                    "on this machine.")
+    ray_retrieval_actors: int = Field(
+        default=1, ge=1,
+        description="ray executor: actors that retrieve examples (each loads the indexes once).")
+    ray_generation_actors: int = Field(
+        default=1, ge=1,
+        description="ray executor: actors that generate (each loads the model once).")
+    ray_gpus_per_actor: float = Field(
+        default=0.0, ge=0,
+        description="ray executor: GPUs each generation actor takes (0: CPU actors).")
     workers: int = Field(
         default=1, ge=1,
         description="Worker processes of `icma serve` sharing one port (one per core uses every "

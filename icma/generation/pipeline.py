@@ -60,6 +60,7 @@ class Outcome:
     candidates_tried: int = 0
     prompt: str | None = None  # what the engine received
     timings: dict[str, float] = field(default_factory=dict)
+    examples: list[Example] | None = None  # retrieved, best first (before the budget's cut)
 
 
 def translate(task: str, queries: Sequence[str], examples: Sequence[Sequence[Example]],
@@ -223,10 +224,11 @@ def check_input(task: Task, query: str, max_heavy_atoms: int | None = None) -> s
 
 
 def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Retriever,
-              engine: Generator, max_heavy_atoms: int | None = None) -> list[Outcome]:
+              engine: Generator | None, max_heavy_atoms: int | None = None) -> list[Outcome]:
     """Translate ``queries`` with the same options. Inputs that fail ``check_input`` get their
     error and the rest go on; a retrieval or engine failure (service down, unknown adapter)
-    raises, because it concerns every input alike."""
+    raises, because it concerns every input alike. ``engine`` None: retrieval only, each
+    outcome holding its ``examples`` (the first stage of ``icma.jobs.ray_executor``)."""
     task = check_task(task)
     out = [Outcome() for _ in queries]
     ok = []
@@ -242,22 +244,25 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
     examples = retriever.examples(task, [queries[i] for i in ok], options.n_shot,
                                   options.retrieval)
     retrieval_ms = (time.perf_counter() - t0) * 1e3 / len(ok)
+    for i, ex in zip(ok, examples):
+        out[i].examples, out[i].timings = list(ex), {"retrieval_ms": retrieval_ms}
+    if engine is None:
+        return out
     params = options.params
     todo = list(ok)
-    ex_of = dict(zip(ok, examples))
     for attempt in range(max(1, options.num_candidates)):
         if not todo:
             break
         # Each further candidate is a fresh sample: the same prompt under the next seed.
         p = params.next_seed(attempt)
-        done = translate(task, [queries[i] for i in todo], [ex_of[i] for i in todo], engine,
-                         replace(options, params=p))
+        done = translate(task, [queries[i] for i in todo], [out[i].examples for i in todo],
+                         engine, replace(options, params=p))
         still = []
         for i, t in zip(todo, done):
             o, prev = out[i], out[i].timings
             o.candidates_tried = attempt + 1
             o.translation, o.prompt = t, t.prompt  # the latest try: earlier ones were invalid
-            o.timings = {"retrieval_ms": retrieval_ms,
+            o.timings = {"retrieval_ms": prev["retrieval_ms"],
                          "prompt_ms": t.timings["prompt_ms"] + prev.get("prompt_ms", 0.0),
                          "generation_ms": t.timings["generate_ms"] + prev.get("generation_ms",
                                                                               0.0)}
@@ -268,7 +273,7 @@ def run_batch(task: str, queries: Sequence[str], options: Options, retriever: Re
 
 
 def run_isolating(task: str, queries: Sequence[str], options: Options, retriever: Retriever,
-                  engine: Generator, max_heavy_atoms: int | None = None) -> list[Outcome]:
+                  engine: Generator | None, max_heavy_atoms: int | None = None) -> list[Outcome]:
     """``run_batch`` for batch jobs, where one bad input must not fail its batch mates. A batch
     refused as a whole (the retrieval service rejects one input that ``check_input`` let
     through) is halved until the bad inputs stand alone; a batch that fails with an unexpected
@@ -289,7 +294,7 @@ def run_isolating(task: str, queries: Sequence[str], options: Options, retriever
 
 
 def _isolating(task: str, queries: list[str], options: Options, retriever: Retriever,
-               engine: Generator, max_heavy_atoms: int | None, bugs: list[Exception],
+               engine: Generator | None, max_heavy_atoms: int | None, bugs: list[Exception],
                together: list[Exception]) -> list[Outcome]:
     try:
         return run_batch(task, queries, options, retriever, engine, max_heavy_atoms)

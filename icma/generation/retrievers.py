@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import httpx
 
@@ -206,6 +206,21 @@ class IndexRetriever(Retriever):
         if k == 0:
             return [[] for _ in queries]
         return search_examples(index, task, queries, k, options)
+
+
+class GivenExamples(Retriever):
+    """Examples retrieved earlier, handed out by query (the second stage of a Ray pipeline,
+    whose first stage retrieved them on other actors). A query given twice gets its first
+    list: what a deterministic retrieval would give it again."""
+
+    def __init__(self, pairs: Iterable[tuple[str, Sequence[Example]]]):
+        self._by_query: dict[str, list[Example]] = {}
+        for query, examples in pairs:
+            self._by_query.setdefault(query, list(examples))
+
+    def examples(self, task: Task, queries: Sequence[str], k: int,
+                 options: RetrievalOptions) -> list[list[Example]]:
+        return [self._by_query[q][:k] for q in queries]
 
 
 def search_examples(index, task: Task, queries: Sequence[str], k: int,

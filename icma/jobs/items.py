@@ -70,6 +70,30 @@ def parse_items(task: str, text: str, fmt: str, where: str = "file") -> list[Ite
     return items
 
 
+def parquet_items(task: str, data: bytes, where: str = "file") -> list[Item]:
+    """Items from a Parquet file whose rows are what a JSONL line holds (columns ``input``,
+    ``id``, ``reference``, or a corpus's ``cid``, ``smiles``, ``description``); the same
+    checks as ``parse_items``, rows counted from 1."""
+    import io
+
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("reading Parquet needs pyarrow: pip install 'icma[ray]'",
+                         field="format") from None
+    try:
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    except Exception as exc:  # pyarrow's errors share no base class worth naming
+        raise InputError(f"not a readable Parquet file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                         field=where) from None
+    items = [_checked(task, _item(task, row, n, where, "row"), f"row {n}", where)
+             for n, row in enumerate(rows, start=1)]
+    if not items:
+        raise InputError("no items in the file", field=where)
+    return items
+
+
 def _checked(task: str, item: Item, line: str, where: str) -> Item:
     try:
         return check_item(task, item)
@@ -77,11 +101,11 @@ def _checked(task: str, item: Item, line: str, where: str) -> Item:
         raise InputError(f"{line}: {exc.field} {exc.message}", field=where) from None
 
 
-def _item(task: str, obj, n: int, where: str) -> Item:
+def _item(task: str, obj, n: int, where: str, unit: str = "line") -> Item:
     if isinstance(obj, str):
         return Item(obj)
     if not isinstance(obj, dict):
-        raise InputError(f"line {n}: expected a JSON object or string", field=where)
+        raise InputError(f"{unit} {n}: expected a JSON object or string", field=where)
     keys = {k.lower(): k for k in obj}
     if "input" in keys:
         value, ref = obj[keys["input"]], obj.get(keys.get("reference", ""), None)
@@ -91,13 +115,13 @@ def _item(task: str, obj, n: int, where: str) -> Item:
         value, ref = obj[keys["description"]], obj.get(keys.get("smiles", ""), None)
     else:
         side = "smiles" if task == "mol2cap" else "description"
-        raise InputError(f"line {n}: needs 'input' (or '{side}')", field=where)
+        raise InputError(f"{unit} {n}: needs 'input' (or '{side}')", field=where)
     ident = obj.get(keys.get("id", keys.get("cid", "")), None)
     if not isinstance(value, str):
-        raise InputError(f"line {n}: 'input' must be a string", field=where)
+        raise InputError(f"{unit} {n}: 'input' must be a string", field=where)
     if not isinstance(ident, (str, int, type(None))) or isinstance(ident, bool):
-        raise InputError(f"line {n}: 'id' must be a string or an integer", field=where)
+        raise InputError(f"{unit} {n}: 'id' must be a string or an integer", field=where)
     if not isinstance(ref, (str, type(None))):
-        raise InputError(f"line {n}: 'reference' must be a string", field=where)
+        raise InputError(f"{unit} {n}: 'reference' must be a string", field=where)
     return Item(value, None if ident is None else str(ident),
                 None if ref in (None, "") else ref)

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: Translates one batch: (task, items, options) -> one result line per item, in order.
 BatchFn = Callable[[str, list[tuple[int, Item]], dict], list[dict]]
+#: Runs a whole job elsewhere, recording its results in the store as they come (the Ray
+#: executor): (store, job, stop, on_progress) -> the job as it then stands.
+Executor = Callable[[JobStore, Job, threading.Event, Callable[[Job], None] | None], Job]
 #: Seconds between two deletions of expired jobs (the first runs when the runner starts).
 EXPIRE_EVERY = 3600.0
 #: Seconds the runner waits before looking at a store that failed to read again.
@@ -37,10 +40,12 @@ class JobRunner:
 
     def __init__(self, store: JobStore, run_batch: BatchFn, batch_size: int = 16,
                  retry_wait: float = 2.0, on_progress: Callable[[Job], None] | None = None,
-                 retention_days: float = 0.0):
+                 retention_days: float = 0.0, executor: Executor | None = None):
         """``retention_days``: finished jobs are deleted that long after they ended (0: kept
-        forever)."""
+        forever). ``executor``: run each job with it instead of ``run_batch`` a batch at a
+        time here (``icma.jobs.ray_executor``)."""
         self.store, self.run_batch, self.batch_size = store, run_batch, batch_size
+        self.executor = executor
         self.retry_wait = retry_wait
         self.on_progress = on_progress
         self.retention_days = retention_days
@@ -91,11 +96,15 @@ class JobRunner:
             self._expire_due()
             if self.store.get(job.id).state != "running":
                 return self.store.get(job.id)  # cancelled
-            batch = self.store.pending(job.id, self.batch_size)
-            if not batch:
-                self.store.set_state(job.id, "succeeded", None, only_from=("running",))
+            batch = self.store.pending(job.id, 1 if self.executor else self.batch_size)
+            if not batch:  # (an executor's message says where the job ran)
+                message = self.store.get(job.id).message if self.executor else None
+                self.store.set_state(job.id, "succeeded", message, only_from=("running",))
                 break
             try:
+                if self.executor is not None:
+                    self.executor(self.store, job, self._stop, self.on_progress)
+                    continue  # (its message stays: where the job ran)
                 lines = self.run_batch(job.task, batch, job.options)
             except UnavailableError as exc:  # waiting may fix it (retrieval down, engine loading)
                 self.store.set_message(job.id, f"waiting: {exc}")

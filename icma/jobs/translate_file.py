@@ -20,7 +20,7 @@ from icma.generation.adapters import AdapterInfo, AdapterRegistry, DefaultAdapte
 from icma.generation.options import build_options
 from icma.generation.engines import load_engine
 from icma.generation.retrievers import HttpRetriever, LocalRetriever
-from icma.jobs.items import parse_items
+from icma.jobs.items import parquet_items, parse_items
 from icma.jobs.results import iter_results
 from icma.jobs.runner import JobRunner, batch_translator
 from icma.jobs.store import JobStore
@@ -44,15 +44,27 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
                    max_new_tokens: int = 256, seed: int = 42, num_candidates: int = 1,
                    num_samples: int | None = None, no_repeat_ngram_size: int = 0,
                    prime_answer: bool | None = None, batch_size: int | None = None,
-                   progress: bool | None = None, prompt_style: str | None = None) -> str:
-    """Translate ``input`` into ``output`` (JSON lines, input order); returns a summary."""
+                   progress: bool | None = None, prompt_style: str | None = None,
+                   executor: str = "local", ray_address: str | None = None) -> str:
+    """Translate ``input`` into ``output`` (JSON lines in input order, or Parquet for a
+    ``.parquet`` output); returns a summary. ``executor`` ``ray``: on the Ray cluster at
+    ``ray_address`` (``icma.jobs.ray_executor``) instead of in this process."""
+    if executor not in ("local", "ray"):
+        raise InputError(f"unknown executor {executor!r}; use local or ray", field="--executor")
     try:
-        text = Path(input).read_text(encoding="utf-8")
-    except FileNotFoundError:
+        data = Path(input).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
         raise InputError(f"no such file: {input}", field="--input") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{input} is not UTF-8 (byte {exc.start})", field="--input") from None
-    items = parse_items(task, text, fmt, where=str(input))
+    if fmt == "parquet":
+        items = parquet_items(task, data, where=str(input))
+    else:
+        try:
+            # universal newlines, as a text-mode read gives them
+            text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{input} is not UTF-8 (byte {exc.start})",
+                             field="--input") from None
+        items = parse_items(task, text, fmt, where=str(input))
     request = {"n_shot": n_shot, "retrieval": {"method": method, "corpus": corpus},
                "generation": {"decoding": decoding, "max_new_tokens": max_new_tokens,
                               "seed": seed, "num_samples": num_samples,
@@ -72,13 +84,22 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
     output = Path(output)
     if output.is_dir():
         raise InputError(f"{output} is a directory", field="--output")
+    as_parquet = output.suffix.lower() == ".parquet"
+    if as_parquet:
+        _pyarrow("--output")
+    if executor == "ray":
+        from icma.jobs.ray_executor import connect
+
+        settings = settings.model_copy(update={"ray_address": ray_address
+                                               or settings.ray_address})
+        connect(settings.ray_address)  # an unreachable cluster: a clear error before any work
     output.parent.mkdir(parents=True, exist_ok=True)
 
     # Same input, same settings -> same job id: a second run picks up the first one's results.
     engine_name = engine or settings.engine
     served = ([settings.openai_base_url, settings.openai_model] if engine_name == "openai"
               else model or settings.llm_model)
-    fingerprint = json.dumps([task, hashlib.sha256(text.encode()).hexdigest(), retrieval_url,
+    fingerprint = json.dumps([task, hashlib.sha256(data).hexdigest(), retrieval_url,
                               engine_name, served, repr(options)])
     job_id = "cli-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     partial = output.with_name(output.name + ".partial.sqlite3")
@@ -92,23 +113,42 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
         elif job.state != "succeeded":
             store.set_state(job_id, "queued", "resumed", only_from=("running", "cancelled",
                                                                     "failed", "queued"))
-        eng = (load_engine(engine or settings.engine, settings=settings, model=model)
-               if job.done < job.total else None)
-        if retrieval_url:
-            retriever = HttpRetriever.from_settings(settings, base_url=retrieval_url)
-        else:
-            retriever = LocalRetriever(settings, [options.retrieval.method_for(task)])
+        before = job.done  # results of an earlier, interrupted run: not redone
         bar = _bar(job, progress if progress is not None else settings.progress)
-        runner = JobRunner(store, batch_translator(retriever, eng, lambda t, raw: options),
-                           batch_size=batch_size or settings.job_batch_size,
-                           on_progress=lambda j: bar and bar.update(j.done - bar.n))
-        job = runner.run_job(store.get(job_id)) if job.done < job.total else job
+        size = batch_size or settings.job_batch_size
+        shown = (lambda j: bar.update(j.done - bar.n)) if bar else None
+        if job.done >= job.total:
+            pass
+        elif executor == "ray":
+            from icma.jobs.ray_executor import Parts, run_job_on_ray
+
+            # Called once, not through the runner's retries: a pipeline that fails is the
+            # command's error, and running it again resumes.
+            store.set_state(job_id, "running", None, only_from=("queued",))
+            job = run_job_on_ray(store, store.get(job_id), options,
+                                 Parts(settings, engine, model, retrieval_url),
+                                 batch_size=size, on_progress=shown)
+            if job.done == job.total:
+                store.set_state(job_id, "succeeded", None, only_from=("running",))
+        else:
+            eng = load_engine(engine or settings.engine, settings=settings, model=model)
+            if retrieval_url:
+                retriever = HttpRetriever.from_settings(settings, base_url=retrieval_url)
+            else:
+                retriever = LocalRetriever(settings, [options.retrieval.method_for(task)])
+            runner = JobRunner(store, batch_translator(retriever, eng, lambda t, raw: options),
+                               batch_size=size, on_progress=shown)
+            job = runner.run_job(store.get(job_id))
         if bar:
             bar.close()
         tmp = output.with_name(output.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in iter_results(store, job_id, follow=False):
-                f.write(line)
+        if as_parquet:
+            _write_parquet(tmp, (json.loads(x) for x in iter_results(store, job_id,
+                                                                     follow=False)))
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for line in iter_results(store, job_id, follow=False):
+                    f.write(line)
         os.replace(tmp, output)
     finally:
         store.close()
@@ -117,8 +157,25 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
     partial.unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
         Path(str(partial) + suffix).unlink(missing_ok=True)
+    resumed = f"; {before} done by an earlier run" if before else ""
     return (f"{job.total} {task} inputs -> {output} ({job.total - job.failed} translated, "
-            f"{job.failed} failed)")
+            f"{job.failed} failed{resumed})")
+
+
+def _pyarrow(field: str):
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise InputError("Parquet needs pyarrow: pip install 'icma[ray]'", field=field) from None
+    return pyarrow
+
+
+def _write_parquet(path: Path, lines) -> None:
+    """The result lines as a Parquet table: one row per input, the JSON lines' fields as
+    columns (nested ones as structs and lists)."""
+    pa = _pyarrow("--output")
+    pa.parquet.write_table(pa.Table.from_pylist(list(lines)), path)
 
 
 def _adapter(spec: str, registry: AdapterRegistry) -> AdapterInfo:

@@ -116,12 +116,19 @@ class TranslatorService:
             Gauge(f"icma_worker_{name}", text, registry=self.metrics.registry) \
                 .set_function(value)
         self.interactive = QueuedEngine(self.queue, INTERACTIVE)
+        executor = None
+        if settings.job_executor == "ray":  # jobs go to the cluster; requests stay here
+            from icma.jobs.ray_executor import Parts, ray_executor
+
+            executor = ray_executor(Parts(settings, retrieval_url=settings.retrieval_url),
+                                    self.job_options, settings.job_batch_size)
         self.runner = JobRunner(self.store, batch_translator(self.retriever,
                                                              QueuedEngine(self.queue, BATCH),
                                                              self.job_options,
                                                              settings.max_heavy_atoms),
                                 batch_size=settings.job_batch_size,
-                                retention_days=settings.job_retention_days)
+                                retention_days=settings.job_retention_days,
+                                executor=executor)
         self.tuner = TuneRunner(self.store, settings)
         self.followers = Followers(settings.max_result_followers)
         self._job_metrics: dict[str, JobMetrics] = {}
