@@ -113,6 +113,17 @@ RUN python3 -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', '
     && grep -qixF "$(python3 -m pip list --format=freeze | grep -i '^torch==')" /etc/vllm-constraints.txt \
     && python3 -c "import torch, vllm, icma; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 
+# WITH_RAY=true (the compose `ray` profile, KubeRay): icma's ray extra at its pinned version, read
+# from pyproject.toml (every node of a Ray cluster must run the same Ray and Python), without
+# moving torch either.
+ARG WITH_RAY=false
+RUN if [ "$WITH_RAY" = true ]; then \
+        python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['ray']))" > /tmp/icma-ray.txt \
+        && grep -i '^torch==' /etc/vllm-constraints.txt > /tmp/torch-pin.txt \
+        && python3 -m pip install -r /tmp/icma-ray.txt -c /tmp/torch-pin.txt \
+        && python3 -c "import ray, torch; print('ray', ray.__version__, 'torch', torch.__version__)"; \
+    fi
+
 RUN useradd --create-home --uid 10001 icma \
     && mkdir -p /data /adapters /jobs \
     && chown icma:icma /data /adapters /jobs

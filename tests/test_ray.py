@@ -242,29 +242,68 @@ def test_the_worker_hands_jobs_to_ray(ray_cluster, retrieval, chebi_val, tmp_pat
     assert lines[5]["error"]["field"] == "smiles"
 
 
-def test_an_unreachable_cluster_is_a_one_line_error(svc_dir, tmp_path):
+def _refused(data_dir: Path, address: str, tmp_path: Path) -> str:
+    """stderr of a run that cannot join ``address`` (no token offered): no traceback, no
+    output file."""
     src = tmp_path / "q.jsonl"
     src.write_text('{"input": "CCO"}\n')
-    env = {**_env(svc_dir)}
+    env = {**_env(data_dir)}
     env.pop("RAY_AUTH_MODE")
     done = _translate(env, "--task", "mol2cap", "--input", str(src), "--output",
                       str(tmp_path / "o.jsonl"), "--engine", "nearest-neighbour",
-                      "--executor", "ray", "--ray-address", f"127.0.0.1:{_free_port()}",
-                      timeout=300)
+                      "--executor", "ray", "--ray-address", address, timeout=300)
     assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "cannot join the Ray cluster at 127.0.0.1:" in done.stderr
-    assert "nothing answers there" in done.stderr
+    assert f"cannot join the Ray cluster at {address}" in done.stderr
     assert not (tmp_path / "o.jsonl").exists()
+    return done.stderr
+
+
+def test_an_unreachable_cluster_is_a_one_line_error(svc_dir, tmp_path):
+    """At once: ray.init would retry a dead address for minutes."""
+    assert "nothing answers there" in _refused(svc_dir, f"127.0.0.1:{_free_port()}", tmp_path)
 
 
 def test_a_cluster_that_wants_a_token_says_how_to_give_it(ray_cluster, svc_dir, tmp_path):
-    src = tmp_path / "q.jsonl"
-    src.write_text('{"input": "CCO"}\n')
-    env = {**_env(svc_dir)}
-    env.pop("RAY_AUTH_MODE")
-    done = _translate(env, "--task", "mol2cap", "--input", str(src), "--output",
-                      str(tmp_path / "o.jsonl"), "--engine", "nearest-neighbour",
-                      "--executor", "ray", "--ray-address", ray_cluster, timeout=300)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert f"cannot join the Ray cluster at {ray_cluster}" in done.stderr
-    assert "RAY_AUTH_MODE=token" in done.stderr
+    assert "RAY_AUTH_MODE=token" in _refused(svc_dir, ray_cluster, tmp_path)
+
+
+def test_tuning_on_two_ray_workers_matches_one_process(ray_cluster, tiny_learner, chebi_val,
+                                                       tmp_path):
+    """The same run in this process and on 2 Ray Train CPU workers (each taking one of a
+    step's two micro-batches; gradients summed): the same losses within float tolerance, the
+    adapter and manifest written alike, Ray's checkpoints kept in the run folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    from icma.core.corpus import write_corpus
+    from icma.core.settings import get_settings
+    from icma.tuning import tune
+    from tests.test_tuning import tiny_config
+
+    train = tmp_path / "train32.tsv"
+    write_corpus(chebi_val.subset(range(32), name="train32"), train)
+    cfg = dict(max_steps=6, save_steps=3, batch_size=4, grad_accum=2, lora_dropout=0.0)
+    local = tune(tiny_config(tiny_learner, train, "alone", **cfg), settings=get_settings(),
+                 data_dir=tmp_path / "a", adapters_dir=tmp_path / "a" / "adapters")
+    data_dir = tmp_path / "b"
+    flags = ["--task", "mol2cap", "--name", "together", "--base-model", str(tiny_learner),
+             "--train", str(train), "--retrieval", "morgan", "--n-shot", "2", "--cutoff", "512",
+             "--lora-r", "8", "--lora-alpha", "16", "--learning-rate", "2e-2",
+             "--warmup-steps", "0", "--max-steps", "6", "--save-steps", "3", "--batch-size",
+             "4", "--grad-accum", "2", "--lora-dropout", "0", "--seed", "1", "--data-dir",
+             str(data_dir), "--json", "--executor", "ray", "--num-workers", "2",
+             "--ray-address", ray_cluster]
+    done = subprocess.run([sys.executable, "-m", "icma", "tune", *flags], env=_env(data_dir),
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    on_ray = json.loads(done.stdout)
+    assert on_ray["training"]["device"] == "ray: 2 x cpu"
+    assert on_ray["training"]["steps"] == local["training"]["steps"] == 6
+    assert on_ray["training"]["losses"] == pytest.approx(local["training"]["losses"], rel=1e-4)
+    assert on_ray["training"]["tokens"] == local["training"]["tokens"]
+    assert on_ray["data"] == local["data"] and on_ray["prompt"] == local["prompt"]
+    a = load_file(tmp_path / "a" / "adapters" / "alone" / "adapter_model.safetensors")
+    b = load_file(data_dir / "adapters" / "together" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5) for k in a)
+    assert list((data_dir / "tuning" / "together" / "ray").rglob("trainable.pt"))

@@ -25,6 +25,15 @@ def add_parser(sub) -> None:
     tu.add_argument("--data-dir", type=Path, help="default ICMA_DATA_DIR")
     tu.add_argument("--adapters-dir", type=Path, help="default ICMA_ADAPTERS_DIR")
     tu.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")
+    tu.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: this process; ray: the same loop on --num-workers Ray Train "
+                         "workers (data-parallel; README 'Scaling out')")
+    tu.add_argument("--num-workers", type=int, default=2,
+                    help="ray: training processes (default 2)")
+    tu.add_argument("--use-gpu", action="store_true", help="ray: one GPU per worker")
+    tu.add_argument("--ray-address",
+                    help="ray: the cluster (default ICMA_RAY_ADDRESS, then RAY_ADDRESS, else a "
+                         "Ray runtime started here)")
     tu.add_argument("--job", help=argparse.SUPPRESS)  # the worker's tune jobs: this job's id
     tu.add_argument("--jobs-db", type=Path, help=argparse.SUPPRESS)
     _config_flags(tu)
@@ -106,7 +115,10 @@ def cmd_tune(args) -> int:
         progress = _TuneProgress(settings.progress)
         try:
             manifest = tune(cfg, settings=settings, data_dir=data_dir, adapters_dir=adapters_dir,
-                            on_progress=progress, should_stop=stop.is_set, restart=args.restart)
+                            on_progress=progress, should_stop=stop.is_set, restart=args.restart,
+                            executor=args.executor, num_workers=args.num_workers,
+                            use_gpu=args.use_gpu,
+                            ray_address=args.ray_address or settings.ray_address)
         except Stopped as exc:
             progress.close()
             print(f"icma: {exc}; run the same command again to resume", file=sys.stderr)

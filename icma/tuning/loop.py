@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from icma.core.errors import IcmaError, InputError
 from icma.tuning.batches import IGNORE, Tokenised, collate
@@ -44,6 +44,30 @@ ProgressFn = Callable[[dict], None]
 #: Micro-batches per window sorted by length (``group_by_length``): 16 leaves 2.5% padding on
 #: ChEBI-20 ICMT prompts (4: 8%, 64: 1%) while every window is still a random draw.
 GROUP_WINDOW = 16
+
+
+class DataParallel(Protocol):
+    """This process's part in a data-parallel run (``icma.tuning.ray_train``): which of a
+    step's micro-batches it takes, how the step's gradients and figures are summed over the
+    processes, and where checkpoints come from and go."""
+
+    rank: int
+    world: int
+
+    def share(self, batches: list) -> list: ...
+
+    def reduce(self, params, values: list[float]) -> list[float]:
+        """Sum every parameter's gradient over the processes, in place (a missing one counts
+        as zeros), and return ``values`` summed over them too."""
+        ...
+
+    def restored(self) -> Path | None:
+        """A checkpoint to resume from that the run's framework kept (None: none)."""
+        ...
+
+    def saved(self, path: Path | None, metrics: dict) -> None:
+        """Called by every process after each checkpoint; ``path`` on rank 0 only."""
+        ...
 
 
 class Stopped(IcmaError):
@@ -127,7 +151,14 @@ class TrainResult:
 def train(net, data: Sequence[Tokenised], cfg, run_dir: Path, *, device: str,
           precision: str, pad_id: int, fingerprint: dict,
           on_progress: ProgressFn | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None,
+          parallel: DataParallel | None = None) -> TrainResult:
+    """Train ``net`` on ``data`` to ``cfg``'s end, checkpointing into ``run_dir`` and resuming
+    from its latest checkpoint. ``parallel``: one of several processes, each taking its share of
+    every step's micro-batches; their gradients are summed before the update, so each update is
+    the single-process update (the loss of a step is normalised by the whole step's answer
+    tokens either way). The sum is done by hand rather than by a DDP wrapper because the
+    head-on-labels forward (``_head_split``) calls the decoder past any wrapper."""
     import torch
 
     sched = Schedule.plan(len(data), cfg, [len(e.input_ids) for e in data])
@@ -141,7 +172,8 @@ def train(net, data: Sequence[Tokenised], cfg, run_dir: Path, *, device: str,
     scaler = torch.amp.GradScaler("cuda") if precision == "float16" else None
     ckpt_root = run_dir / "checkpoints"
     state = {"step": 0, "losses": [], "tokens": 0, "wall_s": 0.0}
-    resumed = latest_checkpoint(ckpt_root)
+    resumed = (parallel.restored() if parallel else None) or latest_checkpoint(ckpt_root)
+    writes = parallel is None or parallel.rank == 0  # one process writes the checkpoints
     if resumed is not None:
         state = load_checkpoint(resumed, net, opt, lr_sched, fingerprint, sched, device)
         log.info("resuming from %s (step %d of %d)", resumed.name, state["step"],
@@ -156,8 +188,8 @@ def train(net, data: Sequence[Tokenised], cfg, run_dir: Path, *, device: str,
         t0 = time.perf_counter()
         batches = [[data[i] for i in idx] for idx in sched.micro_batches(step, cfg.seed)]
         n_label = sum(sum(1 for x in e.labels if x != IGNORE) for b in batches for e in b)
-        total = 0.0
-        for batch in batches:
+        total, step_tokens = 0.0, 0
+        for batch in (parallel.share(batches) if parallel else batches):
             enc = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
             with torch.autocast(device.split(":")[0], dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
@@ -165,7 +197,10 @@ def train(net, data: Sequence[Tokenised], cfg, run_dir: Path, *, device: str,
             loss = loss_sum / max(n_label, 1)
             (scaler.scale(loss) if scaler else loss).backward()
             total += float(loss.detach())
-            tokens_session += int(enc["attention_mask"].sum())
+            step_tokens += int(enc["attention_mask"].sum())
+        if parallel:
+            total, step_tokens = parallel.reduce(params.values(), [total, step_tokens])
+        tokens_session += int(step_tokens)
         if scaler:
             scaler.unscale_(opt)
         if cfg.max_grad_norm:
@@ -185,9 +220,12 @@ def train(net, data: Sequence[Tokenised], cfg, run_dir: Path, *, device: str,
         elapsed = time.perf_counter() - t_session
         stopping = bool(should_stop and should_stop())
         if done % cfg.save_steps == 0 or done == sched.total_steps or stopping:
-            save_checkpoint(ckpt_root, done, net, opt, lr_sched, fingerprint, sched,
-                            {**state, "step": done,
-                             "tokens": state["tokens"] + tokens_session}, cfg.keep_checkpoints)
+            path = save_checkpoint(ckpt_root, done, net, opt, lr_sched, fingerprint, sched,
+                                   {**state, "step": done,
+                                    "tokens": state["tokens"] + tokens_session},
+                                   cfg.keep_checkpoints) if writes else None
+            if parallel:
+                parallel.saved(path, {"step": done, "loss": total})
         if on_progress and (done % cfg.log_steps == 0 or done == sched.total_steps):
             rate = (done - start_step) / elapsed
             on_progress({"phase": "training", "step": done, "total_steps": sched.total_steps,

@@ -58,13 +58,22 @@ class Plan:
 def tune(cfg: TuneConfig, *, settings: Settings, data_dir: str | Path | None = None,
          adapters_dir: str | Path | None = None, on_progress: ProgressFn | None = None,
          should_stop: Callable[[], bool] | None = None, restart: bool = False,
-         sources: Sources | None = None) -> dict:
+         sources: Sources | None = None, executor: str = "local", num_workers: int = 2,
+         use_gpu: bool = False, ray_address: str | None = None) -> dict:
     """Run ``cfg`` to its end; returns the manifest. Raises InputError (before any training)
     for anything wrong with the input, ``Stopped`` when ``should_stop`` ended it early.
     ``data_dir`` and ``adapters_dir`` default to the settings'; the shipped base model is
     converted into the settings' data directory, the engine that evaluates loads with them.
     ``sources`` is the rule for the corpora and the base model (default: the command line's,
-    local paths allowed; a tune job passes its own)."""
+    local paths allowed; a tune job passes its own). ``executor`` ``ray``: the loop on
+    ``num_workers`` Ray Train workers (``icma.tuning.ray_train``; on GPUs with ``use_gpu``) of
+    the cluster at ``ray_address``; the result is saved as a local run's is."""
+    if executor not in ("local", "ray"):
+        raise InputError(f"unknown executor {executor!r}; use local or ray", field="executor")
+    if num_workers < 1:
+        raise InputError("must be at least 1", field="num_workers")
+    distributed = {"num_workers": num_workers, "use_gpu": use_gpu,
+                   "ray_address": ray_address} if executor == "ray" else None
     data_dir = Path(data_dir or settings.data_dir)
     sources = sources or Sources(data_dir, settings.data_dir,
                                  allow_downloads=settings.allow_model_downloads)
@@ -76,7 +85,8 @@ def tune(cfg: TuneConfig, *, settings: Settings, data_dir: str | Path | None = N
                          f"delete it", field="name")
     try:
         with locked(data_dir / "tuning" / f".{cfg.name}.lock", wait=False):
-            return _tune(cfg, data_dir, plan, report, should_stop, restart, settings, sources)
+            return _tune(cfg, data_dir, plan, report, should_stop, restart, settings, sources,
+                         distributed)
     except BlockingIOError:
         raise InputError(f"a run named {cfg.name!r} is in progress already", field="name") \
             from None
@@ -89,7 +99,7 @@ def check_sources(cfg: TuneConfig, sources: Sources) -> None:
 
 
 def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, restart,
-          settings: Settings, sources: Sources) -> dict:
+          settings: Settings, sources: Sources, distributed: dict | None = None) -> dict:
     import torch
 
     from icma.retrieval.cache import cached_index
@@ -137,13 +147,31 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
     _write_preview(plan.run_dir / "examples-preview.jsonl", data.examples[:20])
 
     report({"phase": "loading model", **stats})
-    torch.manual_seed(cfg.seed)  # LoRA's random initialisation
-    net = load_model(cfg, base_path, device, precision)
     fingerprint = {**cfg.fingerprint(), "data_sha256": data_sha,
                    "base_model_sha256": folder_checksum(base_path)}
-    result = train(net, data.examples, cfg, plan.run_dir, device=device, precision=precision,
-                   pad_id=tokenizer.pad_token_id, fingerprint=fingerprint,
-                   on_progress=report, should_stop=should_stop)
+    if distributed:
+        from icma.tuning.model import trainable
+        from icma.tuning.ray_train import train_on_ray
+
+        on = "cuda" if distributed["use_gpu"] else "cpu"
+        precision = pick_precision(cfg.precision, on)
+        report({"phase": "training on Ray", "workers": distributed["num_workers"]})
+        result, weights = train_on_ray(data.examples, cfg, plan.run_dir, base_path=base_path,
+                                       precision=precision, pad_id=tokenizer.pad_token_id,
+                                       fingerprint=fingerprint, **distributed)
+        torch.manual_seed(cfg.seed)
+        net = load_model(cfg, base_path, "cpu", "float32")  # to save what the workers trained
+        with torch.no_grad():
+            for k, v in trainable(net).items():
+                v.copy_(weights[k])
+        trained_on = f"ray: {distributed['num_workers']} x {on}"
+    else:
+        torch.manual_seed(cfg.seed)  # LoRA's random initialisation
+        net = load_model(cfg, base_path, device, precision)
+        result = train(net, data.examples, cfg, plan.run_dir, device=device,
+                       precision=precision, pad_id=tokenizer.pad_token_id,
+                       fingerprint=fingerprint, on_progress=report, should_stop=should_stop)
+        trained_on = device
 
     report({"phase": "saving"})
     manifest = {
@@ -164,7 +192,7 @@ def _tune(cfg, data_dir: Path, plan: Plan, report: ProgressFn, should_stop, rest
                      "first_loss": result.losses[0], "final_loss": result.losses[-1],
                      "losses": result.losses, "tokens": result.tokens, "wall_s": result.wall_s,
                      "resumed_from_step": result.resumed_from, "this_session": result.session,
-                     "device": device, "precision": precision,
+                     "device": trained_on, "precision": precision,
                      "parameters": count_parameters(net)},
         "evaluation": None, "icma_version": __version__, "created": time.time(),
     }
