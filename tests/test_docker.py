@@ -223,13 +223,15 @@ def with_defaults(value):
 def test_compose_services():
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"retrieval", "worker", "worker-cpu", "vllm", "worker-openai"}
+    assert set(services) == {"retrieval", "worker", "worker-cpu", "vllm", "worker-openai",
+                             *RAY_SERVICES}
     declared = set(doc["volumes"])
     images = {"docker/retrieval.Dockerfile": stages(REPO / "docker/retrieval.Dockerfile"),
               "docker/worker.Dockerfile": worker_stages()}
-    ports = {"retrieval": 8001, "worker": 8000, "worker-cpu": 8000, "worker-openai": 8000}
+    ports = {"retrieval": 8001, "worker": 8000, "worker-cpu": 8000, "worker-openai": 8000,
+             "worker-ray": 8000}
     for name, svc in services.items():
-        if name == "vllm":  # vLLM's own image: test_compose_openai_profile
+        if name in ("vllm", "ray-head", "ray-gpu-worker"):  # not icma services: their own tests
             continue
         build = svc["build"]
         assert (REPO / build["context"]).resolve() == REPO
@@ -248,14 +250,15 @@ def test_compose_services():
         assert set(mounts.values()) <= declared, name
         environment = svc["environment"]
         for var, value in environment.items():
-            check_setting(var, with_defaults(value))
+            if not var.startswith("RAY_"):  # (Ray's own: test_compose_ray_profile)
+                check_setting(var, with_defaults(value))
         # the paths the settings name lie on the volumes
         assert environment["ICMA_DATA_DIR"] in mounts
         # the API key passes through from the shell or .env, never a default written here
         assert environment["ICMA_API_KEY"] is None
-    for name in ("worker", "worker-cpu", "worker-openai"):
+    for name in ("worker", "worker-cpu", "worker-openai", "worker-ray"):
         svc, environment = services[name], services[name]["environment"]
-        assert svc["depends_on"] == {"retrieval": {"condition": "service_healthy"}}
+        assert svc["depends_on"]["retrieval"] == {"condition": "service_healthy"}
         assert environment["ICMA_RETRIEVAL_URL"] == f"http://retrieval:{ports['retrieval']}"
         mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
         assert environment["ICMA_ADAPTERS_DIR"] in mounts
@@ -312,26 +315,106 @@ def compose_command() -> list[str]:
     return [tool]
 
 
+RAY_SERVICES = ("ray-head", "ray-gpu-worker", "worker-ray")
+
+
+def test_compose_ray_profile():
+    """A Ray head, a GPU node and the worker as their client, only in the `ray` profile: one
+    image built with the ray extra, the same token on every Ray process, the worker's volumes
+    at the worker's paths on the nodes, the worker's jobs sent to the head."""
+    services = compose()["services"]
+    head, node, client = (services[n] for n in RAY_SERVICES)
+    assert all(s["profiles"] == ["ray"] for s in (head, node, client))
+    for svc in (head, node, client):
+        assert svc["image"] == "icma-worker-ray"
+        assert svc["build"]["args"] == {"WITH_RAY": "true"} and svc["build"]["target"] == "gpu"
+        assert svc["environment"]["RAY_AUTH_MODE"] == "token"
+        assert svc["environment"]["RAY_AUTH_TOKEN"] is None  # passed through, never written
+    assert worker_stages()["gpu"] and 'ARG WITH_RAY=false' in \
+        (REPO / "docker/worker.Dockerfile").read_text()
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--port=6379" in head["command"]
+    assert node["command"] == ["ray", "start", "--address=ray-head:6379", "--block"]
+    assert node["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert "deploy" not in head and "deploy" not in client
+    env_ = client["environment"]
+    assert (env_["ICMA_JOB_EXECUTOR"], env_["ICMA_RAY_ADDRESS"]) == ("ray", "ray-head:6379")
+    assert client["depends_on"]["ray-head"] == {"condition": "service_healthy"}
+    client_mounts = {m.split(":")[0]: m.split(":")[1] for m in client["volumes"]}
+    for svc in (head, node):
+        for m in svc["volumes"]:
+            volume, path = m.split(":")[:2]
+            assert client_mounts[volume] == path  # same files at the same paths
+        assert svc["environment"]["ICMA_DATA_DIR"] == env_["ICMA_DATA_DIR"]
+
+
 def test_compose_file_is_valid():
     """A real compose implementation reads the file (schema, merge keys, interpolation) and
     prints it resolved, with no engine: the resolved services are the ones written."""
     # A clean environment: the defaults written in the file are what gets checked.
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
     clean["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"  # proves no engine is asked
-    run = subprocess.run([*compose_command(), "--profile", "cpu", "--profile", "openai", "-f",
-                          str(COMPOSE), "config"],
+    run = subprocess.run([*compose_command(), "--profile", "cpu", "--profile", "openai",
+                          "--profile", "ray", "-f", str(COMPOSE), "config"],
                          cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     resolved = yaml.safe_load(run.stdout)["services"]
-    assert set(resolved) == {"retrieval", "worker", "worker-cpu", "vllm", "worker-openai"}
+    assert set(resolved) == {"retrieval", "worker", "worker-cpu", "vllm", "worker-openai",
+                             *RAY_SERVICES}
     assert resolved["vllm"]["command"].split()[:4] == [
         "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--served-model-name", "smollm2"]
     devices = resolved["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
     assert "deploy" not in resolved["worker-cpu"]
-    for name in ("worker", "worker-cpu", "worker-openai"):
+    for name in ("worker", "worker-cpu", "worker-openai", "worker-ray"):
         assert resolved[name]["depends_on"]["retrieval"]["condition"] == "service_healthy"
         environment = resolved[name]["environment"]
         assert environment["ICMA_RETRIEVAL_URL"] == "http://retrieval:8001"
         for var, value in environment.items():
-            check_setting(var, value)
+            if not var.startswith("RAY_"):
+                check_setting(var, value)
+    assert resolved["ray-gpu-worker"]["depends_on"]["ray-head"]["condition"] == \
+        "service_healthy"
+
+
+# --- deploy/kuberay ---------------------------------------------------------------------------
+
+KUBERAY = sorted((REPO / "deploy/kuberay").glob("*rayjob.yaml"))
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_rayjobs(path):
+    """The RayJob examples: their entrypoints are commands icma's own parser accepts, on
+    Ray (--executor ray), with no address (KubeRay's RAY_ADDRESS); the Ray version is icma's
+    pin; token authentication; every pod mounts the data volume where ICMA_DATA_DIR points."""
+    import shlex
+    import tomllib
+
+    from icma.cli import build_parser
+
+    job = yaml.safe_load(path.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "icma"
+    args = build_parser().parse_args(argv[1:])
+    assert args.executor == "ray" and args.ray_address is None
+    pin = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["ray"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert pin == [f"ray[data,train]=={cluster['rayVersion']}"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    pvc = yaml.safe_load((REPO / "deploy/kuberay/icma-data-pvc.yaml").read_text())
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + \
+        [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        for c in pod["containers"]:
+            environment = {e["name"]: e["value"] for e in c["env"]}
+            for var, value in environment.items():
+                check_setting(var, value)
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert claims[mounts[environment["ICMA_DATA_DIR"]]] == pvc["metadata"]["name"]
+            assert c["image"] == "icma-worker-ray:latest"
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in
+               cluster["workerGroupSpecs"] for c in g["template"]["spec"]["containers"])
