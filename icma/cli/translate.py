@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
                          "(retrieval actors, then generation actors; README 'Scaling out')")
     tr.add_argument("--ray-address",
                     help="ray: the cluster (ray://HOST:10001, or HOST:6379 on one of its "
-                         "nodes; default ICMA_RAY_ADDRESS, then RAY_ADDRESS, else a Ray "
-                         "runtime started here)")
+                         "nodes; auto: the one running on this machine; default "
+                         "ICMA_RAY_ADDRESS, then RAY_ADDRESS, else a Ray runtime started here)")
     tr.add_argument("--engine", help=ENGINE_HELP)
     tr.add_argument("--model", help="LLM folder or hub id (default ICMA_LLM_MODEL)")
     openai_flags(tr)

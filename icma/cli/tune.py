@@ -32,8 +32,9 @@ def add_parser(sub) -> None:
                     help="ray: training processes (default 2)")
     tu.add_argument("--use-gpu", action="store_true", help="ray: one GPU per worker")
     tu.add_argument("--ray-address",
-                    help="ray: the cluster (default ICMA_RAY_ADDRESS, then RAY_ADDRESS, else a "
-                         "Ray runtime started here)")
+                    help="ray: the cluster (HOST:6379, ray://HOST:10001, or auto: the one "
+                         "running on this machine; default ICMA_RAY_ADDRESS, then RAY_ADDRESS, "
+                         "else a Ray runtime started here)")
     tu.add_argument("--job", help=argparse.SUPPRESS)  # the worker's tune jobs: this job's id
     tu.add_argument("--jobs-db", type=Path, help=argparse.SUPPRESS)
     _config_flags(tu)

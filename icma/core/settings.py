@@ -242,9 +242,9 @@ class Settings(BaseSettings):
                     "extra).")
     ray_address: str | None = Field(
         default=None,
-        description="The Ray cluster for the ray executor (ray://HOST:10001, or HOST:6379 from "
-                    "a node of the cluster); unset: RAY_ADDRESS, else a Ray runtime started "
-                    "on this machine.")
+        description="The Ray cluster for the ray executor (ray://HOST:10001, HOST:6379 from "
+                    "a node of the cluster, or auto: the one running on this machine); unset: "
+                    "RAY_ADDRESS, else a Ray runtime started on this machine.")
     ray_retrieval_actors: int = Field(
         default=1, ge=1,
         description="ray executor: actors that retrieve examples (each loads the indexes once).")

@@ -69,8 +69,9 @@ class Parts:
 
 
 def connect(address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (None: RAY_ADDRESS, else start one here). A cluster
-    that cannot be reached is an ``UnavailableError`` naming the address."""
+    """Join the Ray cluster at ``address`` (None: RAY_ADDRESS, else start one here; ``auto``:
+    the cluster running on this machine). A cluster that cannot be reached is an
+    ``UnavailableError`` naming the address."""
     try:
         import ray
     except ImportError:
@@ -78,7 +79,10 @@ def connect(address: str | None) -> None:
                                field="executor") from None
     if ray.is_initialized():
         return
-    _check_reachable(address or os.environ.get("RAY_ADDRESS"))
+    # No address: RAY_ADDRESS, else a runtime of our own ("local"; Ray's own default would
+    # try a cluster it once recorded in /tmp/ray, and wait minutes when that one is gone).
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    _check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=False)
