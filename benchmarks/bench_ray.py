@@ -38,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from icma.core.settings import get_settings
-    from icma.jobs.ray_executor import connect
+    from icma.core.ray_cluster import connect
     from icma.jobs.translate_file import translate_file
 
     os.environ.setdefault("ICMA_PROGRESS", "false")

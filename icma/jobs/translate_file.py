@@ -88,7 +88,7 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
     if as_parquet:
         _pyarrow("--output")
     if executor == "ray":
-        from icma.jobs.ray_executor import connect
+        from icma.core.ray_cluster import connect
 
         settings = settings.model_copy(update={"ray_address": ray_address
                                                or settings.ray_address})

@@ -112,7 +112,7 @@ def train_on_ray(data, cfg, run_dir: Path, *, base_path: str, precision: str, pa
     weights (the final checkpoint's ``trainable.pt``)."""
     import torch
 
-    from icma.jobs.ray_executor import connect
+    from icma.core.ray_cluster import connect
 
     connect(ray_address)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
