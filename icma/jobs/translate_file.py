@@ -114,6 +114,13 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
             store.set_state(job_id, "queued", "resumed", only_from=("running", "cancelled",
                                                                     "failed", "queued"))
         before = job.done  # results of an earlier, interrupted run: not redone
+        eng = None
+        if job.done < job.total and executor == "local":  # (its errors before any bar)
+            eng = load_engine(engine or settings.engine, settings=settings, model=model)
+            if retrieval_url:
+                retriever = HttpRetriever.from_settings(settings, base_url=retrieval_url)
+            else:
+                retriever = LocalRetriever(settings, [options.retrieval.method_for(task)])
         bar = _bar(job, progress if progress is not None else settings.progress)
         size = batch_size or settings.job_batch_size
         shown = (lambda j: bar.update(j.done - bar.n)) if bar else None
@@ -131,11 +138,6 @@ def translate_file(task: str, input: Path, output: Path, *, settings: Settings,
             if job.done == job.total:
                 store.set_state(job_id, "succeeded", None, only_from=("running",))
         else:
-            eng = load_engine(engine or settings.engine, settings=settings, model=model)
-            if retrieval_url:
-                retriever = HttpRetriever.from_settings(settings, base_url=retrieval_url)
-            else:
-                retriever = LocalRetriever(settings, [options.retrieval.method_for(task)])
             runner = JobRunner(store, batch_translator(retriever, eng, lambda t, raw: options),
                                batch_size=size, on_progress=shown)
             job = runner.run_job(store.get(job_id))
