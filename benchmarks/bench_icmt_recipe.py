@@ -20,7 +20,7 @@ committed as they come: a fresh checkout (whose ``.bench-icmt-recipe/`` is empty
 arm scored so far and trains only what is missing.
 
     .venv/bin/python benchmarks/bench_icmt_recipe.py --task mol2cap --arms icma,lr1e-3 \\
-        [--dev 200] [--every 50] [--epochs 2] [--report-only]
+        [--dev 200] [--every 50] [--epochs 2] [--precision float32] [--report-only]
 
 Results: ``benchmarks/results/icmt_recipe_<task>.md`` and ``.png``.
 
@@ -30,6 +30,14 @@ of the small-scale comparisons, each arm's mean difference from ``icma`` over th
 above +0.005, else ICMA's; between arms within 0.005 of each other the cheaper one per step
 wins (``nodrop`` over ``icma``). ``naive-sft`` and ``ranked`` are the paper's ablations, not
 candidates. cap2mol runs ``icma``, the ablations and mol2cap's winning change.
+
+Precision (added 2026-11-28, before any float32 arm was scored): the first arms trained and
+decoded in bfloat16 autocast on a CPU with AMX. On a CPU without bfloat16 hardware torch's
+bfloat16 matmul is ~70x slower than float32 (``matmul_amd-epyc.md``), so arms run there in
+float32 (``--precision float32``, run names ending ``-fp32``). An arm is only ever compared with
+ICMA's recipe trained and decoded in the same precision at the same steps (``icma-s40-fp32``
+is the float32 reference), and the selection rule above reads each arm's difference from that
+reference.
 """
 
 from __future__ import annotations
@@ -55,14 +63,15 @@ MAX_NEW_TOKENS = 160
 #: ICMA's recipe (icma-method.md section 4) as this machine can afford it: LoRA r 32 / alpha 64
 #: on every Linear but the head, AdamW 2e-4, effective batch 32, loss on the answer only, the
 #: task's ICMA examples (2 graph / 4 BM25), reversed order, cutoff 2048 (keeps 3,288 / 3,223 of
-#: 3,301 examples: icmt_lengths.md), bf16 autocast. The comparisons run at small scale, the
+#: 3,301 examples: icmt_lengths.md), bf16 autocast (float32 on CPUs without bf16 hardware). The comparisons run at small scale, the
 #: same steps for every arm (``--steps`` of ``SMALL`` prompts each): on two cores ICMA's
 #: effective batch of 32 for an epoch of val-train is hours per arm. Micro-batches of 2: what a
 #: step keeps for its backward pass is about 1.2 MB per token on SmolLM2 with LoRA (30 layers of
 #: activations, dropped LoRA inputs and masks), and 4 prompts of up to 2,000 tokens (13.6 GB)
 #: were killed for memory beside other work on this 24 GB machine.
 BASE = {"lora_r": 32, "lora_alpha": 64, "learning_rate": 2e-4, "batch_size": 2,
-        "grad_accum": 16, "cutoff": 2048, "precision": "bfloat16", "seed": 42}
+        "grad_accum": 16, "cutoff": 2048, "seed": 42}
+PRECISION = "bfloat16"  # of the arms this run trains and scores (--precision)
 SMALL = {"grad_accum": 8}  # effective batch 16 for the small-scale comparisons
 ARMS = {
     "icma": {},
@@ -105,12 +114,14 @@ def prepare() -> None:
 
 def env() -> dict:
     return {**os.environ, "ICMA_DATA_DIR": str(WORK), "ICMA_PROGRESS": "false",
-            "ICMA_ADAPTERS_DIR": str(WORK / "adapters"), "ICMA_LLM_DTYPE": "bfloat16"}
+            "ICMA_ADAPTERS_DIR": str(WORK / "adapters"), "ICMA_LLM_DTYPE": PRECISION}
 
 
 def run_name(task: str, arm: str, steps: int | None = None) -> str:
-    """``mol2cap-icma``; a small-scale comparison run ``mol2cap-icma-s40``."""
-    return f"{task}-{arm}" + (f"-s{steps}" if steps else "")
+    """``mol2cap-icma``; a small-scale comparison run ``mol2cap-icma-s40``; in float32
+    ``mol2cap-icma-s40-fp32``."""
+    return (f"{task}-{arm}" + (f"-s{steps}" if steps else "")
+            + ("-fp32" if PRECISION == "float32" else ""))
 
 
 def options(task: str, arm: str, epochs: float, every: int, steps: int | None = None) -> dict:
@@ -118,7 +129,7 @@ def options(task: str, arm: str, epochs: float, every: int, steps: int | None = 
     batches, that many optimiser steps); else ``epochs`` of ICMA's batches."""
     length = {**SMALL, "max_steps": steps} if steps else {"epochs": epochs}
     return {"task": task, "name": run_name(task, arm, steps), "train": "val-train", **BASE,
-            **ARMS[arm], **length, "save_steps": every, "keep_checkpoints": 1000}
+            "precision": PRECISION, **ARMS[arm], **length, "save_steps": every, "keep_checkpoints": 1000}
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -160,8 +171,9 @@ def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
                         "eval": "val-dev", "eval_limit": n, "eval_decoding": "greedy",
                         "eval_max_new_tokens": MAX_NEW_TOKENS})
     # Speculation off: the arms were first scored without it, and in bfloat16 a pass over
-    # several positions rounds differently now and then; every checkpoint is scored alike.
-    settings = Settings(data_dir=WORK, llm_dtype="bfloat16", progress=False,
+    # several positions rounds differently now and then; every checkpoint is scored alike,
+    # in the precision its arm trained in.
+    settings = Settings(data_dir=WORK, llm_dtype=cfg.precision, progress=False,
                         speculative_tokens=0)
     base = resolve_model(cfg.base_model, WORK)
     out = WORK / "exported" / name / ckpt.name
@@ -267,15 +279,22 @@ def save_results(task: str, res: dict) -> None:
 
 
 def report(task: str, res: dict, n: int) -> str:
+    n = (res.get("nearest_neighbour", {}).get("metrics") or {}).get("n", n)  # as scored
+    where = {}
+    for arm, data in res["arms"].items():
+        where.setdefault(data.get("machine", "unrecorded"), []).append(arm)
     lines = [f"# ICMT recipe on a dev slice: {task}", "",
-             f"{machine()}; commit {git_commit()}. Produced by "
-             "`benchmarks/bench_icmt_recipe.py`.", "",
+             f"Report written on {machine()}; commit {git_commit()}. Produced by "
+             "`benchmarks/bench_icmt_recipe.py`. Arms trained and scored on: "
+             + "; ".join(f"{m} ({', '.join(arms)})" for m, arms in where.items()) + ".", "",
              f"Protocol: ChEBI-20 validation split cut by a seeded shuffle (seed {SPLIT_SEED}) "
              f"into val-train ({3301 - DEV} pairs: training records and the database their "
              f"contexts and the dev queries retrieve from) and val-dev ({DEV} pairs, never "
              f"trained on); the first {n} dev queries, greedy decoding, at most "
              f"{MAX_NEW_TOKENS} new tokens, MolT5's metrics. The test split is not used. Shared "
-             f"settings: {json.dumps(BASE)}; each arm changes what its row says. Arms named "
+             f"settings: {json.dumps(BASE)}; each arm trains and decodes in the precision its row "
+             f"names (bfloat16 autocast on a CPU with AMX; float32, run names ending `-fp32`, on "
+             f"CPUs without bfloat16 hardware) and changes what its row says. Arms named "
              f"`-sN` are the small-scale comparisons: N optimiser steps with "
              f"{json.dumps(SMALL)} (effective batch {BASE['batch_size'] * SMALL['grad_accum']}),"
              f" the same data order for every arm. Dev decoding takes ~5 minutes per point.", ""]
@@ -286,27 +305,32 @@ def report(task: str, res: dict, n: int) -> str:
 
 def final_table(task: str, res: dict) -> list[str]:
     """Each arm's last checkpoint against the nearest neighbour and against ICMA's recipe at
-    the same step (the comparison the recipe is chosen by)."""
+    the same step in the same precision (the comparison the recipe is chosen by)."""
     heads = HEADLINE[task]
     nn = res.get("nearest_neighbour", {}).get("metrics") or {}
     last = {arm: max(d["curve"], key=lambda p: p["step"]) for arm, d in res["arms"].items()
             if d.get("curve")}
-    ref = next((p for arm, p in last.items() if res["arms"][arm].get("arm", arm) == "icma"),
-               None)
-    lines = ["| arm | change | step | " + " | ".join(heads) + " | "
+
+    def kind(arm: str) -> tuple:
+        o = res["arms"][arm].get("options", {})
+        return o.get("precision", "bfloat16"), o.get("max_steps"), o.get("epochs")
+
+    refs = {kind(arm): p for arm, p in last.items() if res["arms"][arm].get("arm", arm) == "icma"}
+    lines = ["| arm | change | precision | step | " + " | ".join(heads) + " | "
              + " | ".join(f"{h} vs icma" for h in heads) + " |",
-             "| --- | --- | ---: | " + " | ".join("---:" for _ in heads * 2) + " |"]
+             "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in heads * 2) + " |"]
     if nn:
-        lines.append("| nearest neighbour | | | " + " | ".join(_fmt(nn.get(h)) for h in heads)
+        lines.append("| nearest neighbour | | | | " + " | ".join(_fmt(nn.get(h)) for h in heads)
                      + " |" + " |" * len(heads))
     for arm, p in last.items():
         m = p.get("metrics") or {}
+        ref = refs.get(kind(arm))
         r = (ref or {}).get("metrics") or {}
         deltas = [f"{m[h] - r[h]:+.3f}" if ref is not None and ref["step"] == p["step"]
                   and isinstance(m.get(h), float) and isinstance(r.get(h), float) else ""
                   for h in heads]
         lines.append(f"| {arm} | {json.dumps(ARMS.get(res['arms'][arm].get('arm', arm), {}))} "
-                     f"| {p['step']} | " + " | ".join(_fmt(m.get(h)) for h in heads) + " | "
+                     f"| {kind(arm)[0]} | {p['step']} | " + " | ".join(_fmt(m.get(h)) for h in heads) + " | "
                      + " | ".join(deltas) + " |")
     return lines
 
@@ -361,7 +385,7 @@ def plot(task: str, res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    global WORK
+    global WORK, PRECISION
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=["mol2cap", "cap2mol"], required=True)
     ap.add_argument("--arms", default="icma", help="comma-separated: " + ", ".join(ARMS))
@@ -378,8 +402,14 @@ def main() -> None:
     ap.add_argument("--ship-to", type=Path, default=REPO / "icma" / "data" / "adapters")
     ap.add_argument("--work", type=Path, default=WORK, help="where runs and results are kept "
                                                            "(a smoke test uses another)")
+    ap.add_argument("--precision", choices=["bfloat16", "float32"],
+                    help="what the arms train and decode in (default: bfloat16 where the CPU "
+                         "multiplies it in hardware, else float32)")
     args = ap.parse_args()
-    WORK = args.work
+    from icma.evaluation.machine import cpu_has_fast_bf16
+
+    WORK, PRECISION = args.work, args.precision or ("bfloat16" if cpu_has_fast_bf16()
+                                                    else "float32")
     prepare()
     if args.ship:
         label, _, name = args.ship.partition("=")
@@ -412,6 +442,7 @@ def main() -> None:
                                        / (3301 - DEV), 2)
                 point["loss"] = state["losses"][-1] if state.get("losses") else None
                 data["curve"].append(point)
+                data["machine"] = machine().rsplit(",", 3)[0]  # the CPU, without the date
                 save_results(args.task, res)
             data["complete"] = True
             save_results(args.task, res)

@@ -3,7 +3,7 @@
 Starts vLLM's OpenAI-compatible server (from .venv-vllm) with the shipped SmolLM2-135M-Instruct
 on 127.0.0.1, then runs ``icma bench quality --engine openai --molregpt`` against it: the
 nearest-neighbour rows, the untuned model with ICMA's prompt (2 graph / 4 BM25 examples,
-completions API) and MolReGPT's (10 rdkit / BM25 examples, chat messages, JSON answers, chat
+completions API, within the 2,048-token budget counted by the model's tokenizer) and MolReGPT's (10 rdkit / BM25 examples, chat messages, JSON answers, chat
 API; a prompt over the server's 2,048-token context goes again without its longest example),
 on the first ``--limit`` test queries, greedy. The answers are kept as they come, in
 ``benchmarks/results/molregpt/answers/`` (committed: the raw outputs, like MolReGPT's released
@@ -60,6 +60,10 @@ def main() -> None:
     # On two shared cores a request can wait minutes for the server; one that times out is
     # sent again while the server still works on the first copy, which only adds work.
     os.environ.setdefault("ICMA_OPENAI_TIMEOUT_S", "3600")
+    # The served model's own tokenizer: ICMA's prompts keep to their 2,048-token budget by
+    # dropping the lowest-ranked examples (without it a long 4-example cap2mol prompt was
+    # refused and ended the run); MolReGPT's chat prompts keep its remedy.
+    os.environ.setdefault("ICMA_OPENAI_TOKENIZER", str(model))
     get_settings.cache_clear()
     try:
         code = cli_main(["bench", "quality", "--protocol", "chebi20-val-test",
