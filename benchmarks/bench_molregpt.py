@@ -53,10 +53,16 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    lora = []
+    shipped = get_settings().shipped_adapters_dir
+    if shipped is not None and any(shipped.glob("*/icma-adapter.json")):
+        # a shipped default adapter gets its (ICMT) rows: the engine loads it into the server
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+        lora = ["--enable-lora", "--max-lora-rank", "32"]
     server = spawn_vllm_openai(REPO / ".venv-vllm/bin/python", model, port=port,
                                served_name=MODEL, env=env, log=WORK / "server.log",
                                args=["--dtype", args.dtype, "--max-model-len", "2048",
-                                     "--seed", "0", "--enforce-eager"])
+                                     "--seed", "0", "--enforce-eager", *lora])
     # On two shared cores a request can wait minutes for the server; one that times out is
     # sent again while the server still works on the first copy, which only adds work.
     os.environ.setdefault("ICMA_OPENAI_TIMEOUT_S", "3600")
@@ -70,6 +76,8 @@ def main() -> None:
                          "--limit", str(args.limit), "--engine", "openai",
                          "--openai-base-url", f"http://127.0.0.1:{port}/v1",
                          "--openai-model", MODEL, "--molregpt", "--no-zero-shot",
+                         # the report's weights: the server's (the engine cannot see them)
+                         "--dtype", args.dtype,
                          "--decodings", args.decodings, "--answers", str(ANSWERS),
                          "--out", str(RESULTS / "molregpt")])
     finally:
