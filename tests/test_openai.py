@@ -316,6 +316,9 @@ def test_quality_rows_for_molregpt_beside_icmas(vllm_server, tmp_path, monkeypat
     assert set(llm) == {"LLM 2-shot (graph), untuned, greedy",
                         "MolReGPT 10-shot (rdkit), untuned, greedy"}
     assert all(r["n"] == 2 and r["model"] == MODEL for r in llm.values())
+    # the server's weights are not the client's to name: the report says whose they are
+    report = (tmp_path / "out/quality-chebi20-val-test.md").read_text()
+    assert f"model {MODEL} (the server's weights)" in report
 
 
 def test_a_known_tokenizer_fits_prompts_to_the_budget_before_sending(vllm_server, smollm2,

@@ -63,7 +63,8 @@ def add_parser(sub) -> None:
     bq.add_argument("--model", help="LLM (default: ICMA_LLM_MODEL, the shipped SmolLM2)")
     bq.add_argument("--adapter", action="append", default=[],
                     help="a tuned LoRA adapter folder (repeatable): one more row each")
-    bq.add_argument("--dtype", help="LLM weights: float32 | bfloat16 (default ICMA_LLM_DTYPE)")
+    bq.add_argument("--dtype", help="LLM weights: float32 | bfloat16 (default ICMA_LLM_DTYPE); "
+                    "--engine openai: the server's, as the report should name them")
     bq.add_argument("--max-new-tokens", type=int, default=256, help="per answer (ICMA: 256)")
     bq.add_argument("--no-llm", action="store_true", help="nearest-neighbour rows only")
     bq.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot rows")
@@ -146,7 +147,9 @@ def cmd_bench_quality(args) -> int:
         report=lambda line: print(line, flush=True))
     llm = next((r for r in rows if r.engine != "nearest-neighbour"), None)
     meta = {"engine": llm.engine if llm else "none", "model": llm.model if llm else "none",
-            "dtype": args.dtype or "auto", "max_new_tokens": args.max_new_tokens,
+            # an OpenAI-compatible server's weights are its own: unknown here unless told
+            "dtype": args.dtype or ("the server's" if args.engine == "openai" else "auto"),
+            "max_new_tokens": args.max_new_tokens,
             "machine": machine(), "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "total_seconds": round(time.perf_counter() - t0, 1)}
