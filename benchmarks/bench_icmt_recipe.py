@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -297,10 +298,26 @@ def report(task: str, res: dict, n: int) -> str:
              f"CPUs without bfloat16 hardware) and changes what its row says. Arms named "
              f"`-sN` are the small-scale comparisons: N optimiser steps with "
              f"{json.dumps(SMALL)} (effective batch {BASE['batch_size'] * SMALL['grad_accum']}),"
-             f" the same data order for every arm. Dev decoding takes ~5 minutes per point.", ""]
+             f" the same data order for every arm. {decode_times(res, n)}", ""]
     return "\n".join(lines + final_table(task, res) + ["", "Every checkpoint (the learning "
                                                            "curves):", ""]
                      + curve_table(task, res)) + "\n"
+
+
+def decode_times(res: dict, n: int) -> str:
+    """How long a dev point's decoding took, by machine and precision, from the recorded wall
+    times (the first arms' were not recorded: about 5 minutes each in bfloat16 on the Xeon)."""
+    times: dict[tuple, list[float]] = {}
+    for data in res["arms"].values():
+        key = (data.get("machine", "unrecorded"),
+               data.get("options", {}).get("precision", "bfloat16"))
+        times.setdefault(key, []).extend(p["wall_s"] for p in data.get("curve", [])
+                                          if isinstance(p.get("wall_s"), (int, float)))
+    parts = [f"{statistics.median(t) / 60:.0f} minutes in {prec} on {m} (median of {len(t)})"
+             for (m, prec), t in times.items() if t]
+    return (f"Decoding the {n} dev queries of a point took " + "; ".join(parts) + "."
+            if parts else "") + " Points without a recorded time (the first bfloat16 arms) took" \
+        " about 5 minutes each."
 
 
 def final_table(task: str, res: dict) -> list[str]:
@@ -366,21 +383,29 @@ def plot(task: str, res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     heads = HEADLINE[task]
-    fig, axes = plt.subplots(1, len(heads), figsize=(5 * len(heads), 4))
+    fig, axes = plt.subplots(1, len(heads), figsize=(5 * len(heads), 4.8))
     nn = res.get("nearest_neighbour", {}).get("metrics") or {}
+    # One colour per recipe change, one line style per precision: an arm's float32 run sits
+    # beside its bfloat16 run, and a float32 arm is read against the float32 reference.
+    colours = {a: f"C{i % 10}" for i, a in enumerate(dict.fromkeys(
+        d.get("arm", k) for k, d in res["arms"].items()))}
     for ax, metric in zip(axes, heads):
         for arm, data in res["arms"].items():
             pts = sorted((p["step"], (p.get("metrics") or {}).get(metric))
                          for p in data.get("curve", []))
             pts = [(s, v) for s, v in pts if v is not None]
+            fp32 = data.get("options", {}).get("precision") == "float32"
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=arm)
+                ax.plot(*zip(*pts), color=colours[data.get("arm", arm)],
+                        marker="s" if fp32 else "o", linestyle=":" if fp32 else "-", label=arm)
         if metric in nn:
             ax.axhline(nn[metric], color="k", linestyle="--", label="nearest neighbour")
         ax.set_xlabel("optimiser step")
         ax.set_title(f"{task} dev {metric}")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
+               title="solid: bfloat16 (Xeon, AMX); dotted: float32", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.13 + 0.04 * ((len(labels) - 1) // 6), 1, 1))
     fig.savefig(path, dpi=110)
 
 
