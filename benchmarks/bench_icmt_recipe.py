@@ -9,8 +9,8 @@ the recipe is chosen (``bench_quality`` / the full-test-split evaluation).
 Each *arm* is one tuning recipe (``ARMS``: ICMA's defaults, and one change each: learning rate,
 full fine-tuning, Morgan examples, loss on the whole text, no examples (naive SFT), no sequence
 reversal). An arm trains with ``icma tune`` (checkpoints every ``--every`` optimiser steps, all
-kept; an interrupted arm resumes where it stopped), then every checkpoint is exported as an
-adapter and the first ``--dev`` dev queries are translated through the serving path (greedy,
+kept; an interrupted arm resumes where it stopped), then every checkpoint at a multiple of
+``--every`` (and the last) is exported as an adapter and the first ``--dev`` dev queries are translated through the serving path (greedy,
 ``MAX_NEW_TOKENS``) and scored with MolT5's metrics: dev metrics against steps, the learning
 curve. The nearest-neighbour baseline (the best retrieved example's answer) is scored on the
 same queries. Runs and checkpoints are kept in ``.bench-icmt-recipe/`` and resume: run the same
@@ -468,11 +468,13 @@ def main() -> None:
             done = {p["step"] for p in data["curve"]}
             for ckpt in checkpoints(name):
                 step = int(ckpt.name.split("-")[1])
-                if step in done:
+                state = json.loads((ckpt / "state.json").read_text())
+                # A checkpoint an interruption saved between curve points is a resume point,
+                # not a point: scoring it would cost a dev decoding at a step no arm shares.
+                if step in done or (step % args.every and step != state.get("total_steps")):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] evaluating {arm} step {step}", flush=True)
                 point = evaluate_checkpoint(name, ckpt, args.dev)
-                state = json.loads((ckpt / "state.json").read_text())
                 point["epoch"] = round(step * opts["batch_size"] * opts["grad_accum"]
                                        / (3301 - DEV), 2)
                 point["loss"] = state["losses"][-1] if state.get("losses") else None
