@@ -10,8 +10,8 @@ Each *arm* is one tuning recipe (``ARMS``: ICMA's defaults, and one change each:
 full fine-tuning, Morgan examples, loss on the whole text, no examples (naive SFT), no sequence
 reversal). An arm trains with ``icma tune`` (checkpoints every ``--every`` optimiser steps, all
 kept; an interrupted arm resumes where it stopped), then every checkpoint at a multiple of
-``--every`` (and the last) is exported as an adapter and the first ``--dev`` dev queries are translated through the serving path (greedy,
-``MAX_NEW_TOKENS``) and scored with MolT5's metrics: dev metrics against steps, the learning
+``--every`` (and the last) is exported as an adapter and the first ``--dev`` dev queries are
+translated through the serving path (greedy, ``MAX_NEW_TOKENS``) and scored with MolT5's metrics: dev metrics against steps, the learning
 curve. The nearest-neighbour baseline (the best retrieved example's answer) is scored on the
 same queries. Runs and checkpoints are kept in ``.bench-icmt-recipe/`` and resume: run the same
 command again after an interruption (a session ends, a machine reboots) and it goes on. The
@@ -33,7 +33,7 @@ candidates. cap2mol runs ``icma``, the ablations and mol2cap's winning change.
 
 Precision (added 2026-11-28, before any float32 arm was scored): the first arms trained and
 decoded in bfloat16 autocast on a CPU with AMX. On a CPU without bfloat16 hardware torch's
-bfloat16 matmul is ~70x slower than float32 (``matmul_amd-epyc.md``), so arms run there in
+bfloat16 matmul is ~90x slower than float32 (``matmul_amd-epyc.md``), so arms run there in
 float32 (``--precision float32``, run names ending ``-fp32``). An arm is only ever compared with
 ICMA's recipe trained and decoded in the same precision at the same steps (``icma-s40-fp32``
 is the float32 reference), and the selection rule above reads each arm's difference from that
@@ -160,6 +160,19 @@ def train(task: str, arm: str, epochs: float, every: int, steps: int | None) -> 
 def checkpoints(name: str) -> list[Path]:
     root = WORK / "tuning" / name / "checkpoints"
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+
+
+def to_score(ckpts: list[Path], every: int, done: set[int]) -> list[Path]:
+    """The checkpoints that are curve points not scored yet: steps at a multiple of ``every``
+    and the run's last step. A checkpoint an interruption saved between them is a resume
+    point, not a curve point: scoring it would cost a dev decoding at a step no arm shares."""
+    out = []
+    for ckpt in ckpts:
+        step = int(ckpt.name.split("-")[1])
+        last = json.loads((ckpt / "state.json").read_text()).get("total_steps")
+        if step not in done and (step % every == 0 or step == last):
+            out.append(ckpt)
+    return out
 
 
 def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
@@ -325,9 +338,13 @@ def decode_times(res: dict, n: int) -> str:
                 times.setdefault(key, []).append(p["wall_s"])
     parts = [f"{statistics.median(t) / 60:.0f} minutes in {prec} {spec} speculation on {m} "
              f"(median of {len(t)})" for (m, prec, spec), t in times.items()]
-    return (f"Decoding the {n} dev queries of a point took " + "; ".join(parts) + "."
-            if parts else "") + " Points without a recorded time (the first bfloat16 arms) took" \
-        " about 5 minutes each."
+    untimed = any(not isinstance(p.get("wall_s"), (int, float))
+                  for d in res["arms"].values() for p in d.get("curve", []))
+    return " ".join(
+        ([f"Decoding the {n} dev queries of a point took " + "; ".join(parts) + "."]
+         if parts else [])
+        + (["Points without a recorded time (the first bfloat16 arms, on the Xeon) took about "
+            "5 minutes each."] if untimed else []))
 
 
 def final_table(task: str, res: dict) -> list[str]:
@@ -466,13 +483,9 @@ def main() -> None:
                 continue
             train(args.task, arm, args.epochs, args.every, args.steps)
             done = {p["step"] for p in data["curve"]}
-            for ckpt in checkpoints(name):
+            for ckpt in to_score(checkpoints(name), args.every, done):
                 step = int(ckpt.name.split("-")[1])
                 state = json.loads((ckpt / "state.json").read_text())
-                # A checkpoint an interruption saved between curve points is a resume point,
-                # not a point: scoring it would cost a dev decoding at a step no arm shares.
-                if step in done or (step % args.every and step != state.get("total_steps")):
-                    continue
                 print(f"[{time.strftime('%H:%M:%S')}] evaluating {arm} step {step}", flush=True)
                 point = evaluate_checkpoint(name, ckpt, args.dev)
                 point["epoch"] = round(step * opts["batch_size"] * opts["grad_accum"]

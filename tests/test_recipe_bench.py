@@ -1,0 +1,44 @@
+"""The ICMT recipe benchmark's bookkeeping (``benchmarks/bench_icmt_recipe.py``): which
+checkpoints become curve points, and what its report says about decoding time. Its arms take
+hours; these are the parts that decide what is scored and reported, checked on small files."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.bench_icmt_recipe import decode_times, to_score
+
+
+def _ckpt(root, step, total=40):
+    folder = root / f"step-{step:07d}"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"step": step, "total_steps": total}))
+    return folder
+
+
+def test_interrupted_checkpoints_resume_but_are_not_scored(tmp_path):
+    ckpts = [_ckpt(tmp_path, s) for s in (20, 27, 40)]
+    assert [c.name for c in to_score(ckpts, 20, set())] == ["step-0000020", "step-0000040"]
+    assert [c.name for c in to_score(ckpts, 20, {20})] == ["step-0000040"]
+    # A run whose last step is not a multiple of --every still gets its last point.
+    (tmp_path / "odd").mkdir()
+    odd = [_ckpt(tmp_path / "odd", s, total=33) for s in (20, 33)]
+    assert [c.name for c in to_score(odd, 20, set())] == ["step-0000020", "step-0000033"]
+
+
+def test_decode_times_by_machine_precision_and_speculation():
+    res = {"arms": {
+        "icma-s40": {"options": {"precision": "bfloat16"}, "machine": "Xeon",
+                     "curve": [{"step": 20}, {"step": 40}]},
+        "icma-s40-fp32": {"options": {"precision": "float32"}, "machine": "EPYC",
+                          "curve": [{"step": 20, "wall_s": 1020.0, "speculative_tokens": 0},
+                                    {"step": 40, "wall_s": 1140.0, "speculative_tokens": 0}]},
+        "morgan-s40-fp32": {"options": {"precision": "float32"}, "machine": "EPYC",
+                            "curve": [{"step": 20, "wall_s": 420.0,
+                                       "speculative_tokens": 16}]}}}
+    text = decode_times(res, 100)
+    assert "18 minutes in float32 without speculation on EPYC (median of 2)" in text
+    assert "7 minutes in float32 with speculation on EPYC (median of 1)" in text
+    assert "Points without a recorded time" in text
+    del res["arms"]["icma-s40"]
+    assert "Points without a recorded time" not in decode_times(res, 100)
