@@ -24,6 +24,13 @@ arm scored so far and trains only what is missing.
 
 Results: ``benchmarks/results/icmt_recipe_<task>.md`` and ``.png``.
 
+Decodings (``--decode LABEL [--decodings sample,consensus] [--num-samples 8]``): arm LABEL's
+dev-best checkpoint (the one ``--ship`` ships) decoded with ICMA's sampling and with consensus
+on the same dev queries as its greedy curve point, beside the nearest neighbour. Which decoding
+a shipped default is served with is chosen here, by the mean of the task's ``HEADLINE``
+metrics (rule fixed 2026-11-29, before any decoding but greedy was scored); the test split
+then measures all three.
+
 How the recipe is chosen (fixed before any arm was scored, 2026-11-27): at the last checkpoint
 of the small-scale comparisons, each arm's mean difference from ``icma`` over the task's
 ``HEADLINE`` metrics; the recipe is the single arm with the largest mean difference, if it is
@@ -175,8 +182,11 @@ def to_score(ckpts: list[Path], every: int, done: set[int]) -> list[Path]:
     return out
 
 
-def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
-    """The checkpoint as an adapter (or model), served on the first ``n`` dev queries."""
+def evaluate_checkpoint(name: str, ckpt: Path, n: int, decoding: str = "greedy",
+                        num_samples: int | None = None) -> dict:
+    """The checkpoint as an adapter (or model), served on the first ``n`` dev queries with
+    ``decoding`` (greedy: the curve points; sample and consensus of ``num_samples``:
+    ``--decodings``)."""
     import torch
 
     from icma.core.settings import Settings
@@ -188,8 +198,8 @@ def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
     from icma.tuning.run import evaluate_adapter
 
     cfg = parse_config({**json.loads((WORK / "configs" / f"{name}.json").read_text()),
-                        "eval": "val-dev", "eval_limit": n, "eval_decoding": "greedy",
-                        "eval_max_new_tokens": MAX_NEW_TOKENS})
+                        "eval": "val-dev", "eval_limit": n, "eval_decoding": decoding,
+                        "eval_num_samples": num_samples, "eval_max_new_tokens": MAX_NEW_TOKENS})
     # Speculation off in bfloat16: the arms were first scored without it, and in bfloat16 a
     # pass over several positions rounds differently now and then. In float32 it is on: the
     # float32 reference's step-40 checkpoint, rescored with it, gave the same 100 answers
@@ -214,12 +224,29 @@ def evaluate_checkpoint(name: str, ckpt: Path, n: int) -> dict:
         del net
     contexts = open_corpus("val-train", WORK, field="train")
     index = cached_index(cfg.method_for_contexts, contexts, WORK, settings=settings)
-    plan = SimpleNamespace(target=out, run_dir=out)
+    answers = out if decoding == "greedy" else WORK / "decoded" / name / ckpt.name / decoding
+    answers.mkdir(parents=True, exist_ok=True)  # eval.jsonl: the answers, one file per decoding
+    plan = SimpleNamespace(target=out, run_dir=answers)
     result = evaluate_adapter(cfg, plan, open_corpus("val-dev", WORK, field="eval"), index,
                               base, "cpu", lambda p: None, settings)
     return {"step": int(ckpt.name.split("-")[1]), "metrics": result.get("metrics"),
             "errors": result["errors"], "wall_s": result["wall_s"],
-            "speculative_tokens": settings.speculative_tokens}
+            "speculative_tokens": settings.speculative_tokens, "decoding": decoding,
+            "num_samples": result.get("num_samples"), **winners(answers / "eval.jsonl")}
+
+
+def winners(path: Path) -> dict:
+    """Consensus decoding: how many answers were a sample and how many an example's answer
+    (the top-ranked one's counted apart: there consensus returned the nearest neighbour)."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    picks = [x["consensus"] for x in lines if x.get("consensus")]
+    if not picks:
+        return {}
+    return {"winners": {"sample": sum(c["source"] == "sample" for c in picks),
+                        "top_example": sum(c["source"] == "example" and c["rank"] == 1
+                                           for c in picks),
+                        "other_example": sum(c["source"] == "example" and c["rank"] != 1
+                                             for c in picks)}}
 
 
 def nearest_neighbour(task: str, n: int) -> dict:
@@ -240,6 +267,42 @@ def nearest_neighbour(task: str, n: int) -> dict:
     side = "description" if task == "mol2cap" else "smiles"
     preds = [getattr(contexts.records[h[0].row], side) for h in hits]
     return {"metrics": evaluate(task, preds, [ref for _, ref in pairs], data_dir=WORK)}
+
+
+def decoding_key(decoding: str, num_samples: int | None) -> str:
+    return f"{decoding}-{num_samples}" if decoding == "consensus" else decoding
+
+
+def score_decodings(task: str, res: dict, label: str, decodings: list[str],
+                    num_samples: int, n: int) -> None:
+    """Arm ``label``'s dev-best checkpoint (the one ``--ship`` would ship) decoded each way in
+    ``decodings`` on the same dev queries as its curve: which decoding the shipped default
+    should be measured with is chosen here, never on test. Greedy is the curve point itself."""
+    data = res["arms"][label]
+    best = max(data["curve"], key=lambda p: headline_score(task, p["metrics"]))
+    name = f"{task}-{label}"
+    ckpt = WORK / "tuning" / name / "checkpoints" / f"step-{best['step']:07d}"
+    entry = res.setdefault("decodings", {}).setdefault(label, {"step": best["step"],
+                                                               "rows": {}})
+    if entry["step"] != best["step"]:
+        raise SystemExit(f"{label}: decodings were scored at step {entry['step']}, its dev-best "
+                         f"checkpoint is now step {best['step']}")
+    entry["rows"]["greedy"] = best
+    n = (best.get("metrics") or {}).get("n", n)  # the curve's queries, whatever --dev says
+    for decoding in decodings:
+        key = decoding_key(decoding, num_samples if decoding == "consensus" else None)
+        if key in entry["rows"]:
+            continue
+        if not ckpt.is_dir():
+            raise SystemExit(f"{label} step {best['step']}: no checkpoint at {ckpt} (trained in "
+                             f"another checkout?)")
+        print(f"[{time.strftime('%H:%M:%S')}] decoding {label} step {best['step']}: {key}",
+              flush=True)
+        point = evaluate_checkpoint(name, ckpt, n, decoding,
+                                    num_samples if decoding == "consensus" else None)
+        point["machine"] = machine().rsplit(",", 3)[0]
+        entry["rows"][key] = point
+        save_results(task, res)
 
 
 # --- shipping ------------------------------------------------------------------------------------
@@ -322,7 +385,37 @@ def report(task: str, res: dict, n: int) -> str:
              f" the same data order for every arm. {decode_times(res, n)}", ""]
     return "\n".join(lines + final_table(task, res) + ["", "Every checkpoint (the learning "
                                                            "curves):", ""]
-                     + curve_table(task, res)) + "\n"
+                     + curve_table(task, res) + decoding_table(task, res)) + "\n"
+
+
+def decoding_table(task: str, res: dict) -> list[str]:
+    """The dev-best checkpoints decoded each way (``--decode``), beside the nearest neighbour."""
+    if not res.get("decodings"):
+        return []
+    cols = METRICS[task]
+    nn = res.get("nearest_neighbour", {}).get("metrics") or {}
+    lines = ["", "Decodings of an arm's dev-best checkpoint, on the same dev queries (sample: "
+             "ICMA's sampling, seed 42; consensus-K: K samples pooled with the examples' "
+             "answers, minimum Bayes risk; speculation as the arm's precision says). Winners: "
+             "how many consensus answers were a sample / the top example's answer / another "
+             "example's.", "",
+             "| arm | step | decoding | " + " | ".join(cols) + " | mean of "
+             + ", ".join(HEADLINE[task]) + " | minutes | winners |",
+             "| --- | ---: | --- | " + " | ".join("---:" for _ in cols) + " | ---: | ---: | --- |"]
+    if nn:
+        lines.append("| nearest neighbour | | | " + " | ".join(_fmt(nn.get(c)) for c in cols)
+                     + f" | {headline_score(task, nn):.3f} | | |")
+    for label, entry in res["decodings"].items():
+        for key, p in entry["rows"].items():
+            m = p.get("metrics") or {}
+            w = p.get("winners")
+            lines.append(f"| {label} | {entry['step']} | {key} | "
+                         + " | ".join(_fmt(m.get(c)) for c in cols)
+                         + f" | {headline_score(task, m):.3f} | "
+                         + (f"{p['wall_s'] / 60:.0f}" if p.get("wall_s") else "") + " | "
+                         + (f"{w['sample']} / {w['top_example']} / {w['other_example']}"
+                            if w else "") + " |")
+    return lines
 
 
 def decode_times(res: dict, n: int) -> str:
@@ -452,6 +545,13 @@ def main() -> None:
                     help="ship arm LABEL's dev-best checkpoint as default adapter NAME (into "
                          "--ship-to) and stop")
     ap.add_argument("--ship-to", type=Path, default=REPO / "icma" / "data" / "adapters")
+    ap.add_argument("--decode", metavar="LABEL",
+                    help="decode arm LABEL's dev-best checkpoint with each of --decodings and "
+                         "stop (trains nothing)")
+    ap.add_argument("--decodings", default="sample,consensus",
+                    help="with --decode: comma-separated, of sample, consensus (greedy is the "
+                         "curve point)")
+    ap.add_argument("--num-samples", type=int, default=8, help="consensus: answers per query")
     ap.add_argument("--work", type=Path, default=WORK, help="where runs and results are kept "
                                                            "(a smoke test uses another)")
     ap.add_argument("--precision", choices=["bfloat16", "float32"],
@@ -468,7 +568,17 @@ def main() -> None:
         print("shipped", ship(args.task, label, name, args.ship_to))
         return
     res = load_results(args.task)
-    if not args.report_only:
+    if args.decode:
+        if args.decode not in res["arms"]:
+            raise SystemExit(f"no arm {args.decode!r} scored for {args.task}; scored: "
+                             + ", ".join(res["arms"]))
+        wrong = set(args.decodings.split(",")) - {"sample", "consensus"}
+        if wrong:
+            raise SystemExit(f"--decodings: unknown {', '.join(sorted(wrong))}; choose from "
+                             "sample, consensus")
+        score_decodings(args.task, res, args.decode, args.decodings.split(","),
+                        args.num_samples, args.dev)
+    elif not args.report_only:
         if "nearest_neighbour" not in res:
             res["nearest_neighbour"] = nearest_neighbour(args.task, args.dev)
             save_results(args.task, res)

@@ -62,6 +62,9 @@ def train32(chebi_val, tmp_path_factory) -> Path:
     ({"retrieval": "bm25"}, "retrieval"),  # captions cannot be queried with a molecule
     ({"method": "full", "quantization": "8bit"}, "quantization"),
     ({"task": "smiles2iupac"}, "task"),
+    ({"eval_decoding": "beam"}, "eval_decoding"),
+    ({"eval_decoding": "consensus", "eval_num_samples": 1}, "eval_num_samples"),
+    ({"eval_num_samples": 4}, "eval_num_samples"),  # sampling's default decoding pools nothing
 ])
 def test_invalid_settings_name_their_field(change, field):
     with pytest.raises(InputError) as e:
@@ -281,7 +284,7 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
                                                                         tmp_path):
     tiny_model = tiny_learner
     cfg = tiny_config(tiny_model, train32, "tiny-icmt", eval=str(train32), eval_limit=4,
-                      eval_decoding="greedy", eval_max_new_tokens=8)
+                      eval_decoding="consensus", eval_num_samples=2, eval_max_new_tokens=8)
     seen = []
     manifest = tune(cfg, data_dir=tmp_path, adapters_dir=tmp_path / "adapters",
                     on_progress=seen.append, settings=get_settings())
@@ -302,6 +305,9 @@ def test_tune_tiny_model_loss_falls_adapter_saved_registered_and_served(tiny_lea
     assert saved["hyperparameters"]["lora_r"] == 8
     ev = saved["evaluation"]
     assert ev["n"] == 4 and ev["metrics"]["task"] == "mol2cap" and "bleu2" in ev["metrics"]
+    assert (ev["decoding"], ev["num_samples"]) == ("consensus", 2)
+    answers = [json.loads(x) for x in Path(ev["predictions"]).read_text().splitlines()]
+    assert all(a["consensus"]["samples"] == 2 for a in answers)  # each answer chose from a pool
     assert ev["split_sha256"] == saved["data"]["train_sha256"]  # evaluated on train32 itself
     info = AdapterRegistry(tmp_path / "adapters").get("tiny-icmt")
     assert info.task == "mol2cap" and info.r == 8

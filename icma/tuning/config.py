@@ -114,8 +114,13 @@ class TuneOptions(BaseModel):
     eval: str | None = Field(default=None, description="evaluation corpus (as train); none: "
                                                        "no evaluation")
     eval_limit: int | None = Field(default=None, ge=1)
-    eval_decoding: Literal["sample", "greedy"] = Field(
-        default="sample", description="sample: ICMA's inference settings")
+    eval_decoding: Literal["sample", "greedy", "consensus"] = Field(
+        default="sample", description="sample: ICMA's inference settings; consensus: "
+                                      "eval_num_samples samples pooled with the examples' "
+                                      "answers (as a request's generation.decoding)")
+    eval_num_samples: int | None = Field(
+        default=None, ge=2, le=64, description="consensus evaluation: answers sampled per "
+                                              "record (default: a request's)")
     eval_max_new_tokens: int = Field(default=256, ge=1, le=4096)
 
 
@@ -129,6 +134,9 @@ class TuneConfig(TuneOptions):
         # InputError is not a ValueError: pydantic lets it through, field and all.
         check_adapter_name(self.name, field="name")  # "base" asks for the untuned model
         check_method(self.task, self.retrieval, field="retrieval")
+        if self.eval_num_samples is not None and self.eval_decoding != "consensus":
+            raise InputError("eval_num_samples is for eval_decoding 'consensus'",
+                             field="eval_num_samples")  # found now, not after hours of training
         if self.method == "full" and self.quantization != "none":
             raise InputError("8/4-bit loading is for LoRA (a quantised model cannot be fully "
                              "fine-tuned)", field="quantization")
@@ -151,7 +159,7 @@ class TuneConfig(TuneOptions):
     def fingerprint(self) -> dict:
         """What a checkpoint must agree with to be resumed (bookkeeping may change)."""
         skip = {"save_steps", "keep_checkpoints", "log_steps", "eval", "eval_limit",
-                "eval_decoding", "eval_max_new_tokens", "device"}
+                "eval_decoding", "eval_num_samples", "eval_max_new_tokens", "device"}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 

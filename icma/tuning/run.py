@@ -251,7 +251,9 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
     options = build_options(cfg.task, {
         "n_shot": cfg.shots, "prime_answer": cfg.prime_answer, "order": cfg.order,
         "cutoff": cfg.cutoff,
-        "generation": {"decoding": cfg.eval_decoding, "max_new_tokens": cfg.eval_max_new_tokens},
+        "generation": {"decoding": cfg.eval_decoding, "max_new_tokens": cfg.eval_max_new_tokens,
+                       **({"num_samples": cfg.eval_num_samples}
+                          if cfg.eval_num_samples is not None else {})},
         "retrieval": {"method": cfg.method_for_contexts,
                       "random_walk": cfg.random_walk and cfg.random_walk.model_dump()}},
         adapter=adapter)
@@ -275,6 +277,7 @@ def evaluate_adapter(cfg: TuneConfig, plan: Plan, corpus, index, base_path: str,
     preds = [x["prediction"] for x in lines]
     refs = [x["reference"] for x in lines]
     result = {"split": cfg.eval, "n": len(lines), "decoding": cfg.eval_decoding,
+              "num_samples": options.params.num_samples,
               "max_new_tokens": cfg.eval_max_new_tokens, "predictions": str(out_file),
               "errors": sum(1 for x in lines if x.get("error")),
               "wall_s": time.perf_counter() - t0}
