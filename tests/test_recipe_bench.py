@@ -64,8 +64,10 @@ def test_decoding_table_rows_beside_the_nearest_neighbour():
             "greedy": {"metrics": m, "wall_s": 600.0},
             "consensus-8": {"metrics": {**m, "bleu4": 0.39}, "wall_s": 1200.0,
                             "winners": {"sample": 60, "top_example": 30, "other_example": 10}}}}}}
+    res["nearest_neighbour_other"] = {"morgan": {"method": "morgan", "metrics": m}}
     rows = [r for r in decoding_table("mol2cap", res) if r.startswith("| ")][2:]
     assert rows[0].startswith("| nearest neighbour |") and "| 0.410 |" in rows[0]
-    assert rows[1].startswith("| icma-s40-fp32 | 40 | greedy |") and "| 10 |" in rows[1]
-    assert "| 0.390 |" in rows[2] and rows[2].endswith("| 20 | 60 / 30 / 10 |")
+    assert rows[1].startswith("| nearest neighbour (morgan) |") and "| 0.390 |" in rows[1]
+    assert rows[2].startswith("| icma-s40-fp32 | 40 | greedy |") and "| 10 |" in rows[2]
+    assert "| 0.390 |" in rows[3] and rows[3].endswith("| 20 | 60 / 30 / 10 |")
     assert decoding_table("mol2cap", {"arms": {}}) == []
