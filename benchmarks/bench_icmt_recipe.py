@@ -372,6 +372,17 @@ def ship(task: str, label: str, name: str, dest: Path) -> Path:
                 "metrics": {k: v for k, v in best["metrics"].items()
                             if isinstance(v, (int, float))}},
         "nearest_neighbour_dev": dict(baselines(res))})
+    decoded = res.get("decodings", {}).get(label)
+    if decoded and decoded["step"] == best["step"]:
+        # Served with the dev-best decoding (a request naming none gets it), chosen by the
+        # same mean as the checkpoint; greedy is always among them (the curve point).
+        key, row = max(decoded["rows"].items(),
+                       key=lambda kv: headline_score(task, kv[1]["metrics"]))
+        manifest["generation"] = {"decoding": row.get("decoding", "greedy"),
+                                  **({"num_samples": row["num_samples"]}
+                                     if row.get("decoding") == "consensus" else {})}
+        manifest["selection"]["decodings_dev"] = {
+            k: {h: r["metrics"][h] for h in HEADLINE[task]} for k, r in decoded["rows"].items()}
     (stage / "icma-adapter.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return ship_adapter(read_adapter(stage), dest)
 

@@ -24,9 +24,10 @@ GREEDY = {"decoding": "greedy", "max_new_tokens": 12}
 
 
 def shipped_lora(base: Path, folder: Path, task: str, *, seed: int, default: bool = True,
-                 base_model: str | None = None, prompt: dict | None = None) -> None:
+                 base_model: str | None = None, prompt: dict | None = None,
+                 generation: dict | None = None) -> None:
     """A tiny LoRA as a shipped default is laid out: peft files and the manifest (``prompt``:
-    more of the tuned prompt form)."""
+    more of the tuned prompt form; ``generation``: the decoding it is served with)."""
     from tests.test_engines import _random_lora
 
     _random_lora(base, folder, seed)
@@ -34,7 +35,8 @@ def shipped_lora(base: Path, folder: Path, task: str, *, seed: int, default: boo
         "format": "icma-adapter/1", "name": folder.name, "task": task, "default": default,
         "base_model": base_model or str(base), "prompt": {"prime_answer": False,
                                                           **(prompt or {})},
-        "evaluation": {"split": "chebi20-test", "n": 3300, "metrics": {"bleu4": 0.5}}}))
+        "evaluation": {"split": "chebi20-test", "n": 3300, "metrics": {"bleu4": 0.5}},
+        **({"generation": generation} if generation else {})}))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def shipped(tiny_model, tmp_path_factory) -> Path:
     shipped_lora(tiny_model, root / "tiny-m2c", "mol2cap", seed=3)
     # tuned without examples (naive SFT) on Morgan neighbours' prompt form
     shipped_lora(tiny_model, root / "tiny-m2c-other", "mol2cap", seed=4, default=False,
-                 prompt={"n_shot": 0, "retrieval": "morgan"})
+                 prompt={"n_shot": 0, "retrieval": "morgan"},
+                 generation={"decoding": "consensus", "num_samples": 3})
     # marked default, but tuned from another model than the engine's: never applied
     shipped_lora(tiny_model, root / "smol-c2m", "cap2mol", seed=5,
                  base_model="smollm2-135m-instruct")
@@ -101,6 +104,37 @@ def test_an_adapter_is_served_with_the_examples_it_was_tuned_on(worker):
     assert len(default["examples"]) == 2  # the default adapter's manifest names none: ICMA's
 
 
+def test_an_adapter_is_served_with_its_decoding_unless_the_request_names_one(worker):
+    """The manifest's ``generation`` (chosen on a dev slice when shipped) is the decoding of a
+    request that names none; a request's decoding, or its other generation fields, win."""
+    url = worker.url + "/mol2cap"
+
+    def ask(generation, adapter="tiny-m2c-other"):
+        r = httpx.post(url, json={"smiles": ASPIRIN, "adapter": adapter,
+                                  "generation": generation})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert ask({"max_new_tokens": 6})["consensus"]["samples"] == 3
+    assert ask({"max_new_tokens": 6, "num_samples": 2})["consensus"]["samples"] == 2
+    assert ask(GREEDY)["consensus"] is None
+    assert ask({"max_new_tokens": 6}, adapter="tiny-m2c")["consensus"] is None  # none shipped
+
+
+def test_a_served_decoding_is_held_to_the_servers_sample_limit(tiny_model, shipped, tmp_path):
+    from icma.generation.options import build_options
+
+    registry = AdapterRegistry(tmp_path, shipped)
+    opts = build_options("mol2cap", {"adapter": "tiny-m2c-other"}, adapters=registry.get,
+                         max_samples=2)
+    assert (opts.params.decoding, opts.params.num_samples) == ("consensus", 2)
+    with pytest.raises(InputError) as e:  # asked for by the request: refused, not held
+        build_options("mol2cap", {"adapter": "tiny-m2c-other",
+                                  "generation": {"num_samples": 3}},
+                      adapters=registry.get, max_samples=2)
+    assert e.value.field == "generation.num_samples"
+
+
 def test_adapters_listing_marks_the_defaults(worker):
     body = httpx.get(worker.url + "/v1/adapters").json()
     assert body["defaults"] == {"mol2cap": "tiny-m2c", "cap2mol": None}
@@ -111,6 +145,8 @@ def test_adapters_listing_marks_the_defaults(worker):
     assert by_name["smol-c2m"]["default_for"] is None
     assert by_name["tiny-m2c"]["evaluation"] == {"split": "chebi20-test", "n": 3300,
                                                  "bleu4": 0.5}
+    assert by_name["tiny-m2c"]["generation"] is None
+    assert by_name["tiny-m2c-other"]["generation"] == {"decoding": "consensus", "num_samples": 3}
 
 
 def test_a_job_pins_and_uses_the_default(worker):

@@ -49,8 +49,9 @@ def add_parser(sub) -> None:
     tr.add_argument("--corpus", help="retrieval corpus name (default: the embedded ChEBI-20)")
     tr.add_argument("--retrieval-url",
                     help="use this retrieval service; default: local indexes in the data dir")
-    tr.add_argument("--decoding", choices=DECODINGS, default="sample",
-                    help="consensus: sample --num-samples answers per input and write the one "
+    tr.add_argument("--decoding", choices=DECODINGS,
+                    help="default: the adapter's (its manifest's generation), else sample; "
+                         "consensus: sample --num-samples answers per input and write the one "
                          "most similar to them and to the examples' answers")
     tr.add_argument("--num-samples", type=int,
                     help="consensus: answers sampled per input (default 8, at most "

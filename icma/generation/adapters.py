@@ -74,6 +74,14 @@ class AdapterInfo:
         return prompt if isinstance(prompt, dict) else {}
 
     @property
+    def served_generation(self) -> dict:
+        """The decoding it is served with when a request names none (the manifest's
+        ``generation``, chosen on a dev slice when it was shipped: ``{"decoding": "greedy"}``
+        or ``{"decoding": "consensus", "num_samples": 8}``; empty: the task's default)."""
+        gen = self.manifest.get("generation")
+        return gen if isinstance(gen, dict) else {}
+
+    @property
     def prime_answer(self) -> bool | None:
         value = self.tuned_prompt.get("prime_answer")
         return value if isinstance(value, bool) else None

@@ -16,7 +16,9 @@ translation came in by::
 Every key is optional; a missing or null one takes the task's default (``icma.core.tasks``);
 a missing adapter is the task's default adapter (``icma.generation.adapters.DefaultAdapters``)
 and ``"base"`` the untuned model. A registered adapter with a manifest brings the prompt it was
-tuned on as the defaults of ``n_shot``, ``retrieval.method``, ``prime_answer`` and ``order``.
+tuned on as the defaults of ``n_shot``, ``retrieval.method``, ``prime_answer`` and ``order``,
+and, for a request that names no ``generation.decoding``, the decoding it ships with
+(``AdapterInfo.served_generation``).
 ``prompt_style`` "molregpt" asks a chat model MolReGPT's way (``icma.core.molregpt``): its
 defaults are MolReGPT's (10 examples, best first; mol2cap retrieval ``rdkit``, cap2mol ``bm25``)
 and, MolReGPT being in-context learning without tuning, the base model unless the request
@@ -117,6 +119,8 @@ def build_options(task: str, request: Mapping = {}, *, max_k: int | None = None,
     num_candidates = _bounded(_get(request, "num_candidates", 1), 1, max_candidates,
                               "num_candidates")
     generation = {k: v for k, v in (request.get("generation") or {}).items() if v is not None}
+    if "decoding" not in generation and info is not None and info.served_generation:
+        generation = _served(info, generation, max_samples)
     _check_num_samples(generation, max_samples)
     try:
         params = GenerationParams.for_task(task, **generation)
@@ -180,6 +184,20 @@ def _adapter_info(task: str, request: Mapping, adapters: AdapterLookup | None,
                              field="adapter")
         return info
     return default_adapter(task) if default_adapter is not None else None
+
+
+def _served(info: AdapterInfo, generation: dict, max_samples: int | None) -> dict:
+    """A request that names no decoding gets the one the adapter ships with (chosen on a dev
+    slice: for a small tuned model greedy or consensus beat ICMA's sampling), under whatever
+    else the request sets. Its sample count is held to this server's limit, so a request that
+    never mentioned ``num_samples`` is not refused for it."""
+    served = {k: v for k, v in info.served_generation.items()
+              if k in ("decoding", "num_samples")}
+    if served.get("decoding") != "consensus":
+        served.pop("num_samples", None)
+    elif isinstance(served.get("num_samples"), int) and max_samples:
+        served["num_samples"] = min(served["num_samples"], max_samples)
+    return {**served, **generation}
 
 
 def _check_num_samples(generation: dict, max_samples: int | None) -> None:

@@ -54,11 +54,13 @@ class Generation(Strict):
     0.85, top_k 40, 256 new tokens, seed 42; repetition penalty 0.8 for cap2mol, 1.0 for
     mol2cap)."""
 
-    decoding: Literal[DECODINGS] = Field(
-        default=_DEFAULT.decoding,
+    decoding: Literal[DECODINGS] | None = Field(
+        default=None,
         description="sample (ICMA's), greedy, beam, or consensus: sample num_samples answers, "
                     "pool them with the examples' answers and return the one most similar to "
-                    "the rest (captions: n-gram F1; molecules: Morgan Tanimoto, valid ones only)")
+                    "the rest (captions: n-gram F1; molecules: Morgan Tanimoto, valid ones only)"
+                    f"; default: the adapter's (GET /v1/adapters: generation), else "
+                    f"{_DEFAULT.decoding}")
     temperature: float = Field(default=_DEFAULT.temperature, **BOUNDS["temperature"],
                                description=f"below {MIN_SAMPLING_TEMPERATURE}, sampling "
                                            "decodes greedily (it is greedy in effect, and "
@@ -288,6 +290,10 @@ class AdapterOut(BaseModel):
     prime_answer: bool | None = Field(
         default=None, description="the prompt form it was tuned on (the default for requests "
                                   "that use it), from the manifest")
+    generation: dict | None = Field(
+        default=None, description="the decoding it is served with when a request names none "
+                                  "(chosen on a dev slice when it was shipped), from the "
+                                  "manifest; null: the task's default")
     evaluation: dict | None = Field(default=None,
                                     description="metrics measured after tuning, from the "
                                                 "manifest")

@@ -442,7 +442,8 @@ def job_out(job) -> Job:
 def _adapter_out(a: AdapterInfo, default_for: str | None) -> AdapterOut:
     return AdapterOut(name=a.name, base_model=a.base_label, r=a.r, lora_alpha=a.lora_alpha,
                       target_modules=a.target_modules, task=a.task,
-                      prime_answer=a.prime_answer, evaluation=_evaluation(a.manifest),
+                      prime_answer=a.prime_answer, generation=a.served_generation or None,
+                      evaluation=_evaluation(a.manifest),
                       shipped=a.shipped, default_for=default_for)
 
 
