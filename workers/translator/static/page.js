@@ -174,7 +174,7 @@ function setupSettings(form, task) {
   const method = form.querySelector('[name="method"]');
   if (method) fillSelect(method, [["", `default (${spec.default_method})`], ...spec.methods.map((m) => [m, m])], "");
   fillSelect(form.querySelector('[name="decoding"]'),
-    [["", "default (ICMA's sampling)"], ...CONFIG.decodings.map((d) => [d, d])], "");
+    [["", "default (the adapter's, else ICMA's sampling)"], ...CONFIG.decodings.map((d) => [d, d])], "");
 }
 
 async function loadAdapters() {
@@ -338,7 +338,7 @@ const batchForm = document.getElementById("batch-form");
 let currentJob = null;
 let jobTimer = null;
 
-fillSelect(batchForm.querySelector('[name="decoding"]'), [["", "default (ICMA's sampling)"], ...CONFIG.decodings.map((d) => [d, d])], "");
+fillSelect(batchForm.querySelector('[name="decoding"]'), [["", "default (the adapter's, else ICMA's sampling)"], ...CONFIG.decodings.map((d) => [d, d])], "");
 batchForm.querySelector('[name="task"]').addEventListener("change", loadAdapters);
 
 batchForm.addEventListener("submit", async (e) => {
