@@ -133,6 +133,17 @@ def test_a_served_decoding_is_held_to_the_servers_sample_limit(tiny_model, shipp
                                   "generation": {"num_samples": 3}},
                       adapters=registry.get, max_samples=2)
     assert e.value.field == "generation.num_samples"
+    # A manifest's decoding this server cannot use is the operator's mistake: ignored, not a
+    # 422 for a request that never named it.
+    from dataclasses import replace
+
+    info = registry.get("tiny-m2c-other")
+    for bad in ({"decoding": "telepathy"}, {"decoding": "consensus", "num_samples": 1},
+                {"decoding": "greedy", "num_samples": 8}, "greedy"):
+        odd = replace(info, manifest={**info.manifest, "generation": bad})
+        assert odd.served_generation == {}
+        opts = build_options("mol2cap", {"adapter": odd.name}, adapters=lambda _: odd)
+        assert opts.params.decoding == "sample"
 
 
 def test_adapters_listing_marks_the_defaults(worker):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from icma.generation.engines import Adapter
+from icma.generation.engines import BOUNDS, DECODINGS, Adapter
 from icma.core.errors import InputError, NotFoundError
 from icma.core.names import check_name, is_name
 from icma.core.tasks import TASKS
@@ -77,9 +77,22 @@ class AdapterInfo:
     def served_generation(self) -> dict:
         """The decoding it is served with when a request names none (the manifest's
         ``generation``, chosen on a dev slice when it was shipped: ``{"decoding": "greedy"}``
-        or ``{"decoding": "consensus", "num_samples": 8}``; empty: the task's default)."""
+        or ``{"decoding": "consensus", "num_samples": 8}``; empty: the task's default).
+        A manifest is the operator's file, not the request: one this server cannot decode
+        with is ignored (and logged), never a 422 blamed on a client that did not send it."""
         gen = self.manifest.get("generation")
-        return gen if isinstance(gen, dict) else {}
+        if gen is None:
+            return {}
+        decoding = gen.get("decoding") if isinstance(gen, dict) else None
+        n = gen.get("num_samples") if isinstance(gen, dict) else None
+        if decoding == "consensus" and isinstance(n, int) and not isinstance(n, bool) \
+                and 2 <= n <= BOUNDS["num_samples"]["le"]:
+            return {"decoding": decoding, "num_samples": n}
+        if decoding in DECODINGS and decoding != "consensus" and n is None:
+            return {"decoding": decoding}
+        log.warning("adapter %s: manifest generation %r is not a decoding this server knows; "
+                    "requests that name none get the task's default", self.name, gen)
+        return {}
 
     @property
     def prime_answer(self) -> bool | None:

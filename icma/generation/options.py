@@ -191,11 +191,8 @@ def _served(info: AdapterInfo, generation: dict, max_samples: int | None) -> dic
     slice: for a small tuned model greedy or consensus beat ICMA's sampling), under whatever
     else the request sets. Its sample count is held to this server's limit, so a request that
     never mentioned ``num_samples`` is not refused for it."""
-    served = {k: v for k, v in info.served_generation.items()
-              if k in ("decoding", "num_samples")}
-    if served.get("decoding") != "consensus":
-        served.pop("num_samples", None)
-    elif isinstance(served.get("num_samples"), int) and max_samples:
+    served = dict(info.served_generation)
+    if "num_samples" in served and max_samples:
         served["num_samples"] = min(served["num_samples"], max_samples)
     return {**served, **generation}
 

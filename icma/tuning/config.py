@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from icma.core.errors import InputError
 from icma.generation.adapters import check_adapter_name
+from icma.generation.engines import BOUNDS
 from icma.generation.models import DEFAULT_LLM
 from icma.core.prompts import DEFAULT_EOS
 from icma.core.rerank import RandomWalk
@@ -119,7 +120,7 @@ class TuneOptions(BaseModel):
                                       "eval_num_samples samples pooled with the examples' "
                                       "answers (as a request's generation.decoding)")
     eval_num_samples: int | None = Field(
-        default=None, ge=2, le=64, description="consensus evaluation: answers sampled per "
+        default=None, ge=2, le=BOUNDS["num_samples"]["le"], description="consensus evaluation: answers sampled per "
                                               "record (default: a request's)")
     eval_max_new_tokens: int = Field(default=256, ge=1, le=4096)
 
