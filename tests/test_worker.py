@@ -486,8 +486,11 @@ def test_consensus_job_lines_say_where_each_answer_came_from(tiny_worker):
     for line in lines:
         c = line["consensus"]
         assert c["samples"] == 4 and c["source"] in ("sample", "example")
+        assert len(c["answers"]) == 4  # kept, to measure other rules on the same samples
         if c["source"] == "example":
             assert c["cid"] == line["examples"][c["rank"] - 1]
+        else:
+            assert line["prediction"] == c["answers"][c["sample"]]
 
 
 def test_icma_translate_with_consensus(svc_dir, chebi_val, tiny_model, tmp_path):

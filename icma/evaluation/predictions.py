@@ -6,7 +6,8 @@ evaluation.
 A line holds ``index``, ``id``, ``input``, ``reference`` (when given), ``prediction`` (``""``
 when the item failed), for cap2mol ``valid``, ``canonical_smiles`` and ``candidates_tried``, the
 examples' CIDs, ``finish_reason``, with consensus decoding ``consensus`` (the winner's source:
-see ``icma.generation.consensus.Choice.summary``) and ``error`` (``null`` or
+see ``icma.generation.consensus.Choice.summary``, and ``answers``, every sampled answer) and
+``error`` (``null`` or
 ``{code, message, field}``)."""
 
 from __future__ import annotations
@@ -240,6 +241,6 @@ def result_line(task: str, idx: int, input: str, *, id: str | None = None,
     line["examples"] = [e.cid for e in t.examples] if t is not None else []
     line["finish_reason"] = t.finish_reason if t is not None else None
     if t is not None and t.consensus is not None:
-        line["consensus"] = t.consensus.summary()
+        line["consensus"] = {**t.consensus.summary(), "answers": list(t.consensus.answers)}
     line["error"] = error
     return line

@@ -61,12 +61,15 @@ class Candidate:
 @dataclass(frozen=True)
 class Choice:
     """The winner, its score (mean similarity to the rest of the pool; None for a pool of
-    one or none), how many candidates competed and how many answers were sampled."""
+    one or none), how many candidates competed and how many answers were sampled, and those
+    answers (seed order, empty ones too): result files keep them, so that another rule of
+    choosing can be measured on the same samples without sampling again."""
 
     winner: Candidate
     score: float | None
     pool: int
     samples: int
+    answers: tuple[str, ...] = ()
 
     def summary(self) -> dict:
         """What a response or result line says about it."""
@@ -154,9 +157,9 @@ def choose(task: Task, samples: Sequence[str], examples: Sequence[Example]) -> C
         similarity = DataStructs.TanimotoSimilarity
     if not candidates:
         first = Candidate(samples[0] if samples else "", "sample", sample=0)
-        return Choice(first, None, 0, len(samples))
+        return Choice(first, None, 0, len(samples), tuple(samples))
     best, score = most_central(keys, similarity)
-    return Choice(candidates[best], score, len(candidates), len(samples))
+    return Choice(candidates[best], score, len(candidates), len(samples), tuple(samples))
 
 
 def _fingerprint(smiles: str):
