@@ -38,6 +38,11 @@ above +0.005, else ICMA's; between arms within 0.005 of each other the cheaper o
 wins (``nodrop`` over ``icma``). ``naive-sft`` and ``ranked`` are the paper's ablations, not
 candidates. cap2mol runs ``icma``, the ablations and mol2cap's winning change.
 
+Chosen 2026-11-29, when the last candidate (``inputs``) was scored: mol2cap's recipe is
+``lr1e-3`` (mean +0.013 over the bfloat16 reference), ahead of ``morgan`` (+0.010 over the
+float32 one; more than 0.005 apart from nothing cheaper, so the largest difference decides),
+``full`` (-0.002), ``nodrop`` (-0.002) and ``inputs`` (-0.028).
+
 Precision (added 2026-11-28, before any float32 arm was scored): the first arms trained and
 decoded in bfloat16 autocast on a CPU with AMX. On a CPU without bfloat16 hardware torch's
 bfloat16 matmul is ~90x slower than float32 (``matmul_amd-epyc.md``), so arms run there in
