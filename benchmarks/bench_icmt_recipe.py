@@ -40,7 +40,7 @@ candidates. cap2mol runs ``icma``, the ablations and mol2cap's winning change.
 
 Chosen 2026-11-29, when the last candidate (``inputs``) was scored: mol2cap's recipe is
 ``lr1e-3`` (mean +0.013 over the bfloat16 reference), ahead of ``morgan`` (+0.010 over the
-float32 one; more than 0.005 apart from nothing cheaper, so the largest difference decides),
+float32 one: within 0.005 of it, but no cheaper per step, so the larger difference decides),
 ``full`` (-0.002), ``nodrop`` (-0.002) and ``inputs`` (-0.028).
 
 Precision (added 2026-11-28, before any float32 arm was scored): the first arms trained and
