@@ -622,8 +622,12 @@ def main() -> None:
         if wrong:
             raise SystemExit(f"--decodings: unknown {', '.join(sorted(wrong))}; choose from "
                              "sample, consensus")
-        if not 2 <= args.num_samples <= 64:  # checked before a checkpoint is loaded
-            raise SystemExit(f"--num-samples: must be between 2 and 64, got {args.num_samples}")
+        from icma.generation.engines import BOUNDS
+
+        top = BOUNDS["num_samples"]["le"]  # the engines' one limit, checked before a load
+        if not 2 <= args.num_samples <= top:
+            raise SystemExit(f"--num-samples: must be between 2 and {top}, "
+                             f"got {args.num_samples}")
         add_baselines(args.task, res)
         score_decodings(args.task, res, args.decode, args.decodings.split(","),
                         args.num_samples, args.dev)

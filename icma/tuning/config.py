@@ -120,8 +120,8 @@ class TuneOptions(BaseModel):
                                       "eval_num_samples samples pooled with the examples' "
                                       "answers (as a request's generation.decoding)")
     eval_num_samples: int | None = Field(
-        default=None, ge=2, le=BOUNDS["num_samples"]["le"], description="consensus evaluation: answers sampled per "
-                                              "record (default: a request's)")
+        default=None, ge=2, le=BOUNDS["num_samples"]["le"],
+        description="consensus evaluation: answers sampled per record (default: a request's)")
     eval_max_new_tokens: int = Field(default=256, ge=1, le=4096)
 
 
